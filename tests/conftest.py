@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models built in code, and the real default model for `slow` tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A LLaMA-architecture causal LM small enough for unit tests (hidden 64, 2 layers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    return model.eval()
+
+
+def make_tiny_gpt2(seed: int = 0):
+    """A GPT-2 (Conv1D layers) causal LM for tests of the Conv1D path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, fp32, loaded once per session."""
+    from slimtune.models import load_model
+
+    return load_model()
