@@ -1,0 +1,190 @@
+"""The five row formats: detect them from the columns, check a row, bring it to one shape.
+
+    text        {"text": ...}                                    trained on everything
+    completion  {"prompt": ..., "completion": ...}
+    alpaca      {"instruction": ..., "input": ... (optional), "output": ...}
+    messages    {"messages": [{"role": "user", "content": ...}, ...]}        (OpenAI style)
+    sharegpt    {"conversations": [{"from": "human", "value": ...}, ...]}
+
+A checked row becomes an `Example`: either plain `text`, or a `prompt` and an `answer`
+(completion, alpaca), or a list of chat `messages` with roles system/user/assistant.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from slimtune.data.reading import BadRow
+
+FORMATS = ("text", "completion", "alpaca", "messages", "sharegpt")
+
+# The columns that identify a format, checked in this order (chat columns win).
+_SIGNATURES = [
+    ("messages", {"messages"}),
+    ("sharegpt", {"conversations"}),
+    ("alpaca", {"instruction", "output"}),
+    ("completion", {"prompt", "completion"}),
+    ("text", {"text"}),
+]
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+@dataclass
+class Example:
+    """A checked row. Exactly one of: `text`; `prompt` + `answer`; `messages`."""
+
+    fmt: str
+    text: str | None = None
+    prompt: str | None = None
+    answer: str | None = None
+    context: str | None = None  # alpaca's optional `input`
+    messages: list[dict] | None = None
+
+    def chat_messages(self) -> list[dict]:
+        """The example as chat turns (prompt/answer rows become one user and one assistant turn)."""
+        if self.messages is not None:
+            return self.messages
+        if self.prompt is None:
+            raise BadRow("a text row has no prompt and answer to render as chat turns")
+        user = f"{self.prompt}\n\n{self.context}" if self.context else self.prompt
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": self.answer}]
+
+
+def detect_format(row: dict) -> str:
+    """The format of a row, from its columns: text, completion, alpaca, messages or sharegpt."""
+    for fmt, columns in _SIGNATURES:
+        if columns <= row.keys():
+            return fmt
+    raise BadRow(
+        f"cannot tell the format from the columns {sorted(row)}; expected one of: text; "
+        "prompt + completion; instruction + output (alpaca); messages; conversations (sharegpt)"
+    )
+
+
+def detect_dataset_format(rows: list[dict], where: str = "data") -> str:
+    """The most common format among rows (so one broken row does not decide it)."""
+    votes = Counter()
+    for row in rows:
+        try:
+            votes[detect_format(row)] += 1
+        except BadRow:
+            continue
+    if not votes:
+        columns = sorted(rows[0]) if rows else []
+        raise BadRow(f"{where}: cannot tell the data format from the columns {columns}")
+    return votes.most_common(1)[0][0]
+
+
+def check_format_name(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise BadRow(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def to_example(row: dict, fmt: str | None = None, where: str = "row") -> Example:
+    """Check `row` against `fmt` (detected when None) and normalize it; BadRow if it is broken."""
+    fmt = check_format_name(fmt) if fmt else _detect(row, where)
+    if fmt == "text":
+        return Example(fmt, text=_string(row, "text", where))
+    if fmt == "completion":
+        prompt = _string(row, "prompt", where, allow_empty=True)
+        return Example(fmt, prompt=prompt, answer=_answer(row, "completion", where))
+    if fmt == "alpaca":
+        instruction = _string(row, "instruction", where)
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise _wrong_type(where, "input", "a string", extra)
+        context = extra if extra and extra.strip() else None
+        return Example(
+            fmt, prompt=instruction, context=context, answer=_answer(row, "output", where)
+        )
+    if fmt == "messages":
+        return Example(fmt, messages=_messages(row, where, "messages", "role", "content", None))
+    return Example(
+        fmt, messages=_messages(row, where, "conversations", "from", "value", SHAREGPT_ROLES)
+    )
+
+
+def _detect(row: dict, where: str) -> str:
+    try:
+        return detect_format(row)
+    except BadRow as e:
+        raise BadRow(f"{where}: {e}") from None
+
+
+def _string(row: dict, field: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(field)
+    if value is None:
+        raise BadRow(f"{where}: missing field {field!r}")
+    if not isinstance(value, str):
+        raise _wrong_type(where, field, "a string", value)
+    if not allow_empty and not value.strip():
+        raise BadRow(f"{where}: field {field!r} is empty")
+    return value
+
+
+def _answer(row: dict, field: str, where: str) -> str:
+    value = row.get(field)
+    if isinstance(value, str) and not value.strip():
+        raise BadRow(f"{where}: field {field!r}: empty answer")
+    return _string(row, field, where)
+
+
+def _wrong_type(where: str, field: str, expected: str, value: Any) -> BadRow:
+    return BadRow(f"{where}: field {field!r}: expected {expected}, got {type(value).__name__}")
+
+
+def _messages(
+    row: dict, where: str, field: str, role_key: str, text_key: str, role_map: dict | None
+) -> list[dict]:
+    turns = row.get(field)
+    if turns is None:
+        raise BadRow(f"{where}: missing field {field!r}")
+    if not isinstance(turns, list) or not turns:
+        raise _wrong_type(where, field, "a non-empty list of turns", turns)
+    messages = []
+    for i, turn in enumerate(turns):
+        name = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise _wrong_type(where, name, "an object", turn)
+        role = turn.get(role_key)
+        if role is None:
+            raise BadRow(f"{where}: missing field '{name}.{role_key}'")
+        known = role_map or dict.fromkeys(ROLES)
+        if role not in known:
+            raise BadRow(
+                f"{where}: field '{name}.{role_key}': unknown role {role!r} "
+                f"(expected one of {', '.join(known)})"
+            )
+        role = role_map[role] if role_map else role
+        content = _content(turn.get(text_key), where, f"{name}.{text_key}")
+        if role == "assistant" and not content.strip():
+            raise BadRow(f"{where}: field '{name}.{text_key}': empty answer")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow(f"{where}: field {field!r}: no assistant turn, so nothing to learn")
+    return messages
+
+
+def _content(value: Any, where: str, name: str) -> str:
+    """A turn's text; OpenAI's list of text parts is joined."""
+    if value is None:
+        raise BadRow(f"{where}: missing field {name!r}")
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise _wrong_type(where, name, "a string", value)
+    return value

@@ -1,0 +1,106 @@
+"""Many named adapters on one base: activate, disable, delete, and one adapter per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.lora.inject import adapter_parameters, lora_configs, lora_layers
+
+
+def _check_names(model: nn.Module, names: Sequence[str | None], allow_none: bool = False) -> None:
+    known = lora_configs(model)
+    for name in names:
+        if name is None and allow_none:
+            continue
+        if name not in known:
+            raise SlimtuneError(
+                f"unknown adapter {name!r}; the model has {sorted(known) or 'none'}"
+            )
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters (their outputs are summed) and the only trainable ones."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    for _, layer in lora_layers(model):
+        layer.set_active(names)
+        for adapter in layer.lora_A:
+            for p in adapter_parameters(layer, adapter):
+                p.requires_grad_(adapter in names)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model runs as its base alone."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise SlimtuneError("adapters are merged into the base: unmerge them before disabling")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before, strict=True):
+            layer.disabled = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; a layer left without adapters is its base layer again."""
+    _check_names(model, [name])
+    for path, layer in list(lora_layers(model)):
+        layer.delete_adapter(name)
+        if not layer.lora_A:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    del lora_configs(model)[name]
+
+
+@contextmanager
+def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, row i of every batch uses adapter `names[i]` (None: the base alone).
+
+    Rows are grouped by adapter, so each adapter runs once per layer on its rows only; nothing is
+    merged. Batches must have len(names) rows.
+    """
+    names = list(names)
+    _check_names(model, names, allow_none=True)
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise SlimtuneError("adapters are merged into the base: unmerge them first")
+    groups = _group_rows(names, _device(model))
+    for layer in layers:
+        layer.sample_groups, layer.sample_batch = groups, len(names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.sample_groups, layer.sample_batch = None, 0
+
+
+def _group_rows(
+    names: list[str | None], device: torch.device
+) -> list[tuple[str, torch.Tensor | None]]:
+    groups: list[tuple[str, torch.Tensor | None]] = []
+    for name in dict.fromkeys(n for n in names if n is not None):
+        rows = [i for i, n in enumerate(names) if n == name]
+        whole = len(rows) == len(names)
+        groups.append((name, None if whole else torch.tensor(rows, device=device)))
+    return groups
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,297 @@
+"""LoraLinear: a frozen base layer plus any number of named low-rank adapters.
+
+    y = base(x) + sum over live adapters of scaling * B(A(dropout(x)))
+
+The adapters live in `lora_A` / `lora_B` ModuleDicts keyed by adapter name, exactly as in PEFT, so
+our state dict maps one-to-one onto PEFT's adapter files. A and B stay float32 whatever the base is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from slimtune.errors import SlimtuneError
+from slimtune.lora import init as inits
+from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
+from slimtune.lora.dora import Magnitude, dora_delta, row_norm
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # per_sample_adapters: [(name, row indices or None for the whole batch)], and the batch size
+        self.sample_groups: list[tuple[str, torch.Tensor | None]] | None = None
+        self.sample_batch = 0
+        self._live: list[str] = []  # active, present here, not merged: what forward adds
+        self._merge_state: dict[str, tuple[nn.Module | None, torch.Tensor | None]] = {}
+
+    # ---------------------------------------------------------------- adapters
+
+    @torch.no_grad()
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        init: str = "kaiming",
+        loftq: tuple | None = None,
+    ) -> None:
+        """Create adapter `name` here (A [r, in], B [out, r], float32). `loftq` = (quant_config, iters)."""
+        if r > min(self.in_features, self.out_features) and init in ("pissa", "loftq"):
+            raise SlimtuneError(f"init={init!r} needs r <= min(in, out) of the layer, got r={r}")
+        device = _device_of(self.base_layer)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init in ("kaiming", "gaussian"):
+            inits.kaiming_(A) if init == "kaiming" else inits.gaussian_(A, r)
+            B.zero_()
+        elif init == "pissa":
+            self._init_pissa(name)
+        elif init == "loftq":
+            self._init_loftq(name, *loftq)
+        if use_dora:
+            weight = dense_weight(self.base_layer).float()
+            norm = row_norm(weight + scaling * (B @ A))
+            self.lora_magnitude_vector[name] = Magnitude(norm)
+        self._refresh()
+
+    def _init_pissa(self, name: str) -> None:
+        if not isinstance(self.base_layer, nn.Linear | Conv1D):
+            raise SlimtuneError(
+                "init='pissa' rewrites the base weight: inject it into a float model"
+            )
+        A, B, residual = inits.pissa(
+            dense_weight(self.base_layer), self.r[name], self.scaling[name]
+        )
+        self.lora_A[name].weight.copy_(A)
+        self.lora_B[name].weight.copy_(B)
+        self._write_dense(residual)
+
+    def _init_loftq(self, name: str, quant_config, iters: int) -> None:
+        if type(self.base_layer) is not nn.Linear:
+            raise SlimtuneError(
+                "init='loftq' quantizes the base itself from its float weight: inject it into a "
+                f"float model (nn.Linear), got {type(self.base_layer).__name__}"
+            )
+        base = self.base_layer
+        A, B, to_quantize = inits.loftq(
+            base.weight, self.r[name], self.scaling[name], quant_config, iters
+        )
+        self.lora_A[name].weight.copy_(A)
+        self.lora_B[name].weight.copy_(B)
+        dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        dense.weight.copy_(to_quantize)
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+        self.base_layer = linear4bit_class().from_linear(dense, quant_config)
+        self.base_layer.requires_grad_(False)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise SlimtuneError(f"adapter {name!r} is merged: unmerge it before deleting it")
+        for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = list(names)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._live = [
+            a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters
+        ]
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disabled:
+            return result
+        if self.sample_groups is not None:
+            return self._forward_per_sample(x, result)
+        for name in self._live:
+            result = result + self._delta(name, x, result)
+        return result
+
+    def _delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output `result` for input `x`."""
+        A = self.lora_A[name].weight
+        B = self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        dropped = self.training and isinstance(dropout, nn.Dropout)
+        h = dropout(x) if dropped else x
+        if h.dtype != A.dtype:
+            h = h.to(A.dtype)
+        if name in self.lora_magnitude_vector:
+            base_out = None if dropped else _minus_bias(result, self.base_layer)
+            weight = dense_weight(self.base_layer).to(h.dtype)
+            magnitude = self.lora_magnitude_vector[name].weight
+            delta = dora_delta(h, A, B, self.scaling[name], magnitude, weight, base_out)
+        else:
+            # Scale the narrow [.., r] intermediate rather than the wide output.
+            delta = F.linear(F.linear(h, A) * self.scaling[name], B)
+        return delta if delta.dtype == result.dtype else delta.to(result.dtype)
+
+    def _forward_per_sample(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.sample_batch:
+            raise SlimtuneError(
+                f"per_sample_adapters was given {self.sample_batch} adapter names but the batch "
+                f"has {x.shape[0]} rows"
+            )
+        for name, rows in self.sample_groups:
+            if name not in self.lora_A:
+                continue
+            if rows is None:  # the whole batch uses this adapter: no gather/scatter
+                result = result + self._delta(name, x, result)
+            else:
+                delta = self._delta(name, x.index_select(0, rows), result.index_select(0, rows))
+                result = result.index_add(0, rows, delta)
+        return result
+
+    # ---------------------------------------------------------------- merge
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A as a float32 [out, in] tensor."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    @torch.no_grad()
+    def merge(self, name: str, requantize: bool = False) -> tuple[float, float] | None:
+        """Fold adapter `name` into the base weight. For a 4-bit base the merged layer is float, or
+        re-quantized when `requantize`: then returns (squared error re-quantization added, squared
+        norm of the merged weight) so callers can report a relative error."""
+        if name in self.merged_adapters:
+            raise SlimtuneError(f"adapter {name!r} is already merged")
+        base = self.base_layer
+        weight = dense_weight(base).float()
+        merged, norm = self._merged_weight(name, weight)
+        report = None
+        if is_4bit(base) or requantize:
+            if not is_4bit(base):
+                raise SlimtuneError("requantize=True needs a 4-bit base layer")
+            self.base_layer = _float_linear(merged, base)
+            if requantize:
+                self.base_layer = linear4bit_class().from_linear(
+                    self.base_layer, _quant_config(base)
+                )
+                requant = self.base_layer.dequantize().float()
+                report = (float((requant - merged).square().sum()), float(merged.square().sum()))
+            self.base_layer.requires_grad_(False)
+            self._merge_state[name] = (
+                base,
+                norm,
+            )  # the 4-bit original: unmerge restores it exactly
+        else:
+            self._write_dense(merged)
+            self._merge_state[name] = (None, norm)
+        self.merged_adapters.append(name)
+        self._refresh()
+        return report
+
+    def _merged_weight(
+        self, name: str, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.delta_weight(name)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta, None
+        norm = row_norm(weight + delta)  # DoRA: kept to undo the rescaling exactly
+        factor = self.lora_magnitude_vector[name].weight / norm
+        return factor[:, None] * (weight + delta), norm
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise SlimtuneError(f"adapter {name!r} is not merged")
+        if self.merged_adapters[-1] != name:
+            raise SlimtuneError(
+                f"unmerge adapters in reverse order of merging: {self.merged_adapters[-1]!r} "
+                f"was merged after {name!r}"
+            )
+        original, norm = self._merge_state.pop(name)
+        if original is not None:
+            self.base_layer = original
+        else:
+            weight = dense_weight(self.base_layer).float()
+            if norm is not None:
+                weight = weight * (norm / self.lora_magnitude_vector[name].weight)[:, None]
+            self._write_dense(weight - self.delta_weight(name))
+        self.merged_adapters.pop()
+        self._refresh()
+
+    def _write_dense(self, weight: torch.Tensor) -> None:
+        """Write a float [out, in] weight back into the (float) base layer, in its dtype."""
+        target = self.base_layer.weight
+        target.copy_(weight.t() if self.fan_in_fan_out else weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()))
+    return tensor.device
+
+
+def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    bias = getattr(base, "bias", None)
+    return result if bias is None else result - bias
+
+
+def _float_linear(weight: torch.Tensor, base: nn.Module) -> nn.Linear:
+    """A float nn.Linear holding `weight` and the bias of `base`, in the 4-bit layer's compute dtype."""
+    dtype = getattr(base, "compute_dtype", None) or torch.float32
+    layer = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=base.bias is not None,
+        dtype=dtype,
+        device=weight.device,
+    )
+    layer.weight.copy_(weight)
+    if base.bias is not None:
+        layer.bias.copy_(base.bias)
+    return layer
+
+
+def _quant_config(layer: nn.Module):
+    """The QuantConfig a slimtune Linear4bit was built with, read back from its quant state."""
+    from slimtune.quant import QuantConfig
+
+    config = getattr(layer, "config", None)
+    if isinstance(config, QuantConfig):
+        return config
+    state = layer.quant_state
+    return QuantConfig(
+        quant_type=state.quant_type,
+        blocksize=state.blocksize,
+        double_quant=getattr(state, "offset", None) is not None,
+        compute_dtype=layer.compute_dtype,
+    )

@@ -1,0 +1,7 @@
+"""Load causal LMs (HF folder, GGUF, the default SmolLM2), in float or 4 bits; save 4-bit folders."""
+
+from slimtune.models import gguf_cache
+from slimtune.models.loading import load_model
+from slimtune.models.paths import cache_dir, default_model_file
+
+__all__ = ["cache_dir", "default_model_file", "gguf_cache", "load_model"]

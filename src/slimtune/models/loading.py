@@ -1,0 +1,86 @@
+"""`load_model`: a causal LM and its tokenizer, in float or straight into 4 bits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.models.source import resolve_model
+
+if TYPE_CHECKING:
+    from slimtune.quant import QuantConfig
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    quant: QuantConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """Load `(model, tokenizer)` from a folder, a .gguf file, or (None) the default SmolLM2.
+
+    With `quant`, the targeted Linear layers are quantized to 4 bits while the weights stream
+    in, so the float model never sits whole in memory. A folder written by
+    `save_quantized_model` loads back in 4 bits as saved.
+    """
+    folder = resolve_model(model)
+    if not trust_remote_code:
+        _refuse_custom_architecture(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    if _is_4bit_folder(folder):
+        from slimtune.models.quantized import load_4bit_folder
+
+        network = load_4bit_folder(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    elif quant is not None:
+        from slimtune.models.streaming import load_streaming_4bit
+
+        network = load_streaming_4bit(
+            folder, quant, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    else:
+        network = load_float(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    return network.eval(), tokenizer
+
+
+def load_float(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise SlimtuneError(
+            f"model folder {folder} has no usable tokenizer (tokenizer.json or "
+            f"tokenizer_config.json expected): {error}"
+        ) from None
+
+
+def _refuse_custom_architecture(folder: Path) -> None:
+    """A model type transformers does not know needs the folder's own code: say so, run none."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise SlimtuneError(
+            f"{folder / 'config.json'}: model_type {model_type!r} is not built into transformers; "
+            "loading it would run Python code from the model folder. Pass "
+            "trust_remote_code=True (--trust-remote-code) only if you trust its author"
+        )
+
+
+def _is_4bit_folder(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") == "bitsandbytes" and bool(quant.get("load_in_4bit"))

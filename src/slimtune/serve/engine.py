@@ -1,0 +1,384 @@
+"""The batching engine: one thread owns the model; requests join and leave the batch every step.
+
+Continuous batching: between two decode steps the engine admits waiting requests (one prefill
+pass for all of them, left-padded), appends their KV cache rows to the running batch and drops
+the rows that finished. Every forward pass runs under `per_sample_adapters`, so one batch mixes
+requests for different adapters (and the base) without merging anything.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from slimtune.serve import kv
+from slimtune.serve.sampling import next_tokens
+from slimtune.serve.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts (`max_queue`)."""
+
+
+@dataclass
+class Delta:
+    """New text of one request (may be empty while a multi-byte character is incomplete)."""
+
+    text: str
+    token_id: int
+
+
+@dataclass
+class Finish:
+    """The end of one request: why it ended, its whole text and its token counts."""
+
+    reason: str  # "stop" | "length" | "error" | "cancelled"
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+Event = Delta | Finish
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None = None  # None: the base model alone
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    on_event: Callable[[Event], None] | None = None  # called on the engine thread
+    cancelled: bool = False
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finish: Finish | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None) -> Finish:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        assert self._finish is not None
+        return self._finish
+
+
+class _Row:
+    """One running request: its generated tokens, text and sampling state."""
+
+    def __init__(self, request: GenerationRequest, stream: TextStream):
+        self.request = request
+        self.stream = stream
+        self.ids: list[int] = []
+        self.last_token = -1
+        self.finish_reason: str | None = None
+        self.generator = None
+        if request.temperature > 0 and request.seed is not None:
+            self.generator = torch.Generator().manual_seed(request.seed)
+
+
+class Engine:
+    """Runs generation for many concurrent requests on one model in one background thread."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        mixed_batches: bool = True,
+        batch_wait_s: float = 0.003,
+        max_context: int | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        # False: one adapter per batch (the baseline that mixed batching is measured against).
+        self.mixed_batches = mixed_batches
+        self.batch_wait_s = batch_wait_s
+        self.max_context = max_context or _context_length(model)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
+        self.steps = 0  # forward passes run, for tests and benchmarks
+        self._pending: list[GenerationRequest] = []
+        self._controls: list[Callable[[], None]] = []
+        self._unloading: set[str] = set()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- public API (any thread) -------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="slimtune-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        """Queue a request; raises QueueFull when `max_queue` requests already wait."""
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (--max-queue)")
+            self._pending.append(request)
+            self._cond.notify_all()
+        return request
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between two steps (e.g. load an adapter)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def control() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as error:  # handed to the caller, not raised here
+                    future.set_exception(error)
+
+        with self._cond:
+            self._controls.append(control)
+            self._cond.notify_all()
+        return future
+
+    def load_adapter(self, name: str, path) -> concurrent.futures.Future:
+        from slimtune.lora import load_adapter
+
+        def load() -> None:
+            load_adapter(self.model, str(path), adapter_name=name)
+            self.model.eval()
+            self.adapters.add(name)
+
+        return self.call(load)
+
+    def unload_adapter(self, name: str) -> None:
+        """Delete the adapter from the model once no running or waiting request uses it."""
+        with self._cond:
+            self._unloading.add(name)
+            self._cond.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._pending or self._controls or self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                controls, self._controls = self._controls, []
+            for control in controls:
+                control()
+            self._unload_unused()
+            if not self._rows and self.batch_wait_s:
+                time.sleep(self.batch_wait_s)  # let requests sent together meet in one prefill
+            admitted: list[GenerationRequest] = []
+            try:
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                elif self._rows:
+                    self._decode()
+            except Exception as error:  # a failed forward pass must not take the server down
+                log.exception("generation failed")
+                for row in self._rows:
+                    self._finish(row, "error", error=f"{type(error).__name__}: {error}")
+                for request in admitted:
+                    if request._finish is None:
+                        self._finish(_Row(request, self._stream()), "error", error=str(error))
+                self._rows, self._cache, self._mask = [], None, None
+        for row in self._rows:
+            self._finish(row, "cancelled")
+
+    def _admit(self) -> list[GenerationRequest]:
+        with self._cond:
+            for request in self._pending:
+                if request.cancelled:
+                    self._finish(_Row(request, self._stream()), "cancelled")
+            self._pending = [r for r in self._pending if not r.cancelled]
+            room = self.max_batch_size - len(self._rows)
+            if room <= 0 or not self._pending:
+                return []
+            if self.mixed_batches:
+                taken = self._pending[:room]
+            else:
+                group = self._rows[0].request.adapter if self._rows else self._pending[0].adapter
+                if self._pending[0].adapter != group:
+                    return []  # first drain this adapter's batch: the oldest request waits
+                taken = [r for r in self._pending if r.adapter == group][:room]
+            self._pending = [r for r in self._pending if all(r is not t for t in taken)]
+            return taken
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            n = len(request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = kv.new_cache(self.model.config)
+        with self._adapters([r.adapter for r in requests]), torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.steps += 1
+        first = len(self._rows)
+        self._rows += [_Row(r, self._stream(r.stop)) for r in requests]
+        self._cache, self._mask = kv.join(self._cache, self._mask, out.past_key_values, mask)
+        self._advance(out.logits[:, -1], range(first, len(self._rows)))
+
+    def _decode(self) -> None:
+        last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+        positions = self._mask.sum(-1, keepdim=True) - 1
+        with self._adapters([row.request.adapter for row in self._rows]), torch.inference_mode():
+            out = self.model(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        self.steps += 1
+        self._advance(out.logits[:, -1], range(len(self._rows)))
+
+    def _advance(self, logits: torch.Tensor, indices: range) -> None:
+        """Sample one token for each row in `indices` (logits row j is rows[indices[j]]), emit
+        its text, and drop the rows that are done."""
+        rows = [self._rows[i] for i in indices]
+        tokens = next_tokens(
+            logits,
+            [r.request.temperature for r in rows],
+            [r.request.top_p for r in rows],
+            [r.generator for r in rows],
+        )
+        for row, token in zip(rows, tokens, strict=True):
+            self._push(row, token)
+        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        if len(keep) < len(self._rows):
+            done = [row for row in self._rows if row.finish_reason is not None]
+            self._rows = [self._rows[i] for i in keep]
+            if keep:
+                self._cache, self._mask = kv.keep_rows(self._cache, self._mask, keep)
+            else:
+                self._cache, self._mask = None, None
+            for row in done:
+                self._finish(row, row.finish_reason)
+
+    def _push(self, row: _Row, token: int) -> None:
+        request = row.request
+        if request.cancelled:
+            row.finish_reason = "cancelled"
+            return
+        row.last_token = token
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+            return
+        row.ids.append(token)
+        delta, stopped = row.stream.push(token)
+        if stopped:
+            row.finish_reason = "stop"
+        elif len(row.ids) >= min(request.max_tokens, self.max_context - len(request.prompt_ids)):
+            row.finish_reason = "length"
+        if delta:
+            _emit(request, Delta(delta, token))
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        request = row.request
+        tail = row.stream.flush()
+        if tail and reason not in ("error", "cancelled"):
+            _emit(request, Delta(tail, row.last_token))
+        request._finish = Finish(
+            reason, row.stream.text, len(request.prompt_ids), len(row.ids), error, list(row.ids)
+        )
+        _emit(request, request._finish)
+        request._done.set()
+
+    def _stream(self, stop: tuple[str, ...] = ()) -> TextStream:
+        return TextStream(self.tokenizer, stop)
+
+    def _adapters(self, names: list[str | None]):
+        if not self.adapters:
+            return contextlib.nullcontext()  # no LoRA layers in the model yet
+        from slimtune.lora import per_sample_adapters
+
+        return per_sample_adapters(self.model, names)
+
+    def _unload_unused(self) -> None:
+        if not self._unloading:
+            return
+        with self._cond:
+            busy = {r.adapter for r in self._pending} | {r.request.adapter for r in self._rows}
+            ready = self._unloading - busy
+            self._unloading -= ready
+        if ready:
+            from slimtune.lora import delete_adapter
+
+            for name in ready:
+                if name in self.adapters:
+                    delete_adapter(self.model, name)
+                    self.adapters.discard(name)
+
+
+def _emit(request: GenerationRequest, event: Event) -> None:
+    if request.on_event is None:
+        return
+    try:
+        request.on_event(event)
+    except Exception:  # a listener that went away must not stop the batch
+        log.exception("event listener failed")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    generation = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(generation, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _context_length(model) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return 2048

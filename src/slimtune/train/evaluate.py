@@ -1,0 +1,88 @@
+"""Evaluation: token loss and perplexity, and exact-match accuracy of greedy answers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from slimtune.train.batching import collate
+from slimtune.train.forward import loss_on
+from slimtune.train.generation import greedy_answers
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    exact_match: float | None  # share of answers equal to the reference (None: not measured)
+    n: int  # rows scored for loss
+    n_generated: int = 0  # rows scored by generation
+    samples: list[dict] = field(default_factory=list)  # prompt, reference, answer, correct
+
+    def to_dict(self) -> dict:
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "exact_match": self.exact_match,
+            "n": self.n,
+            "n_generated": self.n_generated,
+        }
+
+
+def is_exact_match(answer: str, reference: str) -> bool:
+    """The stripped generated answer equals the stripped reference answer."""
+    return answer.strip() == reference.strip()
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    *,
+    examples: list[dict] | None = None,
+    pairs: list[tuple[str, str]] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    pad_token_id: int | None = None,
+) -> EvalResult:
+    """Loss/perplexity over tokenized `examples` ({"input_ids", "labels"}) and exact match
+    over `pairs` of (prompt as the model sees it, reference answer)."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss, perplexity, n = float("nan"), float("nan"), 0
+        if examples:
+            pad = pad_token_id if pad_token_id is not None else _pad_id(tokenizer)
+            batches = [
+                collate(examples[i : i + batch_size], pad)
+                for i in range(0, len(examples), batch_size)
+            ]
+            total, count = loss_on(model, batches)
+            loss = total / max(count, 1)
+            perplexity = math.exp(min(loss, 80.0))
+            n = len(examples)
+        accuracy, samples = None, []
+        if pairs:
+            prompts = [p for p, _ in pairs]
+            answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+            for (prompt, reference), answer in zip(pairs, answers, strict=True):
+                samples.append(
+                    dict(
+                        prompt=prompt,
+                        reference=reference,
+                        answer=answer,
+                        correct=is_exact_match(answer, reference),
+                    )
+                )
+            accuracy = sum(s["correct"] for s in samples) / len(samples)
+    finally:
+        model.train(was_training)
+    return EvalResult(loss, perplexity, accuracy, n, len(samples), samples)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id

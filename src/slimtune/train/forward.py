@@ -1,0 +1,40 @@
+"""One forward pass to the summed token loss, through the decoder and chunked lm_head."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.train.loss import causal_lm_loss
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body (returns hidden states) and the output layer of an HF causal LM."""
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper
+        model = model.get_base_model()
+    return model.base_model, model.get_output_embeddings()
+
+
+def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Sum of the token losses of `batch` (labels -100 are skipped; no full logits are made)."""
+    body, head = decoder_and_head(model)
+    mask = batch["attention_mask"]
+    # An all-ones mask is the same as none; without it attention takes the causal fast path.
+    mask = None if bool(mask.all()) else mask
+    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+    return causal_lm_loss(hidden.last_hidden_state, head, batch["labels"], reduction="sum")
+
+
+def count_trained_tokens(batch: dict[str, Tensor]) -> int:
+    """Tokens whose prediction is trained: next-token labels that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def loss_on(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, int]:
+    """(summed loss, token count) over `batches`, without gradients."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total += float(summed_loss(model, batch))
+        count += count_trained_tokens(batch)
+    return total, count

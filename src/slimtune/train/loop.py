@@ -1,0 +1,299 @@
+"""The training loop: read it top to bottom.
+
+    train(config)
+      1. set up: processes, seeds, model (4-bit base + LoRA), data, optimizer, resume
+      2. for every optimizer step:
+           learning rate of this step
+           micro-batches -> this rank's rows -> sum of token losses / global token count
+           backward; sum gradients across ranks; NaN guard; clip; optimizer step
+           log; evaluate every `eval_every` steps and at each epoch end; checkpoint
+      3. final evaluation, adapter in PEFT format, config.yaml, loss.png
+
+Everything a step does is a function of its step number and the checkpointed state, which is
+why a resumed run ends with exactly the adapter of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.dist import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    init_distributed,
+    shard_batch,
+)
+from slimtune.errors import SlimtuneError
+from slimtune.train.batching import StepPlan, collate
+from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.train.config import TrainConfig
+from slimtune.train.evaluate import EvalResult, evaluate
+from slimtune.train.forward import count_trained_tokens, summed_loss
+from slimtune.train.metrics import MetricsLog, plot_losses
+from slimtune.train.schedule import lr_at, warmup_steps
+
+
+class TrainingDiverged(SlimtuneError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+@dataclass
+class TrainData:
+    """Tokenized rows ({"input_ids", "labels"}) and, for accuracy, (prompt, answer) pairs."""
+
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
+    pad_token_id: int = 0
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    evals: list[dict[str, Any]]
+    model: nn.Module = field(repr=False)
+    tokenizer: Any = field(repr=False, default=None)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    data: TrainData | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train as `config` says. `model`/`tokenizer`/`data` may be given ready-made (a library
+    caller, a test); otherwise they come from `config.model` and `config.data`."""
+    # --- 1. set up --------------------------------------------------------------------
+    info = init_distributed()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    output = Path(config.output)
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+
+    if model is None:
+        from slimtune.train.setup import build_model
+
+        model, tokenizer = build_model(config)
+    if data is None:
+        from slimtune.train.setup import build_data
+
+        data = build_data(config, tokenizer, info)
+    if not data.train:
+        raise SlimtuneError(f"no training rows in {config.data}")
+    model.train()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise SlimtuneError("the model has no trainable parameters (no adapter injected?)")
+    optimizer = _build_optimizer(config, trainable)
+
+    plan = StepPlan(
+        n_rows=len(data.train),
+        rows_per_micro=config.batch_size * info.world_size,
+        grad_accum=config.grad_accum,
+        epochs=config.epochs,
+        seed=config.seed,
+        max_steps=config.max_steps,
+        drop_last=info.is_distributed,
+    )
+    total = plan.total_steps
+    if total == 0:
+        raise SlimtuneError(
+            f"{len(data.train)} training rows make no full batch of "
+            f"{plan.rows_per_micro} rows across {info.world_size} processes"
+        )
+    warmup = warmup_steps(total, config.warmup_ratio, config.warmup_steps)
+    metrics = MetricsLog(output / "metrics.jsonl", enabled=info.is_main)
+    checkpoints = output / "checkpoints"
+
+    start = 0
+    if config.resume:
+        start = _resume(config, checkpoints, model, optimizer, metrics)
+    elif info.is_main and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh log
+    if info.is_main:
+        (output / "config.yaml").write_text(config.to_yaml())
+
+    # --- 2. the steps ------------------------------------------------------------------
+    bar = _progress_bar(total, start, enabled=progress and info.is_main)
+    evals: list[dict[str, Any]] = [r for r in metrics.records if "eval_loss" in r]
+    loss_value = float("nan")
+    for step in range(start, total):
+        epoch = plan.epoch_of(step)
+        lr = lr_at(
+            step, base_lr=config.lr, total_steps=total, warmup=warmup, schedule=config.lr_scheduler
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        t0 = time.perf_counter()
+        batches = [
+            collate(shard_batch([data.train[i] for i in rows], info), data.pad_token_id)
+            for rows in plan.micro_batches(step)
+        ]
+        # Normalise by the trained tokens of the whole step on all ranks: every token weighs
+        # the same, however the rows fall into micro-batches and processes.
+        global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
+        loss_sum = torch.zeros(())
+        for batch in batches:
+            loss = summed_loss(model, batch) / max(global_tokens, 1)
+            loss.backward()
+            loss_sum += loss.detach()
+        all_reduce_gradients(trainable, info)
+        loss_value = float(all_reduce_sum(loss_sum, info))
+
+        grad_norm = _grad_norm(trainable, config.max_grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            _diverged(step, epoch, loss_value, grad_norm, checkpoints, bar)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+
+        input_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), info)
+        record = dict(
+            step=step + 1,
+            epoch=epoch + (step % plan.steps_per_epoch + 1) / plan.steps_per_epoch,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=input_tokens / elapsed,
+        )
+        if info.is_main and (step + 1) % config.log_every == 0:
+            metrics.log(record)
+        _update_bar(bar, record)
+
+        done = step + 1 == total
+        eval_due = _due(step, config.eval_every) or plan.is_epoch_end(step) or done
+        if eval_due and info.is_main and (data.eval or data.eval_pairs):
+            result = _evaluate(model, tokenizer, data, config)
+            evals.append(_eval_record(step + 1, record["epoch"], result))
+            metrics.log(evals[-1])
+            bar.write(_describe_eval(evals[-1]))
+        if info.is_main and (_due(step, config.save_every) or done):
+            trainer_state = dict(epoch=epoch, total_steps=total, lr=lr, seed=config.seed)
+            save_checkpoint(
+                checkpoints, step + 1, model, optimizer, trainer_state, config.keep_checkpoints
+            )
+    bar.close()
+
+    # --- 3. the results ----------------------------------------------------------------
+    if info.is_main:
+        from slimtune.train.setup import save_final
+
+        save_final(model, tokenizer, config, output)
+        plot_losses(metrics.records, output / "loss.png")
+    return TrainResult(output, total, loss_value, evals, model, tokenizer)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    try:
+        from slimtune.optim import build_optimizer
+    except ImportError:  # slimtune.optim not there yet: plain AdamW only
+        if config.optimizer != "adamw":
+            raise SlimtuneError(f"optimizer {config.optimizer!r} needs slimtune.optim") from None
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _resume(config, checkpoints: Path, model, optimizer, metrics: MetricsLog) -> int:
+    path = latest_checkpoint(checkpoints) if config.resume is True else Path(config.resume)
+    if path is None:
+        raise SlimtuneError(f"--resume: no checkpoint in {checkpoints}")
+    state = load_checkpoint(path, model, optimizer)
+    metrics.truncate_after(state["step"])
+    return int(state["step"])
+
+
+def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """The total gradient norm, clipping to `max_norm` when given."""
+    limit = max_norm if max_norm is not None else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def _diverged(step, epoch, loss, grad_norm, checkpoints: Path, bar) -> None:
+    bar.close()
+    last = latest_checkpoint(checkpoints)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"training diverged at step {step + 1} (epoch {epoch + 1}): loss {loss}, gradient norm "
+        f"{grad_norm}; stopped before the optimizer step, {kept}. Try a lower --lr, "
+        "--max-grad-norm, or check the data"
+    )
+
+
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and (step + 1) % every == 0
+
+
+def _evaluate(model, tokenizer, data: TrainData, config: TrainConfig) -> EvalResult:
+    pairs = data.eval_pairs[: config.eval_max_rows] if config.eval_max_rows else data.eval_pairs
+    return evaluate(
+        model,
+        tokenizer,
+        examples=data.eval,
+        pairs=pairs,
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=data.pad_token_id,
+    )
+
+
+def _eval_record(step: int, epoch: float, result: EvalResult) -> dict[str, Any]:
+    return dict(
+        step=step,
+        epoch=epoch,
+        eval_loss=result.loss,
+        eval_perplexity=result.perplexity,
+        eval_accuracy=result.exact_match,
+    )
+
+
+def _describe_eval(record: dict[str, Any]) -> str:
+    text = f"eval @ step {record['step']}: loss {record['eval_loss']:.4f}"
+    text += f", perplexity {record['eval_perplexity']:.2f}"
+    if record["eval_accuracy"] is not None:
+        text += f", exact match {100 * record['eval_accuracy']:.1f}%"
+    return text
+
+
+class _NoBar:
+    def update(self, n=1): ...
+    def set_postfix(self, *a, **k): ...
+    def write(self, text): ...
+    def close(self): ...
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, record: dict[str, Any]) -> None:
+    bar.set_postfix(
+        loss=f"{record['loss']:.4f}",
+        tok_s=f"{record['tokens_per_s']:.0f}",
+        lr=f"{record['lr']:.2e}",
+    )
+    bar.update(1)

@@ -1,0 +1,184 @@
+"""slimtune.dist: the single-process no-op path, and 2 real gloo processes on this machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slimtune.dist import (
+    DistInfo,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    main_process_first,
+    shard_batch,
+    shard_bounds,
+    shutdown_distributed,
+)
+from slimtune.errors import SlimtuneError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_is_a_no_op(no_torchrun):
+    info = init_distributed()
+    assert info == DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert info.is_main and not info.is_distributed and info.backend is None
+    assert not dist.is_initialized()  # no process group for one process
+
+    batch = {"input_ids": torch.arange(6).view(3, 2), "labels": [1, 2, 3]}
+    assert shard_batch(batch, info) is batch
+    t = torch.tensor([2.0, 3.0])
+    assert all_reduce_sum(t, info) is t and t.tolist() == [2.0, 3.0]
+    assert all_reduce_sum(7, info) == 7
+
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 5.0)
+    all_reduce_gradients([p], info)
+    assert p.grad.tolist() == [5.0, 5.0]
+    barrier(info)
+    with main_process_first(info):
+        pass
+    shutdown_distributed(info)
+
+
+def test_bad_environment_is_explained(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(SlimtuneError, match="RANK=2 is outside WORLD_SIZE=2"):
+        init_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(SlimtuneError, match="WORLD_SIZE='two'"):
+        init_distributed()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 8])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_bounds_partition_the_rows_in_order(rows, world):
+    bounds = [shard_bounds(rows, r, world) for r in range(world)]
+    covered = [i for start, stop in bounds for i in range(start, stop)]
+    assert covered == list(range(rows))  # every row once, in the global order
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_batch_of_a_dict_of_tensors_and_lists():
+    batch = {"input_ids": torch.arange(10).view(5, 2), "text": list("abcde")}
+    shards = [shard_batch(batch, DistInfo(rank=r, world_size=2, backend="gloo")) for r in (0, 1)]
+    assert [s["text"] for s in shards] == [list("abc"), list("de")]
+    assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
+    with pytest.raises(ValueError, match="disagree"):
+        shard_batch({"a": [1, 2], "b": [1]}, DistInfo(rank=0, world_size=2, backend="gloo"))
+
+
+def test_gradient_buckets_split_by_dtype_and_size():
+    from slimtune.dist.reduce import _buckets
+
+    grads = [torch.zeros(4), torch.zeros(4), torch.zeros(2, dtype=torch.float64), torch.zeros(8)]
+    sizes = [[len(g) for g in b] for b in _buckets(grads, bucket_bytes=32)]
+    assert sizes == [[4, 4], [2], [8]]  # 32 bytes fit two fp32 x 4; a dtype change splits
+
+
+# ---- two real processes ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sum of per-row losses (a stand-in for the sum of per-token losses)."""
+    return ((model(x) - y) ** 2).sum()
+
+
+def _make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)  # frozen: must be left alone
+    return model
+
+
+def _check_gradients(info: DistInfo, rows: int, bucket_bytes: int) -> None:
+    """N ranks x their shard, global normaliser, summed gradients == 1 process x all rows."""
+    gen = torch.Generator().manual_seed(rows)
+    x, y = torch.randn(rows, 4, generator=gen), torch.randn(rows, 2, generator=gen)
+
+    reference = _make_model()
+    (_loss_sum(reference, x, y) / rows).backward()
+
+    model = _make_model()
+    xs, ys = shard_batch(x, info), shard_batch(y, info)
+    global_rows = all_reduce_sum(len(xs), info)
+    assert global_rows == rows
+    if len(xs):  # a rank may have no rows in a short last batch: it still joins the reduce
+        (_loss_sum(model, xs, ys) / global_rows).backward()
+    all_reduce_gradients(model.parameters(), info, bucket_bytes=bucket_bytes)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        if q.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert p.grad is None
+
+
+def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
+    torch.set_num_threads(1)  # two processes share the two cores
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.local_rank) == (local_rank, world_size, local_rank)
+    assert info.backend == "gloo" and info.device == torch.device("cpu")
+    assert info.is_main == (local_rank == 0) and info.is_distributed
+    assert init_distributed() == info  # idempotent
+
+    # Shards of a global batch: disjoint, in order, and together the whole batch.
+    batch = {"ids": torch.arange(14).view(7, 2), "rows": list(range(7))}
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, shard_batch(batch, info)["rows"])
+    assert [r for shard in gathered for r in shard] == list(range(7))
+
+    t = torch.tensor([1.0, float(info.rank)])
+    assert all_reduce_sum(t, info) is t and t.tolist() == [2.0, 1.0]
+    assert all_reduce_sum(info.rank + 0.5, info) == 2.0
+
+    _check_gradients(info, rows=6, bucket_bytes=32 * 1024 * 1024)  # one bucket
+    _check_gradients(info, rows=3, bucket_bytes=16)  # uneven shards, a bucket per tensor
+    _check_gradients(info, rows=1, bucket_bytes=64)  # rank 1 has no rows at all
+
+    p = torch.nn.Parameter(torch.full((3,), float(info.rank)))
+    broadcast_parameters([p], info)
+    assert p.tolist() == [0.0, 0.0, 0.0]
+
+    marker = os.path.join(scratch, "written-by-main")
+    with main_process_first(info):
+        if info.is_main:
+            open(marker, "w").close()
+        assert os.path.exists(marker)  # rank 1 only enters after rank 0 left the block
+    barrier(info)
+    shutdown_distributed(info)
+    assert not dist.is_initialized()
+
+
+def test_two_gloo_processes():
+    with tempfile.TemporaryDirectory() as scratch:
+        mp.spawn(_worker, args=(2, _free_port(), scratch), nprocs=2, join=True)

