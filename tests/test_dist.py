@@ -136,6 +136,64 @@ def _check_gradients(info: DistInfo, rows: int, bucket_bytes: int) -> None:
             assert p.grad is None
 
 
+class _Toy4bitLora(torch.nn.Module):
+    """The FSDP design's 4-bit layer: packed bytes as a frozen *parameter* of dtype `storage`
+    (FSDP shards parameters, not buffers), the quant state replicated on every rank."""
+
+    def __init__(self, weight: torch.Tensor, storage: torch.dtype, rank: int = 4):
+        super().__init__()
+        import bitsandbytes.functional as bnbf
+
+        packed, self.quant_state = bnbf.quantize_4bit(
+            weight, quant_type="nf4", compress_statistics=True, quant_storage=storage
+        )
+        self.weight = torch.nn.Parameter(packed, requires_grad=False)
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, weight.shape[1]) * 0.1)
+        self.lora_B = torch.nn.Parameter(torch.randn(weight.shape[0], rank) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        self.gathered = self.weight.detach().reshape(-1).view(torch.uint8).clone()
+        w = bnbf.dequantize_4bit(self.weight, self.quant_state).to(x.dtype)
+        return x @ w.t() + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)
+
+
+def _check_fsdp2_shards_a_4bit_layer(info: DistInfo, storage: torch.dtype, mixed: bool) -> None:
+    """docs/distributed.md, FSDP + QLoRA: FSDP2 shards the packed weight evenly, the gathered
+    bytes are the original ones, and a data parallel step gives the unsharded gradients."""
+    import copy
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        _Toy4bitLora(torch.randn(96, 64), storage), _Toy4bitLora(torch.randn(64, 96), storage)
+    )
+    reference = copy.deepcopy(model)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed else None)
+    for unit in [*model, model]:
+        fully_shard(unit, mp_policy=policy)
+        unit.set_gradient_divide_factor(1.0)  # sum, per unit: the loss has the normaliser
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+
+    for layer, ref in zip(model, reference, strict=True):
+        local = layer.weight.to_local()
+        assert local.dtype == storage and local.shape[0] == ref.weight.shape[0] // 2
+
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    rows = shard_batch(x, info)
+    model(rows).float().pow(2).sum().div(len(x)).backward()
+    reference(x).pow(2).sum().div(len(x)).backward()
+    for layer, ref in zip(model, reference, strict=True):
+        assert torch.equal(layer.gathered, ref.gathered)  # no cast touched the packed bytes
+        if not mixed:
+            for name in ("lora_A", "lora_B"):
+                grad = getattr(layer, name).grad.full_tensor()
+                # float32 sums in another order: relative error ~1e-5 on gradients of ~1e3
+                torch.testing.assert_close(grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-3)
+
+
 def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     torch.set_num_threads(1)  # two processes share the two cores
     os.environ.update(
@@ -168,6 +226,10 @@ def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     p = torch.nn.Parameter(torch.full((3,), float(info.rank)))
     broadcast_parameters([p], info)
     assert p.tolist() == [0.0, 0.0, 0.0]
+
+    _check_fsdp2_shards_a_4bit_layer(info, torch.uint8, mixed=False)
+    _check_fsdp2_shards_a_4bit_layer(info, torch.bfloat16, mixed=False)  # + fp32 LoRA
+    _check_fsdp2_shards_a_4bit_layer(info, torch.uint8, mixed=True)  # bf16 casts skip uint8
 
     marker = os.path.join(scratch, "written-by-main")
     with main_process_first(info):

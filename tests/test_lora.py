@@ -103,13 +103,14 @@ def test_outputs_and_gradients_match_peft(case):
     _, theirs, ours = twins(MAKERS[make], config)
     theirs.train(), ours.train()
     x = ids()
-    a, b = theirs(x).logits, ours(x).logits
+    torch.manual_seed(0)  # GPT-2 has dropout of its own in training mode
+    a = theirs(x).logits
+    torch.manual_seed(0)
+    b = ours(x).logits
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     a.square().mean().backward()
     b.square().mean().backward()
-    theirs_grads = {
-        k.replace(".default", ".default"): g for k, g in lora_grads(theirs, PEFT_PREFIX).items()
-    }
+    theirs_grads = lora_grads(theirs, PEFT_PREFIX)
     ours_grads = lora_grads(ours)
     assert ours_grads.keys() == theirs_grads.keys() and ours_grads
     for name, grad in ours_grads.items():
@@ -279,6 +280,7 @@ def test_per_sample_adapters_equal_each_sample_alone():
             alone = ours(x[i : i + 1]).logits
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     peft_names = [n or "__base__" for n in names]
+    theirs.eval()
     torch.testing.assert_close(mixed, theirs(x, adapter_names=peft_names).logits)
 
 
@@ -300,7 +302,9 @@ def test_combine_matches_peft(method):
         theirs.delete_adapter("b")
         inject_adapter(ours, LoraConfig(r=4, alpha=2, target_modules=["q_proj"]), "b")
         theirs.add_adapter("b", peft_config(LoraConfig(r=4, alpha=2, target_modules=["q_proj"])))
-        torch.nn.init.normal_(theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B.b.weight)
+        torch.nn.init.normal_(
+            theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B.b.weight
+        )
         copy_peft_weights(theirs, ours)
     kwargs = {"svd_rank": 3} if method == "svd" else {}
     theirs.add_weighted_adapter(["a", "b"], [0.7, -1.5], "ab", combination_type=method, **kwargs)

@@ -40,11 +40,11 @@ def make_char_tokenizer():
     return tokenizer
 
 
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
     """The conftest tiny LLaMA plus the char tokenizer, as an HF folder (safetensors)."""
     from conftest import make_tiny_llama
 
-    model = make_tiny_llama(seed)
+    model = make_tiny_llama(seed, **overrides)
     tokenizer = make_char_tokenizer()
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

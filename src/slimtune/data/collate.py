@@ -1,13 +1,14 @@
 """Batches: right padding, and packing several short examples into one sequence.
 
 Packed sequences carry `position_ids` that restart at 0 for every example and no
-`attention_mask`. transformers (>= 4.54, its `masking_utils`) reads such position_ids as
+`attention_mask`. transformers (its `masking_utils`, 4.54 and later) reads such position_ids as
 "several sequences in one row" and builds a block-diagonal causal mask, so a token attends only
-to earlier tokens of its own example. This holds for the eager and SDPA attention (the CPU path)
-as well as flash-attention; LLaMA-family models (SmolLM2) go through it. A model that builds
-its own mask from `attention_mask` instead would let a packed example see the examples before
-it in the same row (only its positions restart); tests/test_data_collate.py checks that packed
-logits equal unpacked ones for LLaMA.
+to earlier tokens of its own example: with eager and SDPA attention (the CPU path) as with
+flash-attention, for LLaMA-family models such as SmolLM2. It does so only when the forward call
+has no attention_mask and no KV cache: call the model with `use_cache=False` (transformers
+defaults to True, even in training mode). Otherwise, or for a model that builds its own mask,
+a packed example attends to the examples before it in its row (only its positions restart).
+tests/test_data_collate.py checks both: packed logits equal unpacked ones, and differ with a cache.
 """
 
 from __future__ import annotations

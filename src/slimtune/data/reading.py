@@ -15,7 +15,13 @@ from typing import Any
 
 from slimtune.errors import SlimtuneError
 
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
 # CSV cells are strings; these columns hold lists, so a cell that looks like JSON is parsed.
 _JSON_COLUMNS = ("messages", "conversations")
@@ -44,10 +50,8 @@ def read_records(source: Any, *, skip_bad_rows: bool = False) -> tuple[list[Reco
     A row that is not an object (or a JSONL line that is not JSON) raises BadRow, or is
     skipped and counted when `skip_bad_rows`.
     """
-    if isinstance(source, (str, Path)):
-        records = _read_file(Path(source))
-    else:
-        records = _read_object(source)
+    is_path = isinstance(source, (str, Path))
+    records = _read_file(Path(source)) if is_path else _read_object(source)
     good, skipped = [], 0
     for record in records:
         problem = record.row if isinstance(record.row, BadRow) else None

@@ -164,7 +164,8 @@ def load_adapter(
 
 
 def _find_folder(path: Path, adapter_name: str) -> Path:
-    for folder in (path, path / adapter_name):
+    # PEFT's layout: a named adapter's own subfolder wins over the folder's "default" adapter.
+    for folder in (path / adapter_name, path):
         if (folder / CONFIG_NAME).is_file():
             return folder
     raise SlimtuneError(f"{path} is not an adapter folder: it has no {CONFIG_NAME}")

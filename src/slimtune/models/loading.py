@@ -83,4 +83,6 @@ def _refuse_custom_architecture(folder: Path) -> None:
 def _is_4bit_folder(folder: Path) -> bool:
     config = json.loads((folder / "config.json").read_text())
     quant = config.get("quantization_config") or {}
-    return quant.get("quant_method") == "bitsandbytes" and bool(quant.get("load_in_4bit"))
+    # "slimtune" marks int4 folders: bitsandbytes' layout, a code book only slimtune has.
+    method = quant.get("quant_method")
+    return method in ("bitsandbytes", "slimtune") and bool(quant.get("load_in_4bit"))

@@ -52,7 +52,9 @@ def build_optimizer(
         return torch.optim.AdamW(parameters, **kwargs)
     classes = {"adamw8bit": AdamW8bit, "paged_adamw": PagedAdamW, "paged_adamw8bit": PagedAdamW8bit}
     if name not in classes:
-        raise SlimtuneError(f"optimizer: unknown value {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        raise SlimtuneError(
+            f"optimizer: unknown value {name!r}; expected one of {', '.join(OPTIMIZERS)}"
+        )
     return classes[name](parameters, **kwargs)
 
 

@@ -144,19 +144,20 @@ class AdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype and device; ours stays float32
-        # (absmax, 32-bit moments) and, when paged, in host memory.
-        for p, state in self.state.items():
-            for key, value in list(state.items()):
-                if not torch.is_tensor(value) or key == "step":
-                    continue
-                dtype = torch.float32 if value.is_floating_point() else value.dtype
-                if self.paged and p.device.type != "cpu":
-                    host = torch.empty(value.shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-                    state[key] = host.copy_(value)
-                else:
-                    state[key] = value.to(p.device, dtype)
+        # torch casts every state tensor to its parameter's dtype and device; ours keep their
+        # own dtypes (uint8 codes, float32 moments and scales) and, when paged, host memory.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = self._placed(value, p)
 
+    def _placed(self, value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if self.paged and p.device.type != "cpu":
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
+            return host.copy_(value)
+        return value.to(p.device, copy=True)
 
 
 class AdamW8bit(AdamW):

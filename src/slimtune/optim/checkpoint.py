@@ -44,7 +44,9 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], document: dict) -> di
         state.setdefault(int(index), {})[name] = value
     for index, entries in document.get("plain_state", {}).items():
         state.setdefault(int(index), {}).update(entries)
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in document["param_groups"]]
+    groups = [
+        dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in document["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 
@@ -72,7 +74,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLi
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if METADATA_KEY not in metadata:
-            raise SlimtuneError(f"{path}: not a slimtune optimizer state (no {METADATA_KEY!r} header)")
+            raise SlimtuneError(
+                f"{path}: not a slimtune optimizer state (no {METADATA_KEY!r} header)"
+            )
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     document = json.loads(metadata[METADATA_KEY])
     try:

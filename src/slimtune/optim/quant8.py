@@ -17,7 +17,9 @@ BLOCKSIZE = 256
 
 
 @functools.cache
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+def dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> torch.Tensor:
     """bitsandbytes' `create_dynamic_map`: 256 sorted float32 code values on [-1, 1] or [0, 1]."""
     data: list[float] = []
     non_sign_bits = total_bits - 1

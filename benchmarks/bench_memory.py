@@ -1,0 +1,173 @@
+"""Measured peak RSS of LoRA / QLoRA training steps against `slimtune estimate`'s prediction.
+
+Each case runs in a fresh process: build the model (random weights with the real shapes),
+quantize it (qlora), inject LoRA on every linear layer of the blocks, then reset the kernel's
+peak-RSS counter (`/proc/self/clear_refs`) and run training steps exactly as `slimtune train`
+does (slimtune.train.forward.summed_loss, the chunked loss, clip-norm, the optimizer, set-to-none
+zero_grad). The peak over those steps is what the planner predicts (model loading transients are
+the loader's business and are not counted).
+
+    .venv/bin/python benchmarks/bench_memory.py            # all cases, a markdown table
+    .venv/bin/python benchmarks/bench_memory.py --cases smollm2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+import time
+
+CASES = {
+    # name: (architecture for the planner, overrides of LlamaConfig, batch, length)
+    "tiny": ("tiny", dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), 2, 64),
+    "small": ("small", dict(vocab_size=4096, hidden_size=256, intermediate_size=688,
+                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4), 4, 512),
+    "smollm2": ("smollm2-135m", {}, 1, 512),
+}  # fmt: skip
+
+SETTINGS = [(m, c) for m in ("lora", "qlora") for c in (False, True)]
+
+
+def _llama_config(case: str):
+    from transformers import LlamaConfig
+
+    from slimtune.memory.architecture import builtin_architecture
+
+    _, overrides, _, _ = CASES[case]
+    if case == "smollm2":
+        arch = builtin_architecture("smollm2-135m")
+        overrides = dict(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                         intermediate_size=arch.intermediate_size,
+                         num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                         num_key_value_heads=arch.num_kv_heads, tie_word_embeddings=True)  # fmt: skip
+    overrides.setdefault("tie_word_embeddings", False)
+    return LlamaConfig(max_position_embeddings=2048, **overrides)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so it is not counted
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: str, steps: int):
+    """Run one case in this process; return the measured figures."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from slimtune.lora import LoraConfig, inject_adapter
+    from slimtune.optim import build_optimizer
+    from slimtune.train.forward import summed_loss
+
+    torch.set_num_threads(2)
+    _, _, batch, length = CASES[case]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config(case))
+    model.config.use_cache = False
+    if method == "qlora":
+        from slimtune.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(quant_type="nf4", double_quant=True))
+    inject_adapter(model, LoraConfig(r=rank, alpha=16, dropout=0.05, target_modules="all-linear"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(optimizer, params, lr=2e-4, weight_decay=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    data = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    _reset_peak()
+    start_rss = _status_kib("VmRSS") * 1024
+    began = time.perf_counter()
+    for _ in range(steps):
+        loss = summed_loss(model, data) / (batch * (length - 1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {
+        "case": case, "method": method, "gradient_checkpointing": checkpointing,
+        "rank": rank, "optimizer": optimizer, "batch_size": batch, "max_length": length,
+        "steps": steps, "seconds_per_step": (time.perf_counter() - began) / steps,
+        "rss_after_setup_bytes": start_rss, "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+    }  # fmt: skip
+
+
+def predict(case: str, method: str, checkpointing: bool, rank: int, optimizer: str) -> dict:
+    from slimtune.memory import PlanSettings, estimate
+    from slimtune.memory.architecture import architecture_from_config
+
+    _, _, batch, length = CASES[case]
+    arch = architecture_from_config(_llama_config(case).to_dict(), name=case)
+    settings = PlanSettings(method=method, rank=rank, batch_size=batch, max_length=length,
+                            gradient_checkpointing=checkpointing, optimizer=optimizer)  # fmt: skip
+    return estimate(arch, settings).to_dict()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--methods", nargs="*", default=["lora", "qlora"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: case,method,ckpt
+    args = parser.parse_args()
+    if args.one:
+        case, method, ckpt = args.one.split(",")
+        print(json.dumps(measure(case, method, ckpt == "1", args.rank, args.optimizer, args.steps)))
+        return 0
+    rows = []
+    for case in args.cases:
+        for method, ckpt in SETTINGS:
+            if method not in args.methods or args.checkpointing == ("off" if ckpt else "on"):
+                continue
+            cmd = [sys.executable, __file__, "--one", f"{case},{method},{int(ckpt)}",
+                   "--rank", str(args.rank), "--optimizer", args.optimizer,
+                   "--steps", str(args.steps)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(
+                    f"{case} {method} ckpt={ckpt}: failed\n{done.stderr[-2000:]}", file=sys.stderr
+                )
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["predicted"] = predict(case, method, ckpt, args.rank, args.optimizer)
+            row["error"] = row["predicted"]["total_bytes"] / row["peak_rss_bytes"] - 1
+            rows.append(row)
+            if not args.json:
+                print(_line(row), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+def _line(row: dict) -> str:
+    mib = 2**20
+    p = row["predicted"]
+    return (
+        f"| {row['case']} | {row['method']} | {'on' if row['gradient_checkpointing'] else 'off'} "
+        f"| {row['batch_size']}x{row['max_length']} | {row['peak_rss_bytes'] / mib:.0f} "
+        f"| {p['total_bytes'] / mib:.0f} | {row['error']:+.1%} "
+        f"| {p['activations_bytes'] / mib:.0f} | {row['seconds_per_step']:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""LoraLinear vs PEFT's lora.Linear: forward + backward time on SmolLM2 layer shapes (CPU).
+
+Both wrap the same nn.Linear with the same adapter; timings are interleaved (A, B, A, B, ...) so
+machine noise hits both alike, and the ratio is what to read. Usage:
+
+    .venv/bin/python benchmarks/lora_forward.py [--rounds 5] [--tokens 1024] [--r 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import peft
+import torch
+from torch import nn
+
+from slimtune.lora import LoraConfig, inject_adapter, set_active_adapters
+
+SHAPES = {"q_proj 576->576": (576, 576), "up_proj 576->1536": (576, 1536)}
+
+
+class One(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def step_time(model: nn.Module, x: torch.Tensor, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(x).square().mean().backward()
+    return (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--r", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"tokens {args.tokens}, r {args.r}, {args.rounds} interleaved rounds x {args.iters} steps")
+    print("| layer | adapters | slimtune ms | peft ms | peft / slimtune |")
+    print("|---|---|---|---|---|")
+    for label, (d_in, d_out) in SHAPES.items():
+        for n_adapters in (1, 2):
+            torch.manual_seed(0)
+            base = One(d_in, d_out)
+            names = [f"a{i}" for i in range(n_adapters)]
+            cfg = peft.LoraConfig(r=args.r, lora_alpha=32, target_modules=["proj"])
+            theirs = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0])
+            ours = inject_adapter(copy.deepcopy(base), LoraConfig(r=args.r, alpha=32), names[0])
+            for name in names[1:]:
+                theirs.add_adapter(name, cfg)
+                inject_adapter(ours, LoraConfig(r=args.r, alpha=32), name)
+            theirs.base_model.set_adapter(names)
+            set_active_adapters(ours, names)
+            theirs.train(), ours.train()
+            x = torch.randn(args.tokens // 256, 256, d_in, requires_grad=True)
+            step_time(ours, x, 2), step_time(theirs, x, 2)  # warm up
+            t_ours, t_theirs = [], []
+            for _ in range(args.rounds):
+                t_ours.append(step_time(ours, x, args.iters))
+                t_theirs.append(step_time(theirs, x, args.iters))
+            a, b = statistics.median(t_ours), statistics.median(t_theirs)
+            print(f"| {label} | {n_adapters} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`slimtune merge`: fold a LoRA adapter into its base model and write a standalone model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Merge a LoRA adapter into its base model and write a standalone model folder."
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="base model folder or .gguf (default: SmolLM2)"
+    )
+    parser.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    parser.add_argument(
+        "--output", required=True, help="folder to write (must not exist or be empty)"
+    )
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument(
+        "--quantize", choices=("nf4",), default=None, help="write the merged model in NF4 4 bits"
+    )
+    parser.add_argument(
+        "--qlora",
+        action="store_true",
+        help="the adapter was trained on the NF4 base: merge into the dequantized NF4 weights",
+    )
+    parser.add_argument(
+        "--max-shard-size", type=_size, default="2GB", help="largest safetensors file (2GB)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtune.export import merge_to_folder
+
+    report = merge_to_folder(
+        args.model,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        qlora=args.qlora,
+        max_shard_bytes=args.max_shard_size,
+    )
+    print(report)
+    return 0

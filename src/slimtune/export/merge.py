@@ -1,0 +1,122 @@
+"""Fold a LoRA adapter into its base model and write the result as a standalone model folder.
+
+The adapter is merged layer by layer, in place (`slimtune.lora.merge_adapter`), and the LoRA
+wrappers are then replaced by their merged base layers: the model is never copied whole.
+With `qlora=True` the base is loaded in NF4 as QLoRA trained on it, and merging happens on the
+dequantized weights; `quantize="nf4"` writes the merged model back in 4 bits (bitsandbytes'
+layout), which is where merged QLoRA adapters lose accuracy: the re-quantization error of the
+merged weights is measured and returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.export.folder import DTYPES, write_model_folder
+
+ADAPTER = "default"
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    merged_layers: int
+    quantized: bool
+    requant_rel_error: float | None  # ||Q(W') - W'|| / ||W'|| over re-quantized layers
+
+    def __str__(self) -> str:
+        text = f"wrote {self.output}: adapter merged into {self.merged_layers} layers"
+        if self.quantized:
+            text += ", re-quantized to NF4"
+        if self.requant_rel_error is not None:
+            text += f" (relative weight error added: {self.requant_rel_error:.4%})"
+        return text
+
+
+def merge_to_folder(
+    model: str | Path | None,
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "fp32",
+    quantize: str | None = None,
+    qlora: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ExportReport:
+    """Merge `adapter` into `model` and write `output` (see the module docstring)."""
+    from slimtune.lora import load_adapter, merge_adapter
+    from slimtune.models import load_model
+
+    if quantize not in (None, "nf4"):
+        raise SlimtuneError(f"--quantize {quantize!r}: only 'nf4' is supported")
+    if dtype not in DTYPES:
+        raise SlimtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    network, tokenizer = load_model(model, quant=_nf4() if qlora else None)
+    load_adapter(network, adapter, ADAPTER)
+    merged = merge_adapter(network, ADAPTER, requantize=bool(quantize and qlora))
+    unwrap_lora_layers(network)
+    error = merged.requant_rel_error if merged.requantized else None
+    if quantize:
+        from slimtune.models import save_quantized_model
+
+        if not qlora:
+            error = quantize_float_layers(network)
+        save_quantized_model(network, tokenizer, output)
+    else:
+        dequantize_layers(network)
+        write_model_folder(network, tokenizer, output, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return ExportReport(Path(output), merged.layers, bool(quantize), error)
+
+
+def _nf4():
+    from slimtune.quant import QuantConfig
+
+    return QuantConfig()
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def unwrap_lora_layers(model: nn.Module) -> None:
+    """Put each (merged) LoRA layer's base layer back in its place."""
+    from slimtune.lora import lora_configs, lora_layers
+
+    for path, layer in list(lora_layers(model)):
+        _replace(model, path, layer.base_layer)
+    lora_configs(model).clear()
+
+
+def dequantize_layers(model: nn.Module) -> None:
+    """Turn the 4-bit layers the adapter did not touch into float Linear layers."""
+    from slimtune.quant import Linear4bit
+
+    for path, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = module.dequantize().float()
+            if module.bias is not None:
+                dense.bias.data = module.bias.detach().float().clone()
+            _replace(model, path, dense.requires_grad_(False))
+
+
+def quantize_float_layers(model: nn.Module) -> float:
+    """Quantize every Linear layer but the output head to NF4, one layer at a time (as
+    `quantize_model` does); return the relative weight error that quantization added."""
+    from slimtune.quant import Linear4bit, select_linear_layers
+
+    config = _nf4()
+    err = norm = 0.0
+    for path in select_linear_layers(model):
+        module = model.get_submodule(path)
+        quantized = Linear4bit.from_linear(module, config)
+        weight = module.weight.detach().float()
+        err += float((quantized.dequantize().float() - weight).square().sum())
+        norm += float(weight.square().sum())
+        _replace(model, path, quantized)
+    return (err / norm) ** 0.5 if norm else 0.0

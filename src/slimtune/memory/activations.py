@@ -1,0 +1,77 @@
+"""What autograd keeps between the forward and the backward pass of a LLaMA-family model.
+
+Counted per block for `T = batch x length` tokens, in the compute dtype:
+
+- always: the block input (the RMSNorm keeps it), the post-attention residual, the query, key,
+  value and output of attention (scaled_dot_product_attention keeps them), and in the MLP the
+  gate output, its SiLU and the up output (the product keeps both factors);
+- per group of adapted layers that share an input (q/k/v; o; gate/up; down): that input, kept
+  for the LoRA A gradient; per adapted layer with dropout: the dropped copy and its 1-byte mask;
+  per adapted layer: the rank-r output of A, kept for the B gradient.
+
+Frozen base weights keep nothing (no weight gradient). With gradient checkpointing only each
+block's input is kept, and one block's activations exist again while it is recomputed.
+
+On top of what is kept, the peak adds the larger of two transients: the loss, computed in
+chunks of up to 1024 positions (logits, softmax and cross-entropy buffers of chunk x vocab),
+and the backward pass's working gradients. The two constants below were fitted to peak RSS
+measured by benchmarks/bench_memory.py (docs/memory.md has the table).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slimtune.memory.architecture import Architecture
+    from slimtune.memory.planner import PlanSettings
+
+LOSS_CHUNK = 1024  # slimtune.train.loss.causal_lm_loss's chunk_size
+LOSS_BUFFERS = 3  # chunk x vocab float32 buffers alive at once in the chunked loss
+BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
+
+GROUPS = {  # adapted layers that read the same input tensor
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
+}  # fmt: skip
+
+
+def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> int:
+    """Bytes one block keeps for its backward pass."""
+    from slimtune.memory.planner import lora_targets
+
+    h, i = arch.hidden_size, arch.intermediate_size
+    q = arch.num_heads * arch.head_size
+    kv = arch.num_kv_heads * arch.head_size
+    kept = (2 * h + 2 * q + 2 * kv + 3 * i) * item
+    if s.method != "full":
+        widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": i}
+        targets = lora_targets(arch, s.targets)
+        groups = {GROUPS.get(name, name) for name, _, _ in targets}
+        kept += sum(widths.get(g, 0) for g in groups) * item
+        kept += sum(s.rank * item for _ in targets)
+        if s.dropout > 0:
+            kept += sum(n_in * (item + 1) for _, n_in, _ in targets)
+    else:
+        # Full fine-tuning: every linear keeps its input for the weight gradient.
+        kept += (q + i) * item + (h + h) * item  # o and down inputs; the two norm outputs
+    return tokens * kept
+
+
+def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
+    """Activation memory at the peak of a training step."""
+    from slimtune.memory.planner import DTYPE_BYTES
+
+    item = DTYPE_BYTES[s.compute_dtype]
+    tokens = s.batch_size * s.max_length
+    one_block = block_bytes(arch, s, tokens, item)
+    if s.gradient_checkpointing:
+        kept = arch.num_layers * tokens * arch.hidden_size * item + one_block
+    else:
+        kept = arch.num_layers * one_block
+    # Around the body: embedding output, final norm output, and the loss's saved grad_h.
+    kept += 3 * tokens * arch.hidden_size * item
+    chunk = min(LOSS_CHUNK, s.batch_size * (s.max_length - 1))
+    loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
+    backward = BACKWARD_BUFFERS * tokens * arch.intermediate_size * item
+    return kept + max(loss, backward)

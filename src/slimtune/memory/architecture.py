@@ -1,0 +1,188 @@
+"""The shapes the planner needs, from a built-in name, a config.json, a model folder or a GGUF file.
+
+Only decoder-only transformers of the LLaMA family (LLaMA 1/2/3, Mistral, Qwen2/2.5, SmolLM2):
+an embedding, `num_layers` blocks of attention (q, k, v, o) and a gated MLP (gate, up, down),
+a final norm and an output layer, tied to the embedding or not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimtune.errors import SlimtuneError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def block_linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the linear layers of one block."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
+        return [
+            ("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+            ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
+        ]  # fmt: skip
+
+    def block_linear_params(self) -> int:
+        return sum(a * b for _, a, b in self.block_linears())
+
+    def other_block_params(self) -> int:
+        """Norm weights and biases of one block (not quantized)."""
+        kv = self.num_kv_heads * self.head_size
+        bias = self.num_heads * self.head_size + 2 * kv if self.qkv_bias else 0
+        return 2 * self.hidden_size + bias
+
+    def embedding_params(self) -> int:
+        """Input embedding, output layer (unless tied) and the final norm."""
+        tables = 1 if self.tie_embeddings else 2
+        return tables * self.vocab_size * self.hidden_size + self.hidden_size
+
+    def num_params(self) -> int:
+        per_block = self.block_linear_params() + self.other_block_params()
+        return self.num_layers * per_block + self.embedding_params()
+
+
+def _a(name, vocab, hidden, inter, layers, heads, kv, tie=False, bias=False) -> Architecture:
+    return Architecture(name, vocab, hidden, inter, layers, heads, kv, None, tie, bias)
+
+
+# Shapes from each model's published config.json.
+BUILTIN: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        _a("llama-7b", 32000, 4096, 11008, 32, 32, 32),
+        _a("llama-13b", 32000, 5120, 13824, 40, 40, 40),
+        _a("llama-33b", 32000, 6656, 17920, 60, 52, 52),
+        _a("llama-65b", 32000, 8192, 22016, 80, 64, 64),
+        _a("llama-2-7b", 32000, 4096, 11008, 32, 32, 32),
+        _a("llama-2-13b", 32000, 5120, 13824, 40, 40, 40),
+        _a("llama-2-70b", 32000, 8192, 28672, 80, 64, 8),
+        _a("llama-3-8b", 128256, 4096, 14336, 32, 32, 8),
+        _a("llama-3-70b", 128256, 8192, 28672, 80, 64, 8),
+        _a("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8),
+        _a("llama-3.1-70b", 128256, 8192, 28672, 80, 64, 8),
+        _a("llama-3.2-1b", 128256, 2048, 8192, 16, 32, 8, tie=True),
+        _a("llama-3.2-3b", 128256, 3072, 8192, 28, 24, 8, tie=True),
+        _a("mistral-7b", 32000, 4096, 14336, 32, 32, 8),
+        _a("qwen2.5-0.5b", 151936, 896, 4864, 24, 14, 2, tie=True, bias=True),
+        _a("qwen2.5-1.5b", 151936, 1536, 8960, 28, 12, 2, tie=True, bias=True),
+        _a("qwen2.5-3b", 151936, 2048, 11008, 36, 16, 2, tie=True, bias=True),
+        _a("qwen2.5-7b", 152064, 3584, 18944, 28, 28, 4, bias=True),
+        _a("qwen2.5-14b", 152064, 5120, 13824, 48, 40, 8, bias=True),
+        _a("qwen2.5-32b", 152064, 5120, 27648, 64, 40, 8, bias=True),
+        _a("qwen2.5-72b", 152064, 8192, 29568, 80, 64, 8, bias=True),
+        _a("smollm2-135m", 49152, 576, 1536, 30, 9, 3, tie=True),
+        _a("smollm2-360m", 49152, 960, 2560, 32, 15, 5, tie=True),
+        _a("smollm2-1.7b", 49152, 2048, 8192, 24, 32, 32, tie=True),
+    ]
+}
+
+
+def builtin_architecture(name: str) -> Architecture:
+    key = name.lower()
+    if key not in BUILTIN:
+        raise SlimtuneError(
+            f"unknown model {name!r}: give a model folder, a config.json, a .gguf file, "
+            f"or one of: {', '.join(BUILTIN)}"
+        )
+    return BUILTIN[key]
+
+
+def architecture_from_config(config: dict, name: str = "config") -> Architecture:
+    """From the keys of a transformers config.json (LLaMA-family names)."""
+    keys = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ]
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise SlimtuneError(
+            f"{name}: not a LLaMA-family config (model_type {config.get('model_type')!r}); "
+            f"missing {', '.join(missing)}"
+        )
+    heads = int(config["num_attention_heads"])
+    return Architecture(
+        name=name,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=config.get("head_dim"),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+    )
+
+
+def architecture_from_gguf(path: Path) -> Architecture:
+    """From a GGUF file's metadata (read lazily: the tensors are not loaded)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None:
+            raise SlimtuneError(f"{path}: GGUF metadata has no {key!r}")
+        return field.contents()
+
+    arch = value("general.architecture")
+    heads = int(value(f"{arch}.attention.head_count"))
+    kv = reader.fields.get(f"{arch}.attention.head_count_kv")
+    names = {t.name for t in reader.tensors}
+    return Architecture(
+        name=path.name,
+        vocab_size=len(value("tokenizer.ggml.tokens")),
+        hidden_size=int(value(f"{arch}.embedding_length")),
+        intermediate_size=int(value(f"{arch}.feed_forward_length")),
+        num_layers=int(value(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(kv.contents()) if kv is not None else heads,
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def resolve_architecture(source: str) -> Architecture:
+    """A built-in name, a model folder (config.json or one .gguf), a config.json, or a .gguf."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            path = path / "config.json"
+        else:
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise SlimtuneError(
+                    f"{source}: a model folder needs a config.json or one .gguf file"
+                )
+            path = ggufs[0]
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return architecture_from_gguf(path)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SlimtuneError(f"{path}: cannot read as a JSON config: {error}") from None
+        return architecture_from_config(config, name=str(source))
+    return builtin_architecture(source)

@@ -1,0 +1,53 @@
+"""Put a server together: load the base model (float or 4-bit), start the engine, load adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimtune.errors import SlimtuneError
+from slimtune.serve.adapters import AdapterRegistry, check_name
+from slimtune.serve.engine import Engine
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def base_model_name(model: str | None) -> str:
+    if model is None:
+        return DEFAULT_NAME
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def build_engine(
+    model: str | None,
+    *,
+    qlora: bool = False,
+    adapters: list[tuple[str, Path]] = (),
+    adapter_dir: Path | None = None,
+    base_name: str | None = None,
+    **engine_options,
+) -> tuple[Engine, AdapterRegistry]:
+    """A started Engine with `adapters` loaded, and the registry of the names clients use."""
+    from slimtune.models import load_model
+
+    quant = None
+    if qlora:
+        from slimtune.quant import QuantConfig
+
+        quant = QuantConfig()
+    network, tokenizer = load_model(model, quant=quant)
+    registry = AdapterRegistry(base_name or base_model_name(model), adapter_dir)
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise SlimtuneError(f"--adapter-dir {adapter_dir} is not a folder")
+    engine = Engine(network, tokenizer, **engine_options).start()
+    try:
+        for name, path in adapters:
+            check_name(name, registry.base_name)
+            if name in registry.paths:
+                raise SlimtuneError(f"--adapter {name}: the name is given twice")
+            engine.load_adapter(name, path).result()
+            registry.paths[name] = Path(path).resolve()
+    except BaseException:
+        engine.stop()
+        raise
+    return engine, registry

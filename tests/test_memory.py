@@ -1,0 +1,173 @@
+"""The memory planner: exact parts checked against real models and optimizers, the activation
+model against measured peak RSS (a tiny case here; the full table is benchmarks/bench_memory.py),
+and the papers' headline figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune.cli import main as cli_main
+from slimtune.errors import SlimtuneError
+from slimtune.memory import (
+    PlanSettings,
+    architecture_from_config,
+    builtin_architecture,
+    estimate,
+    parse_bytes,
+    resolve_architecture,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 10**9
+
+
+def _meta_param_count(arch_name: str) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = builtin_architecture(arch_name)
+    config = LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads, tie_word_embeddings=a.tie_embeddings,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama-2-7b", "llama-65b", "mistral-7b"])
+def test_builtin_parameter_counts_match_transformers(name):
+    assert builtin_architecture(name).num_params() == _meta_param_count(name)
+
+
+def test_published_sizes():
+    assert round(builtin_architecture("llama-65b").num_params() / 1e9, 1) == 65.3
+    assert round(builtin_architecture("qwen2.5-0.5b").num_params() / 1e6) == 494  # Qwen's card
+    assert builtin_architecture("smollm2-135m").num_params() == 134_515_008
+
+
+def test_gguf_and_config_sources_agree(tmp_path, tiny_llama):
+    from slimtune.models import default_model_file
+
+    gguf = resolve_architecture(str(default_model_file()))
+    assert gguf.num_params() == builtin_architecture("smollm2-135m").num_params()
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama.config.to_dict()))
+    folder = resolve_architecture(str(tmp_path))
+    assert folder.num_params() == sum(p.numel() for p in tiny_llama.parameters())
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(SlimtuneError, match="llama-2-7b"):
+        resolve_architecture("llama-2-8b")
+    with pytest.raises(SlimtuneError, match="missing"):
+        architecture_from_config({"model_type": "gpt2", "n_embd": 64})
+
+
+def test_lora_and_optimizer_parts_match_real_objects(tiny_llama):
+    from slimtune.lora import LoraConfig, inject_adapter
+    from slimtune.optim import build_optimizer, state_bytes
+
+    arch = architecture_from_config(tiny_llama.config.to_dict())
+    # rank 32 makes the MLP adapters 4096 elements: both 8-bit and 32-bit tensors occur.
+    settings = PlanSettings(method="lora", rank=32, optimizer="adamw8bit")
+    plan = estimate(arch, settings)
+    inject_adapter(tiny_llama, LoraConfig(r=32, alpha=16, target_modules="all-linear"))
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    assert plan.trainable_params == sum(p.numel() for p in params)
+    assert plan.parts["lora_weights"] == 4 * plan.trainable_params
+    optimizer = build_optimizer("adamw8bit", params, lr=1e-3, weight_decay=0.0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert plan.parts["optimizer_state"] == state_bytes(optimizer)
+
+
+def test_targets_narrow_the_adapter():
+    arch = builtin_architecture("llama-2-7b")
+    qv = estimate(arch, PlanSettings(method="lora", rank=8, targets=["q_proj", "v_proj"]))
+    assert qv.trainable_params == 32 * 2 * 8 * (4096 + 4096)  # 4.19M, as in the LoRA paper's setup
+    regex = estimate(arch, PlanSettings(method="lora", rank=8, targets=r"(q|v)_proj"))
+    assert regex.trainable_params == qv.trainable_params
+    with pytest.raises(SlimtuneError, match="matches none"):
+        estimate(arch, PlanSettings(method="lora", targets=["c_attn"]))
+
+
+def test_qlora_weights_are_about_4_bits_per_parameter():
+    arch = builtin_architecture("llama-2-7b")
+    plan = estimate(arch, PlanSettings(method="qlora", weight_dtype="bfloat16"))
+    quantized = arch.num_layers * arch.block_linear_params()
+    bits = 8 * (
+        plan.parts["weights"] - 2 * (arch.num_params() - quantized) + plan.parts["quant_constants"]
+    )
+    assert bits / quantized == pytest.approx(4.127, abs=0.001)  # NF4 + double quantization
+
+
+def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
+    """QLoRA (Dettmers et al., 2023): the paper's two headline memory figures."""
+    arch = builtin_architecture("llama-65b")
+    bf16 = dict(weight_dtype="bfloat16", adapter_dtype="bfloat16", compute_dtype="bfloat16")
+    qlora = estimate(arch, PlanSettings(
+        method="qlora", rank=64, optimizer="paged_adamw", batch_size=1, max_length=512,
+        gradient_checkpointing=True, device="cuda", **bf16))  # fmt: skip
+    full = estimate(arch, PlanSettings(
+        method="full", optimizer="adamw", batch_size=1, max_length=512,
+        gradient_checkpointing=True, device="cuda", **bf16))  # fmt: skip
+    assert 40 * GB < qlora.total < 48 * GB  # 46.3 GB
+    assert full.total > 780 * GB  # 785.6 GB: 2 + 2 + 8 bytes per parameter, plus activations
+    assert full.parts["optimizer_state"] == 8 * arch.num_params()
+
+
+def test_checkpointing_and_8bit_shrink_their_parts():
+    arch = builtin_architecture("smollm2-135m")
+    plain = estimate(arch, PlanSettings(method="lora"))
+    ckpt = estimate(arch, PlanSettings(method="lora", gradient_checkpointing=True))
+    small = estimate(arch, PlanSettings(method="lora", optimizer="paged_adamw8bit"))
+    assert ckpt.parts["activations"] < plain.parts["activations"] / 3
+    assert 0.25 < small.parts["optimizer_state"] / plain.parts["optimizer_state"] < 0.26
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("24GB", 24 * GB), ("24GiB", 24 * 2**30), ("512M", 512 * 10**6), ("7", 7)]
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_cli_json_has_total_and_every_part(capsys):
+    assert cli_main(["estimate", "llama-2-7b", "--json", "--batch-size", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    parts = [k for k in out if k.endswith("_bytes") and k != "total_bytes"]
+    assert {"weights_bytes", "optimizer_state_bytes", "activations_bytes"} <= set(parts)
+    assert out["total_bytes"] == sum(out[k] for k in parts)
+
+
+def test_cli_device_memory_answers_and_suggests(capsys):
+    assert cli_main(["estimate", "llama-2-13b", "--method", "lora", "--device-memory", "24GB"]) == 0
+    text = capsys.readouterr().out
+    assert "does not fit in" in text and "--method qlora" in text and "(fits)" in text
+    assert cli_main(["estimate", "smollm2-135m", "--device-memory", "24GB"]) == 0
+    assert "fits in" in capsys.readouterr().out
+
+
+def test_cli_bad_model_exits_2(capsys):
+    assert cli_main(["estimate", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_prediction_within_15_percent_of_measured_peak_rss():
+    """A tiny LoRA run with gradient checkpointing, measured in a fresh process."""
+    script = ROOT / "benchmarks" / "bench_memory.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--cases", "tiny", "--methods", "lora", "--json",
+         "--checkpointing", "on"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout)
+    assert abs(row["error"]) < 0.15, row

@@ -1,0 +1,137 @@
+"""Code books and blockwise 4-bit (de)quantization, checked bit for bit against bitsandbytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.quant import codebook, dequantize_4bit, dynamic_map, quantize_4bit
+from slimtune.quant.codebook import sorted_codes
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _bnb(x, quant_type, blocksize, double_quant):
+    return bnbf.quantize_4bit(
+        x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )
+
+
+def assert_same_as_bnb(x, quant_type, blocksize, double_quant):
+    packed_ref, state_ref = _bnb(x, quant_type, blocksize, double_quant)
+    packed, state = quantize_4bit(x, quant_type, blocksize, double_quant)
+    assert packed.dtype == torch.uint8 and packed.shape == (x.numel() // 2, 1)
+    assert torch.equal(packed, packed_ref)
+    assert torch.equal(state.absmax, state_ref.absmax)
+    if double_quant:
+        assert state.absmax.dtype == torch.uint8
+        assert torch.equal(state.nested_absmax, state_ref.state2.absmax)
+        assert torch.equal(state.offset, state_ref.offset)
+    values_ref = bnbf.dequantize_4bit(packed_ref, state_ref)
+    values = dequantize_4bit(packed, state)
+    assert values.dtype == x.dtype and values.shape == x.shape
+    assert torch.equal(values, values_ref.view(x.shape))  # bnb returns 1-D input as (1, n)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codebooks_are_bitsandbytes_values(quant_type):
+    ref = bnbf.get_4bit_type(quant_type, device="cpu")
+    assert codebook(quant_type).dtype == torch.float32
+    assert torch.equal(codebook(quant_type), ref)
+
+
+def test_dynamic_map_is_bitsandbytes_signed_map():
+    assert torch.equal(dynamic_map(), bnbf.create_dynamic_map(signed=True))
+
+
+def test_int4_is_symmetric_round_to_nearest():
+    x = torch.randn(8, 64)
+    packed, state = quantize_4bit(x, "int4", 64)
+    scale = x.abs().amax(dim=1, keepdim=True)
+    expected = torch.round(x / scale * 7).clamp(-7, 7) / 7 * scale
+    torch.testing.assert_close(dequantize_4bit(packed, state), expected)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], 1).view(-1)
+    assert codes.min() >= 1  # -8/7 is never used: the grid is symmetric
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_random_tensors_match_bitsandbytes(quant_type, blocksize, dtype, double_quant):
+    torch.manual_seed(blocksize)
+    # 300 blocks: the nested (256-block) grouping ends with a partial group.
+    blocks = 300 if blocksize < 4096 else 6
+    x = (torch.randn(blocks * blocksize // 96, 96) * 0.03).to(dtype)
+    assert_same_as_bnb(x, quant_type, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_values_between_two_codes_round_like_bitsandbytes(quant_type):
+    # Each block holds its absmax (1.0) then the exact midpoints between neighbouring codes,
+    # and values one float32 step on either side of them.
+    bounds, _ = sorted_codes(quant_type)
+    ties = torch.cat([bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)])
+    block = torch.cat([torch.ones(1), ties, torch.zeros(64 - 1 - ties.numel())])
+    x = torch.stack([block, -block, block * 0.37])
+    packed, _ = quantize_4bit(x, quant_type, 64)
+    assert torch.equal(packed, _bnb(x, quant_type, 64, False)[0])
+    assert_same_as_bnb(x, quant_type, 64, True)
+
+
+def test_double_quant_constants_and_zero_blocks():
+    x = torch.randn(64 * 256 * 2 + 64 * 7)
+    x[:640] = 0.0  # all-zero blocks: absmax 0, codes of zero
+    assert_same_as_bnb(x, "nf4", 64, True)
+    packed, state = quantize_4bit(x, "nf4", 64, double_quant=True)
+    absmax = x.view(-1, 64).abs().amax(1)
+    assert state.nested_absmax.numel() == 3  # ceil(519 / 256)
+    assert torch.allclose(state.offset, absmax.mean())
+    # 8-bit absmax: close for real blocks; zero blocks stay exact zeros (their codes are 0.0).
+    torch.testing.assert_close(state.block_absmax()[10:], absmax[10:], atol=0, rtol=2e-2)
+    assert torch.equal(dequantize_4bit(packed, state)[:640], torch.zeros(640))
+
+
+def test_first_element_goes_to_the_high_nibble():
+    x = torch.zeros(64)
+    x[0], x[1], x[3] = 1.0, -1.0, 1.0  # nf4 codes 15, 0, then 7 (zero), 15
+    packed, _ = quantize_4bit(x, "nf4", 64)
+    assert packed[:2, 0].tolist() == [0xF0, 0x7F]
+
+
+def test_dequantize_to_another_dtype():
+    x = torch.randn(32, 64)
+    packed, state = quantize_4bit(x, "nf4", 64, double_quant=True)
+    as_bf16 = dequantize_4bit(packed, state, torch.bfloat16)
+    assert as_bf16.dtype == torch.bfloat16
+    assert torch.equal(as_bf16, dequantize_4bit(packed, state).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: quantize_4bit(torch.randn(100)), "multiple of the blocksize"),
+        (lambda: quantize_4bit(torch.randint(0, 9, (128,))), "dtype torch.int64"),
+        (lambda: quantize_4bit(torch.randn(128), quant_type="nf3"), "unknown quant_type 'nf3'"),
+        (lambda: quantize_4bit(torch.randn(128), blocksize=48), "invalid blocksize 48"),
+        (lambda: quantize_4bit(torch.randn(8192), blocksize=8192), "invalid blocksize 8192"),
+    ],
+)
+def test_bad_input_is_explained(call, message):
+    with pytest.raises(SlimtuneError, match=message):
+        call()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_real_smollm2_weights_match_bitsandbytes(smollm2, quant_type):
+    model, _ = smollm2
+    layer = model.model.layers[3]
+    weights = [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.mlp.down_proj.weight]
+    for weight, (blocksize, dtype, dq) in zip(
+        weights,
+        [(64, torch.float32, True), (128, torch.bfloat16, False), (64, torch.float16, True)],
+        strict=True,
+    ):
+        assert_same_as_bnb(weight.detach().to(dtype), quant_type, blocksize, dq)

@@ -1,0 +1,75 @@
+"""TrainConfig: defaults, YAML + flags, and errors that name the key, file and line."""
+
+import argparse
+
+import pytest
+
+from slimtune.errors import SlimtuneError
+from slimtune.train import TrainConfig, load_config
+from slimtune.train.config import add_config_arguments, overrides_from_args
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?")
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_are_the_qlora_papers():
+    config = TrainConfig()
+    assert (config.method, config.quant_type, config.double_quant) == ("qlora", "nf4", True)
+    assert (config.rank, config.alpha, config.lr, config.max_grad_norm) == (64, 16, 2e-4, 0.3)
+    assert config.lr_scheduler == "constant" and config.targets == "all-linear"
+    assert config.batch_size * config.grad_accum == 16
+
+
+def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rank: 8\nlr: 0.001\npacking: true\ntargets: [q_proj, v_proj]\n")
+    args = _parse(
+        [str(path), "--lr", "3e-4", "--no-packing", "--max-steps", "7", "--model", "null",
+         "--targets", "q_proj,k_proj", "--resume"]
+    )
+    config = load_config(args.config, overrides_from_args(args))
+    assert config.rank == 8  # from the file
+    assert config.lr == 3e-4 and config.packing is False and config.max_steps == 7
+    assert config.targets == ["q_proj", "k_proj"] and config.model is None
+    assert config.resume is True
+    dests = {a.dest for a in argparse.ArgumentParser()._actions}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert set(TrainConfig.model_fields) <= {a.dest for a in parser._actions} - dests
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rank: 8\n\nlearning_rate: 0.1\n")
+    with pytest.raises(SlimtuneError, match=r"run\.yaml:3: key 'learning_rate': unknown key"):
+        load_config(path)
+    path.write_text("rnak: 8\n")
+    with pytest.raises(SlimtuneError, match="did you mean 'rank'"):
+        load_config(path)
+
+
+def test_bad_values_name_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 2\nrank: -4\n")
+    with pytest.raises(SlimtuneError, match=r"run\.yaml:2: key 'rank'.*greater than 0"):
+        load_config(path)
+    with pytest.raises(SlimtuneError, match="--lr-scheduler"):
+        load_config(None, overrides_from_args(_parse(["--lr-scheduler", "exponential"])))
+    with pytest.raises(SlimtuneError, match="--batch-size"):
+        load_config(None, overrides_from_args(_parse(["--batch-size", "four"])))
+    path.write_text("- a list\n")
+    with pytest.raises(SlimtuneError, match="mapping"):
+        load_config(path)
+    with pytest.raises(SlimtuneError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = TrainConfig(rank=4, targets=["q_proj"], resume="ckpt/step-000002")
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
