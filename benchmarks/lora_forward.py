@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"tokens {args.tokens}, r {args.r}, {args.rounds} interleaved rounds x {args.iters} steps")
+    print(
+        f"tokens {args.tokens}, r {args.r}, {args.rounds} interleaved rounds x {args.iters} steps"
+    )
     print("| layer | adapters | slimtune ms | peft ms | peft / slimtune |")
     print("|---|---|---|---|---|")
     for label, (d_in, d_out) in SHAPES.items():

@@ -185,6 +185,13 @@ def test_messages_need_a_chat_template():
         split_prompt_answer({"text": "hello"}, tokenizer)
 
 
+def test_slow_tokenizer_without_offsets_is_refused():
+    tokenizer = make_tokenizer()
+    tokenizer.__class__ = type("SlowTokenizer", (type(tokenizer),), {"is_fast": False})
+    with pytest.raises(SlimtuneError, match="not a fast tokenizer"):
+        encoded(CHAT, tokenizer)
+
+
 @pytest.mark.slow
 def test_smollm2_tokenizer_masks_everything_but_the_answer_and_im_end(smollm2):
     from slimtune.data import demo_data_path, load_dataset, read_rows

@@ -183,7 +183,9 @@ def test_only_lora_trains_and_base_is_bit_for_bit_unchanged():
         optimizer.zero_grad()
     for name, value in frozen.items():
         assert torch.equal(model.get_parameter(name), value), name
-    assert all(not torch.equal(a, b) for a, b in zip(lora_before, lora_parameters(model)))
+    assert all(
+        not torch.equal(a, b) for a, b in zip(lora_before, lora_parameters(model), strict=True)
+    )
 
 
 def test_trainable_summary_counts_like_peft():

@@ -52,14 +52,40 @@ def test_published_sizes():
     assert builtin_architecture("smollm2-135m").num_params() == 134_515_008
 
 
-def test_gguf_and_config_sources_agree(tmp_path, tiny_llama):
-    from slimtune.models import default_model_file
+def _write_gguf(path: Path, tied: bool) -> None:
+    """A GGUF file with the metadata of a tiny LLaMA (the real SmolLM2 one takes ~10 s to parse)."""
+    import gguf
+    import numpy as np
 
-    gguf = resolve_architecture(str(default_model_file()))
-    assert gguf.num_params() == builtin_architecture("smollm2-135m").num_params()
-    (tmp_path / "config.json").write_text(json.dumps(tiny_llama.config.to_dict()))
-    folder = resolve_architecture(str(tmp_path))
-    assert folder.num_params() == sum(p.numel() for p in tiny_llama.parameters())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_block_count(2)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(128)])
+    writer.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", np.zeros((128, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_config_and_folder_sources_agree(tmp_path, tied):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(tie_word_embeddings=tied)
+    expected = sum(p.numel() for p in model.parameters())
+    _write_gguf(tmp_path / "tiny.gguf", tied)
+    assert resolve_architecture(str(tmp_path / "tiny.gguf")).num_params() == expected
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(model.config.to_dict()))
+    assert resolve_architecture(str(tmp_path / "hf")).num_params() == expected
+    assert resolve_architecture(str(tmp_path / "hf" / "config.json")).num_params() == expected
 
 
 def test_unknown_model_is_a_user_error():

@@ -12,6 +12,16 @@ from slimtune.quant.codebook import sorted_codes
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tensors are small: with two threads on a busy machine the thread hand-offs cost
+    # far more than the work (measured 100x slower), so run them on one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _bnb(x, quant_type, blocksize, double_quant):
     return bnbf.quantize_4bit(
         x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
@@ -72,7 +82,9 @@ def test_values_between_two_codes_round_like_bitsandbytes(quant_type):
     # Each block holds its absmax (1.0) then the exact midpoints between neighbouring codes,
     # and values one float32 step on either side of them.
     bounds, _ = sorted_codes(quant_type)
-    ties = torch.cat([bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)])
+    ties = torch.cat(
+        [bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)]
+    )
     block = torch.cat([torch.ones(1), ties, torch.zeros(64 - 1 - ties.numel())])
     x = torch.stack([block, -block, block * 0.37])
     packed, _ = quantize_4bit(x, quant_type, 64)
@@ -128,7 +140,11 @@ def test_bad_input_is_explained(call, message):
 def test_real_smollm2_weights_match_bitsandbytes(smollm2, quant_type):
     model, _ = smollm2
     layer = model.model.layers[3]
-    weights = [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.mlp.down_proj.weight]
+    weights = [
+        layer.self_attn.q_proj.weight,
+        layer.self_attn.k_proj.weight,
+        layer.mlp.down_proj.weight,
+    ]
     for weight, (blocksize, dtype, dq) in zip(
         weights,
         [(64, torch.float32, True), (128, torch.bfloat16, False), (64, torch.float16, True)],

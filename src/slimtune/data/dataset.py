@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,17 +13,22 @@ from slimtune.data.reading import BadRow, Record, read_records
 from slimtune.data.render import render
 from slimtune.errors import SlimtuneError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class DatasetSplits:
     """Tokenized examples ({"input_ids", "labels"}) and what was left out.
 
-    skipped: bad rows skipped (skip_bad_rows=True); truncated: examples cut to max_length;
+    train_rows / eval_rows: the source rows of `train` / `eval`, in the same order (for
+    generation-based evaluation with `split_prompt_answer`). skipped: bad rows skipped (skip_bad_rows=True); truncated: examples cut to max_length;
     dropped: examples with no trained token left after truncation (left out: nothing to learn).
     """
 
     train: list[dict]
     eval: list[dict] = field(default_factory=list)
+    train_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
     fmt: str = ""
     skipped: int = 0
     truncated: int = 0
@@ -63,16 +69,18 @@ def load_dataset(
         chat=chat,
     )
     train = _load(source, tokenizer, **options)
-    splits = DatasetSplits(train=train.train, fmt=train.fmt, skipped=train.skipped)
-    splits.truncated, splits.dropped = train.truncated, train.dropped
+    splits = train
     if eval_source is not None:
         held_out = _load(eval_source, tokenizer, **options)
-        splits.eval = held_out.train
+        splits.eval, splits.eval_rows = held_out.train, held_out.train_rows
         splits.skipped += held_out.skipped
         splits.truncated += held_out.truncated
         splits.dropped += held_out.dropped
     elif eval_fraction > 0:
-        splits.train, splits.eval = split_examples(splits.train, eval_fraction, seed)
+        pairs = list(zip(splits.train, splits.train_rows, strict=True))
+        train_pairs, eval_pairs = split_examples(pairs, eval_fraction, seed)
+        splits.train, splits.train_rows = [e for e, _ in train_pairs], [r for _, r in train_pairs]
+        splits.eval, splits.eval_rows = [e for e, _ in eval_pairs], [r for _, r in eval_pairs]
     return splits
 
 
@@ -110,8 +118,12 @@ def _load(source, tokenizer, *, fmt, max_length, train_on_prompt, skip_bad_rows,
             continue
         del example["truncated"]
         splits.train.append(example)
+        splits.train_rows.append(record.row)
     if not splits.train:
         raise SlimtuneError(f"{_name(source)}: no usable rows (skipped {splits.skipped})")
+    if splits.skipped or splits.dropped:
+        message = "%s: skipped %d bad rows; dropped %d with no answer left within %d tokens"
+        log.warning(message, _name(source), splits.skipped, splits.dropped, max_length)
     return splits
 
 

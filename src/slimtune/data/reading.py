@@ -41,7 +41,7 @@ class BadRow(SlimtuneError):
 
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a local JSONL, JSON, CSV or Parquet file, as dicts."""
-    return [record.row for record in read_records(path)]
+    return [record.row for record in read_records(path)[0]]
 
 
 def read_records(source: Any, *, skip_bad_rows: bool = False) -> tuple[list[Record], int]:

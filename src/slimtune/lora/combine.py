@@ -18,6 +18,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.lora.adapters import _check_names
 from slimtune.lora.config import LoraConfig
+from slimtune.lora.init import svd
 from slimtune.lora.inject import lora_configs, lora_layers
 from slimtune.lora.layer import LoraLinear
 
@@ -70,7 +71,7 @@ def _combine(
     if method == "svd":
         delta = sum(s * (B @ A) for s, A, B in zip(scaled, As, Bs, strict=True))
         k = rank or max(A.shape[0] for A in As)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        U, S, Vh = svd(delta)
         return Vh[:k].contiguous(), (U[:, :k] * S[:k]).contiguous()
     if len({A.shape[0] for A in As}) != 1:
         raise SlimtuneError(

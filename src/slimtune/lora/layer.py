@@ -282,16 +282,12 @@ def _float_linear(weight: torch.Tensor, base: nn.Module) -> nn.Linear:
 
 
 def _quant_config(layer: nn.Module):
-    """The QuantConfig a slimtune Linear4bit was built with, read back from its quant state."""
+    """The QuantConfig a slimtune Linear4bit was built with."""
     from slimtune.quant import QuantConfig
 
-    config = getattr(layer, "config", None)
-    if isinstance(config, QuantConfig):
-        return config
-    state = layer.quant_state
     return QuantConfig(
-        quant_type=state.quant_type,
-        blocksize=state.blocksize,
-        double_quant=getattr(state, "offset", None) is not None,
+        quant_type=layer.quant_type,
+        blocksize=layer.blocksize,
+        double_quant=layer.double_quant,
         compute_dtype=layer.compute_dtype,
     )

@@ -25,8 +25,9 @@ def load_model(
     """Load `(model, tokenizer)` from a folder, a .gguf file, or (None) the default SmolLM2.
 
     With `quant`, the targeted Linear layers are quantized to 4 bits while the weights stream
-    in, so the float model never sits whole in memory. A folder written by
-    `save_quantized_model` loads back in 4 bits as saved.
+    in, so the float model never sits whole in memory. A 4-bit folder (written by
+    `save_quantized_model`, or by transformers + bitsandbytes) loads back exactly as stored;
+    there `quant` only sets the compute dtype.
     """
     folder = resolve_model(model)
     if not trust_remote_code:
@@ -35,7 +36,12 @@ def load_model(
     if _is_4bit_folder(folder):
         from slimtune.models.quantized import load_4bit_folder
 
-        network = load_4bit_folder(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        network = load_4bit_folder(
+            folder,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            compute_dtype=quant.compute_dtype if quant is not None else None,
+        )
     elif quant is not None:
         from slimtune.models.streaming import load_streaming_4bit
 

@@ -1,0 +1,183 @@
+"""Serving load test: N requests at concurrency C over 3 adapters, on loopback only.
+
+Starts `slimtune serve`'s app (SmolLM2-135M-Instruct, fp32, 2 threads) on 127.0.0.1 with three
+LoRA adapters (r=16, all linear layers, random weights: the speed does not depend on what they
+learned) and sends /v1/completions requests from C concurrent clients, round-robin over the
+adapters. It measures throughput and p50/p99 latency twice, side by side in one process:
+- mixed: requests for different adapters share one forward pass (per-sample adapters);
+- one adapter at a time: a batch only takes requests for one adapter (the others wait).
+Bounded: every run stops at --requests or after --time-limit seconds. Writes
+benchmarks/reports/serve.md.
+
+    .venv/bin/python benchmarks/bench_serve.py [--requests 1000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTERS = ["risk", "research", "compliance"]
+TOPICS = ["interest rates", "a bond ladder", "credit risk", "the quarterly report", "inflation",
+          "a loan covenant", "market liquidity", "a compliance audit"]  # fmt: skip
+
+
+def make_adapters(model, folder: Path) -> dict[str, Path]:
+    from slimtune.lora import LoraConfig, delete_adapter, inject_adapter, save_adapter
+
+    paths = {}
+    for seed, name in enumerate(ADAPTERS):
+        inject_adapter(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"), name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if f"lora_B.{name}." in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+        paths[name] = save_adapter(model, folder / name, name)
+        delete_adapter(model, name)
+    return paths
+
+
+def prompt(i: int) -> str:
+    return f"Question {i}: in two sentences, what should an analyst know about {TOPICS[i % 8]}?"
+
+
+async def load(url: str, requests: int, concurrency: int, max_tokens: int, limit: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    failures = 0
+    tokens = 0
+    counter = iter(range(requests))
+    deadline = time.monotonic() + limit
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal failures, tokens
+        for i in counter:
+            if time.monotonic() > deadline:
+                return
+            body = {"model": ADAPTERS[i % 3], "prompt": prompt(i), "max_tokens": max_tokens,
+                    "temperature": 0}  # fmt: skip
+            start = time.perf_counter()
+            try:
+                response = await client.post(f"{url}/v1/completions", json=body)
+                ok = response.status_code == 200
+                if ok:
+                    tokens += response.json()["usage"]["completion_tokens"]
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            failures += not ok
+
+    limits = httpx.Limits(max_connections=concurrency)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "done": len(latencies),
+        "failures": failures,
+        "seconds": seconds,
+        "req_per_s": len(latencies) / seconds,
+        "tok_per_s": tokens / seconds,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
+    parser.add_argument("--time-limit", type=float, default=900, help="seconds per run at most")
+    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/serve.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from slimtune.models import load_model
+    from slimtune.serve import AdapterRegistry, Engine, create_app
+    from slimtune.serve.server import BackgroundServer
+
+    model, tokenizer = load_model()
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    paths = make_adapters(model, folder)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1024).start()
+    registry = AdapterRegistry("base", folder)
+    for name, path in paths.items():
+        engine.load_adapter(name, path).result()
+        registry.paths[name] = path
+    rows = []
+    with BackgroundServer(create_app(engine, registry)) as server:
+        asyncio.run(load(server.url, 32, args.concurrency, args.max_tokens, 300))  # warm-up
+        for repeat in range(args.repeats):
+            for mixed in (True, False):
+                engine.mixed_batches = mixed
+                steps = engine.steps
+                result = asyncio.run(
+                    load(
+                        server.url,
+                        args.requests,
+                        args.concurrency,
+                        args.max_tokens,
+                        args.time_limit,
+                    )  # fmt: skip
+                )
+                result.update(mode="mixed" if mixed else "one adapter at a time",
+                              repeat=repeat + 1, steps=engine.steps - steps)  # fmt: skip
+                rows.append(result)
+                print(result, flush=True)
+    engine.stop()
+    write_report(args, rows)
+    return 0 if all(r["failures"] == 0 and r["done"] == args.requests for r in rows) else 1
+
+
+def write_report(args, rows: list[dict]) -> None:
+    command = "PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Serving benchmark: many adapters on one model",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, shared with "
+        "other jobs (noisy: compare the two modes of one run, not runs of different days).  ",
+        f"Model: SmolLM2-135M-Instruct fp32; 3 adapters r=16 on all linear layers; "
+        f"{args.requests} requests of {args.max_tokens} new tokens (greedy) at concurrency "
+        f"{args.concurrency}, round-robin over the adapters; --max-batch-size "
+        f"{args.max_batch_size}; client and server in one process on 127.0.0.1.",
+        "",
+        "| run | mode | requests | failures | seconds | req/s | tokens/s | p50 latency s "
+        "| p99 latency s | forward passes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['repeat']} | {r['mode']} | {r['done']} | {r['failures']} | {r['seconds']:.1f} "
+            f"| {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} "
+            f"| {r['steps']} |"
+        )
+    mixed = [r["req_per_s"] for r in rows if r["mode"] == "mixed"]
+    single = [r["req_per_s"] for r in rows if r["mode"] != "mixed"]
+    if mixed and single:
+        ratio = statistics.mean(mixed) / statistics.mean(single)
+        lines += [
+            "",
+            f"Mixed-adapter batching throughput / one-adapter-at-a-time: **{ratio:.2f}x**",
+        ]
+    args.report.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
