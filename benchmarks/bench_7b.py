@@ -88,6 +88,7 @@ def build_4bit(layers: int, embed_dtype: torch.dtype) -> torch.nn.Module:
                     float_layer.weight = nn.Parameter(torch.randn(shape, generator=generator) * STD)
                     setattr(parent, name, Linear4bit.from_linear(float_layer, quant))
                     del float_layer  # the float weight goes here
+        print(f"block {block.self_attn.layer_idx} in 4 bits, rss {status_mib('VmRSS'):.0f} MiB", flush=True)
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
     model.model.norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
@@ -117,6 +118,7 @@ def run_slimtune(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, lr=2e-4, weight_decay=0.0)
+    _warm_state(optimizer, params)
     build_s = time.perf_counter() - began
     build_peak = status_mib("VmHWM")
     ids = torch.randint(0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
@@ -205,6 +207,7 @@ def run_peer(args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    _warm_state(optimizer, params)
     build_s = time.perf_counter() - began
     build_peak = status_mib("VmHWM")
     ids = torch.randint(0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
@@ -223,12 +226,22 @@ def run_peer(args) -> dict:
 # --------------------------------------------------------------------------- common
 
 
+def _warm_state(optimizer, params) -> None:
+    """One step on zero gradients: allocates the optimizer state, leaves the weights as they are
+    (no weight decay), so that the first measured step already carries the full state."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _train(step, args, build_s: float, build_peak: float, trainable: int) -> dict:
     reset_peak()
     after_build = status_mib("VmRSS")
     times, losses = [], []
     for n in range(args.steps):
         began = time.perf_counter()
+        print(f"step {n + 1} starts, rss {status_mib('VmRSS'):.0f} MiB", flush=True)
         losses.append(step())
         times.append(time.perf_counter() - began)
         print(f"step {n + 1}: loss {losses[-1]:.4f}, {times[-1]:.0f} s, "

@@ -236,10 +236,11 @@ def test_merge_unmerge_round_trip(case):
     torch.testing.assert_close(ours(x).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
-def two_adapter_twins():
+def two_adapter_twins(dora_a: bool = False):
     """PEFT and slimtune models with adapters "a" and "b" (different ranks) holding equal weights."""
     base = make_tiny_llama()
-    cfg_a, cfg_b = LoraConfig(r=4, alpha=8), LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
+    cfg_a = LoraConfig(r=4, alpha=8, use_dora=dora_a)
+    cfg_b = LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft_config(cfg_a, init_lora_weights=False), adapter_name="a"
     )
@@ -266,8 +267,9 @@ def test_many_adapters_active_disabled_and_summed():
         set_active_adapters(ours, ["c"])
 
 
-def test_per_sample_adapters_equal_each_sample_alone():
-    base, theirs, ours = two_adapter_twins()
+@pytest.mark.parametrize("dora_a", [False, True], ids=["lora", "dora"])
+def test_per_sample_adapters_equal_each_sample_alone(dora_a):
+    base, theirs, ours = two_adapter_twins(dora_a)
     x = ids(batch=5)
     names = ["a", None, "b", "a", None]
     with per_sample_adapters(ours, names):

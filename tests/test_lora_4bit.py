@@ -157,3 +157,21 @@ def test_dequantize_matches_bitsandbytes_in_the_oracle_setup():
     ol = ours.model.layers[0].self_attn.v_proj
     expected = bnb.functional.dequantize_4bit(bl.weight.data, bl.weight.quant_state)
     assert torch.equal(dequantize_4bit(ol.weight, ol.quant_state, torch.float32), expected)
+
+
+@pytest.mark.slow
+def test_loftq_reduces_the_error_on_real_smollm2_layers(smollm2):
+    """The figures in docs/lora.md come from benchmarks/lora_loftq.py; this checks their sign."""
+    from slimtune.lora.init import loftq
+
+    model, _ = smollm2
+    quant = QuantConfig()
+    for module in (model.model.layers[0].self_attn.k_proj, model.model.layers[29].mlp.up_proj):
+        W = module.weight.detach().float()  # read only: the fixture is shared
+        plain = Linear4bit.from_linear(module, quant).dequantize()
+        A, B, W_q = loftq(W, 16, 1.0, quant, iters=2)
+        q = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        with torch.no_grad():
+            q.weight.copy_(W_q)
+        approx = Linear4bit.from_linear(q, quant).dequantize() + B @ A
+        assert (W - approx).norm() < 0.95 * (W - plain).norm()

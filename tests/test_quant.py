@@ -112,6 +112,15 @@ def test_first_element_goes_to_the_high_nibble():
     assert packed[:2, 0].tolist() == [0xF0, 0x7F]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensors_dequantized_in_chunks_match_bitsandbytes(dtype):
+    from slimtune.quant.blockwise import CHUNK_BYTES
+
+    x = torch.randn(1280, 2048).to(dtype)  # 1.25 chunks of packed bytes
+    assert x.numel() // 2 > CHUNK_BYTES
+    assert_same_as_bnb(x, "nf4", 64, True)
+
+
 def test_dequantize_to_another_dtype():
     x = torch.randn(32, 64)
     packed, state = quantize_4bit(x, "nf4", 64, double_quant=True)

@@ -152,3 +152,21 @@ def test_gpt2_conv1d_is_quantized_transposed():
     assert (layer.in_features, layer.out_features) == (256, 96)
     x = torch.randn(2, 256)
     assert (layer(x) - conv(x)).abs().mean() < 0.1 * conv(x).abs().mean()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_layer_decoded_in_bands_matches_bitsandbytes(bias):
+    # 1536 x 1024 weights > BAND_VALUES: forward in row bands (1024 + 512 rows), input grad in
+    # column bands (640 + 384 columns).
+    from slimtune.quant.matmul import BAND_VALUES
+
+    assert 1536 * 1024 > BAND_VALUES
+    _, ref, ours = _pair("nf4", True, bias, in_features=1024, out_features=1536)
+    x = torch.randn(2, 3, 1024)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_ours.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

@@ -127,7 +127,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return output * float("nan") if calls["n"] >= 7 else output
 
     model.get_base_model().model.norm.register_forward_hook(poison)
-    config = tiny_config(tmp_path, save_every=1, keep_checkpoints=5)
+    config = tiny_config(tmp_path, epochs=1, save_every=1, keep_checkpoints=5)
     with pytest.raises(TrainingDiverged, match="diverged at step 4.*step-000003"):
         train(config, model=model, data=DATA, progress=False)
     # The adapter in the model is that of the last good step: the NaN step changed nothing.
@@ -148,7 +148,7 @@ KILLED_RUN = textwrap.dedent(
     model = tiny_lora_model()
     # Slow each step down so the parent can kill us mid-run.
     model.get_base_model().model.norm.register_forward_hook(lambda *a: time.sleep({sleep}))
-    train(tiny_config(sys.argv[1], save_every=1, keep_checkpoints=3, resume={resume}),
+    train(tiny_config(sys.argv[1], epochs=2, save_every=1, keep_checkpoints=3, resume={resume}),
           model=model, data=DATA, progress=False)
     """
 )
@@ -163,7 +163,7 @@ def _script(tmp_path, sleep: float, resume: bool) -> Path:
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     reference = tmp_path / "reference"
-    train(tiny_config(reference), model=tiny_lora_model(), data=DATA, progress=False)
+    train(tiny_config(reference, epochs=2), model=tiny_lora_model(), data=DATA, progress=False)
 
     output = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, _script(tmp_path, 0.15, False), output])
@@ -179,6 +179,6 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     a, b = adapter_tensors(reference), adapter_tensors(output)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    steps = [json.loads(x)["step"] for x in (output / "metrics.jsonl").read_text().splitlines()]
-    loss_steps = [s for s in steps if s is not None]
-    assert sorted(set(loss_steps)) == list(range(1, 10))  # no step logged twice or missing
+    records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    # Each step logged exactly once, though the killed run had logged some after step 4.
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimtune.lora.adapters import _check_names
+from slimtune.lora.bases import is_4bit
 from slimtune.lora.inject import lora_layers
 
 
@@ -40,7 +41,7 @@ def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False)
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
-        report = layer.merge(adapter_name, requantize=requantize and _is_4bit_layer(layer))
+        report = layer.merge(adapter_name, requantize=requantize and is_4bit(layer.base_layer))
         layers += 1
         if report is not None:
             requantized += 1
@@ -54,9 +55,3 @@ def unmerge_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             layer.unmerge(adapter_name)
-
-
-def _is_4bit_layer(layer) -> bool:
-    from slimtune.lora.bases import is_4bit
-
-    return is_4bit(layer.base_layer)

@@ -46,8 +46,10 @@ def load_streaming_4bit(
                 parts = pending.setdefault(module_name, {})
                 parts[attr] = tensor
                 if _complete(targets[module_name], parts):
-                    _quantize_in_place(model, module_name, targets[module_name], parts, config)
-                    del pending[module_name]
+                    # pop: this dict must not keep the float layer alive once it is replaced.
+                    skeleton = targets.pop(module_name)
+                    _quantize_in_place(model, module_name, skeleton, parts, config)
+                    del pending[module_name], parts, skeleton
 
     if pending:
         raise SlimtuneError(f"model folder {folder}: incomplete tensors for {sorted(pending)}")

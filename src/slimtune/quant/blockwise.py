@@ -132,20 +132,69 @@ def quantize_4bit(
     return packed, state
 
 
+# Decode at most this many packed bytes per step (8 MiB of float32 values): the temporaries then
+# stay in cache and come from the heap, never from fresh (page-faulting) memory.
+CHUNK_BYTES = 1 << 20
+
+
+def pair_lookup(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The byte -> (high value, low value) table as 256 int64 words, one 8-byte gather per byte."""
+    table = pair_table(quant_type).view(torch.int64).view(-1)
+    return table if table.device == device else table.to(device)
+
+
+def decode_blocks(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    table: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 values of `codes` (any shape, whole blocks in row-major order) given the float32
+    absmax of those blocks (same order). Returns (or fills) a flat tensor of 2 * codes.numel()."""
+    index = codes.to(torch.int32).view(-1)  # also gathers a strided band into one array
+    pairs = None if out is None else out.view(torch.int64)
+    values = torch.index_select(table, 0, index, out=pairs).view(torch.float32)
+    values.view(-1, blocksize).mul_(absmax.reshape(-1, 1))
+    return values
+
+
 def dequantize_4bit(
     packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Packed 4-bit codes -> a tensor of `state.shape` in `dtype` (default: the original dtype).
 
-    One gather through a byte -> (high, low) value table decodes both nibbles at once; the
-    absmax of each block then scales its row in place. Values are computed in float32 and
-    rounded once to `dtype`, like bitsandbytes' CPU kernel.
+    One gather through a byte -> (high, low) table decodes both nibbles of a byte at once (the
+    pair is read as one int64); each block is then scaled by its absmax in place, chunk by chunk
+    while it is still in cache. Values are computed in float32 and rounded once to `dtype`, like
+    bitsandbytes' CPU kernel.
     """
     dtype = state.dtype if dtype is None else dtype
-    table = pair_table(state.quant_type)
-    if table.device != packed.device:
-        table = table.to(packed.device)
-    values = table[packed.view(-1).long()]
-    values = values.view(-1, state.blocksize).mul_(state.block_absmax()[:, None])
-    values = values.view(state.shape)
-    return values if dtype == torch.float32 else values.to(dtype)
+    codes = packed.view(-1)
+    absmax = state.block_absmax()
+    table = pair_lookup(state.quant_type, codes.device)
+    if codes.numel() <= CHUNK_BYTES:
+        values = decode_blocks(codes, absmax, state.blocksize, table)
+        return values.view(state.shape).to(dtype)
+    out = torch.empty(state.shape, dtype=dtype, device=codes.device).view(-1)
+    step = max(CHUNK_BYTES, state.blocksize // 2)
+    scratch = None
+    for start in range(0, codes.numel(), step):
+        stop = min(start + step, codes.numel())
+        blocks = slice(2 * start // state.blocksize, 2 * stop // state.blocksize)
+        if dtype == torch.float32:
+            decode_blocks(
+                codes[start:stop], absmax[blocks], state.blocksize, table, out[2 * start : 2 * stop]
+            )
+        else:
+            if scratch is None:
+                scratch = torch.empty(2 * min(step, codes.numel()), device=codes.device)
+            values = decode_blocks(
+                codes[start:stop],
+                absmax[blocks],
+                state.blocksize,
+                table,
+                scratch[: 2 * (stop - start)],
+            )
+            out[2 * start : 2 * stop].copy_(values)
+    return out.view(state.shape)

@@ -65,5 +65,9 @@ def dequantize_absmax(
 ) -> torch.Tensor:
     """uint8 codes -> float32 absmax, as bitsandbytes computes it (map[c] * nested, then + offset)."""
     code = dynamic_map() if code is None else code
-    values = _blocks(code[codes.long()], blocksize, 0.0)
-    return (values * nested_absmax[:, None]).view(-1)[: codes.numel()] + offset
+    values = torch.index_select(code.to(codes.device), 0, codes.to(torch.int32))
+    full = values.numel() - values.numel() % blocksize
+    values[:full].view(-1, blocksize).mul_(nested_absmax[: full // blocksize, None])
+    if full < values.numel():  # the last, partial group of blocks
+        values[full:].mul_(nested_absmax[-1])
+    return values.add_(offset)

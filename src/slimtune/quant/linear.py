@@ -19,6 +19,7 @@ from slimtune.quant.blockwise import QuantState, dequantize_4bit, quantize_4bit
 from slimtune.quant.codebook import codebook, dynamic_map
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.double_quant import NESTED_BLOCKSIZE
+from slimtune.quant.matmul import input_grad_4bit, linear_4bit
 
 # Buffers whose dtype is part of the format: model.half() / .to(bfloat16) must not touch them.
 _STATE_BUFFERS = ("weight", "absmax", "nested_absmax", "offset")
@@ -30,17 +31,15 @@ class _Dequantize4bitLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, state, compute_dtype):
-        weight = dequantize_4bit(packed, state, compute_dtype)
         ctx.packed, ctx.state, ctx.compute_dtype = packed, state, compute_dtype
         ctx.has_bias = bias is not None
-        return nn.functional.linear(x, weight, bias)
+        return linear_4bit(x, packed, state, bias, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(ctx.packed, ctx.state, ctx.compute_dtype)
-            grad_x = torch.matmul(grad_out, weight)
+            grad_x = input_grad_4bit(grad_out, ctx.packed, ctx.state, ctx.compute_dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None, None

@@ -18,9 +18,10 @@ def format_prompt(tokenizer, prompt: str, chat: bool | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _encode(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    # Chat-formatted text already carries its special tokens; don't add a second BOS.
-    special = not has_chat_template(tokenizer)
+def _encode(tokenizer, texts: list[str], formatted: bool = False) -> dict[str, torch.Tensor]:
+    # Chat-formatted text, and prompts from slimtune.data, already carry their special tokens:
+    # don't add a second BOS.
+    special = not (formatted or has_chat_template(tokenizer))
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
 
 
@@ -79,7 +80,8 @@ def greedy_answers(
     max_new_tokens: int = 32,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to already-formatted prompts, batched with left padding."""
+    """Greedy answers to prompts formatted as the model sees them (special tokens included,
+    as `slimtune.data.split_prompt_answer` gives them), batched with left padding."""
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -89,7 +91,7 @@ def greedy_answers(
     model.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            inputs = _encode(tokenizer, prompts[start : start + batch_size])
+            inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

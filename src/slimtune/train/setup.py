@@ -42,7 +42,7 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
 
 def build_data(config: TrainConfig, tokenizer, info=None):
     """Tokenized train/eval rows and the (prompt, answer) pairs that accuracy is measured on."""
-    from slimtune.data import load_dataset, pack, read_rows, split_prompt_answer
+    from slimtune.data import load_dataset, pack, pad_token_id, split_prompt_answer
     from slimtune.train.loop import TrainData
 
     if config.data is None:
@@ -57,14 +57,10 @@ def build_data(config: TrainConfig, tokenizer, info=None):
         seed=config.seed,
     )
     train = pack(splits.train, config.max_length) if config.packing else splits.train
-    pairs: list[tuple[str, str]] = []
-    eval_rows = getattr(splits, "eval_rows", None)
-    if config.eval_data:
-        eval_rows = read_rows(config.eval_data)
-    for row in eval_rows or []:
-        pairs.append(split_prompt_answer(row, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TrainData(train=train, eval=splits.eval, eval_pairs=pairs, pad_token_id=pad)
+    pairs = [split_prompt_answer(row, tokenizer, splits.fmt) for row in splits.eval_rows]
+    return TrainData(
+        train=train, eval=splits.eval, eval_pairs=pairs, pad_token_id=pad_token_id(tokenizer)
+    )
 
 
 def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -> None:
