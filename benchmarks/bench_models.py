@@ -5,6 +5,7 @@ Every case runs in a fresh subprocess (so peak RSS is its own) on 2 threads:
 - float_cached: load_model() from the converted cache
 - 4bit_streaming: load_model(quant=QuantConfig()) (quantizes layer by layer as weights arrive)
 - 4bit_after_float: the naive way, float load then quantize_model (for comparison)
+- 4bit_folder: load_model(DIR) of a folder written by `slimtune quantize` (nf4 + DQ)
 - bnb_peer: transformers + bitsandbytes, BitsAndBytesConfig(load_in_4bit) from the same folder
 
 Writes benchmarks/reports/models.md. `--repeat N` repeats the cheap cases (the machine is shared
@@ -15,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Children import slimtune from this checkout even where it is not pip-installed.
+ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+)
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -39,6 +45,8 @@ elif case == "4bit_streaming":
 elif case == "4bit_after_float":
     model, tok = load_model()
     quantize_model(model, QuantConfig())
+elif case == "4bit_folder":
+    model, tok = load_model(os.environ["BENCH_4BIT_FOLDER"])
 elif case == "bnb_peer":
     from slimtune.models.gguf_cache import cached_folder
     from slimtune.models import default_model_file
@@ -56,10 +64,8 @@ print(json.dumps({"case": case, "seconds": seconds, "peak_rss_mib": peak / 1024,
 """
 
 
-def run_case(case: str, env_cache: str | None) -> dict:
-    import os
-
-    env = dict(os.environ)
+def run_case(case: str, env_cache: str | None, folder: str = "") -> dict:
+    env = dict(ENV, BENCH_4BIT_FOLDER=folder)
     if env_cache:
         env["SLIMTUNE_CACHE"] = env_cache
     out = subprocess.run(
@@ -80,17 +86,30 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as cache:
             rows.append(run_case("gguf_convert", cache))
             rows.append(run_case("float_cached", cache))
-    cases = ["float_cached", "4bit_streaming", "4bit_after_float", "bnb_peer"]
-    for _ in range(args.repeat):
-        for case in cases:
-            rows.append(run_case(case, None))
-            print(rows[-1], flush=True)
+    cases = ["float_cached", "4bit_streaming", "4bit_after_float", "4bit_folder", "bnb_peer"]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = f"{tmp}/smollm2-nf4"
+        subprocess.run(
+            [sys.executable, "-m", "slimtune", "quantize", "--output", folder],
+            cwd=ROOT,
+            env=ENV,
+            check=True,
+            capture_output=True,
+        )
+        for _ in range(args.repeat):
+            for case in cases:
+                rows.append(run_case(case, None, folder))
+                print(rows[-1], flush=True)
+    load_after = os.getloadavg()[0]
     lines = [
         "# Model loading: time and peak RSS (SmolLM2-135M-Instruct)",
         "",
         "`.venv/bin/python benchmarks/bench_models.py` (each case in a fresh process, 2 threads;",
         "the machine is shared with other engineers' jobs, so times are noisy: compare rows of",
-        "one run). Peak RSS is the process's ru_maxrss, including Python + torch + transformers.",
+        "one run). Peak RSS is the process's ru_maxrss, including Python + torch + transformers",
+        "(about 230 MiB before the load starts).",
+        f"Load average (2 cores) at start / end of the run: {load_before:.1f} / {load_after:.1f}.",
         "",
         "| case | load seconds | peak RSS MiB |",
         "|---|---:|---:|",

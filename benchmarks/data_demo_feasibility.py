@@ -26,7 +26,7 @@ from slimtune.data import (
 )
 
 
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 16) -> tuple[float, list]:
+def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 40) -> tuple[float, list]:
     pairs = [split_prompt_answer(row, tokenizer) for row in rows]
     tokenizer.padding_side = "left"
     outputs = []
@@ -58,7 +58,7 @@ def finetune(model, tokenizer, steps: int, lr: float, batch_size: int, seed: int
     rng = random.Random(seed)
     order: list[int] = []
     model.train()
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for step in range(1, steps + 1):
         if len(order) < batch_size:
             order += rng.sample(range(len(data)), len(data))
@@ -71,9 +71,10 @@ def finetune(model, tokenizer, steps: int, lr: float, batch_size: int, seed: int
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps:
-            elapsed = time.perf_counter() - start
-            print(f"step {step:4d}  loss {loss.item():.4f}  {elapsed:6.1f}s", flush=True)
-    return {"model": model, "seconds": time.perf_counter() - start, "tokens": tokens}
+            elapsed, used = time.perf_counter() - start, time.process_time() - cpu
+            print(f"step {step:4d}  loss {loss.item():.4f}  {elapsed:6.1f}s  cpu {used:6.1f}s")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"model": model, "seconds": seconds, "cpu": cpu, "tokens": tokens}
 
 
 def main() -> None:
@@ -100,9 +101,10 @@ def main() -> None:
     print(f"loaded in {time.perf_counter() - t:.1f}s")
     test = read_rows(demo_data_path("test"))
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     base, samples = exact_match(model, tokenizer, test)
-    print(f"base exact match {base:.3f} on {len(test)} test rows ({time.perf_counter() - t:.0f}s)")
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(f"base exact match {base:.3f} on {len(test)} test rows ({wall:.0f}s, cpu {cpu:.0f}s)")
     for output, answer in samples[:5]:
         print(f"  {output!r}  (reference {answer!r})")
     if args.steps:
@@ -110,11 +112,11 @@ def main() -> None:
         tuned, samples = exact_match(result["model"], tokenizer, test)
         print(
             f"LoRA {args.steps} steps x {args.batch_size} rows (lr {args.lr}): "
-            f"{result['seconds']:.0f}s, {result['tokens']} tokens; "
+            f"{result['seconds']:.0f}s (cpu {result['cpu']:.0f}s), {result['tokens']} tokens; "
             f"exact match {base:.3f} -> {tuned:.3f}"
         )
         wrong = [(o, a) for o, a in samples if o.strip() != a]
-        for output, answer in wrong[:5]:
+        for output, answer in wrong[:8]:
             print(f"  wrong: {output!r}  (reference {answer!r})")
 
 

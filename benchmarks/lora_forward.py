@@ -1,9 +1,11 @@
 """LoraLinear vs PEFT's lora.Linear: forward + backward time on SmolLM2 layer shapes (CPU).
 
 Both wrap the same nn.Linear with the same adapter; timings are interleaved (A, B, A, B, ...) so
-machine noise hits both alike, and the ratio is what to read. Usage:
+machine noise hits both alike, and the ratio is what to read.
+With `--threads 1` (default) the clock is the process CPU time, which stays meaningful when the shared machine is overloaded; with more threads
+it is wall time. Usage:
 
-    .venv/bin/python benchmarks/lora_forward.py [--rounds 5] [--tokens 1024] [--r 16]
+    .venv/bin/python benchmarks/lora_forward.py [--rounds 5] [--tokens 1024] [--r 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ class One(nn.Module):
 
 
 def step_time(model: nn.Module, x: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     for _ in range(iters):
         model(x).square().mean().backward()
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
 def main() -> None:
@@ -44,10 +47,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(
-        f"tokens {args.tokens}, r {args.r}, {args.rounds} interleaved rounds x {args.iters} steps"
+        f"tokens {args.tokens}, r {args.r}, threads {args.threads}, "
+        f"{args.rounds} interleaved rounds x {args.iters} steps, forward + backward"
     )
     print("| layer | adapters | slimtune ms | peft ms | peft / slimtune |")
     print("|---|---|---|---|---|")

@@ -283,9 +283,10 @@ def test_per_sample_adapters_equal_each_sample_alone(dora_a):
             set_active_adapters(ours, [name])
             alone = ours(x[i : i + 1]).logits
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
-    peft_names = [n or "__base__" for n in names]
-    theirs.eval()
-    torch.testing.assert_close(mixed, theirs(x, adapter_names=peft_names).logits)
+    if not dora_a:  # PEFT refuses mixed batches with DoRA; we check those against each row alone
+        peft_names = [n or "__base__" for n in names]
+        theirs.eval()
+        torch.testing.assert_close(mixed, theirs(x, adapter_names=peft_names).logits)
 
 
 def test_delete_adapter_restores_the_plain_model():

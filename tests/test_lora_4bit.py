@@ -16,8 +16,10 @@ from torch import nn
 from slimtune.lora import (
     LoraConfig,
     count_parameters,
+    delete_adapter,
     find_targets,
     inject_adapter,
+    load_adapter,
     merge_adapter,
     unmerge_adapter,
 )
@@ -175,3 +177,13 @@ def test_loftq_reduces_the_error_on_real_smollm2_layers(smollm2):
             q.weight.copy_(W_q)
         approx = Linear4bit.from_linear(q, quant).dequantize() + B @ A
         assert (W - approx).norm() < 0.95 * (W - plain).norm()
+
+
+def test_a_qlora_adapter_saved_by_peft_loads_on_our_4bit_base(tmp_path):
+    _, theirs, ours = quantized_twins(LoraConfig(r=4, alpha=8, use_dora=True))
+    theirs.eval().save_pretrained(tmp_path)
+    delete_adapter(ours, "default")
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, Linear4bit)  # unwrapped again
+    load_adapter(ours, tmp_path)
+    x = ids()
+    torch.testing.assert_close(ours.eval()(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)

@@ -114,6 +114,23 @@ def test_lora_and_optimizer_parts_match_real_objects(tiny_llama):
     assert plan.parts["optimizer_state"] == state_bytes(optimizer)
 
 
+def test_qlora_parts_match_slimtune_quant(tiny_llama):
+    from slimtune.quant import QuantConfig, quantize_model
+
+    arch = architecture_from_config(tiny_llama.config.to_dict())
+    plan = estimate(arch, PlanSettings(method="qlora"))
+    quantize_model(tiny_llama, QuantConfig(quant_type="nf4", blocksize=64, double_quant=True))
+    packed = constants = floats = 0
+    for name, buffer in tiny_llama.named_buffers():
+        if name.endswith(".weight"):
+            packed += buffer.numel()
+        elif name.endswith(("absmax", "nested_absmax", "offset")):
+            constants += buffer.numel() * buffer.element_size()
+    floats = sum(p.numel() * p.element_size() for p in tiny_llama.parameters())
+    assert plan.parts["weights"] == packed + floats
+    assert plan.parts["quant_constants"] == constants
+
+
 def test_targets_narrow_the_adapter():
     arch = builtin_architecture("llama-2-7b")
     qv = estimate(arch, PlanSettings(method="lora", rank=8, targets=["q_proj", "v_proj"]))

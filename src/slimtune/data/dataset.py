@@ -21,8 +21,9 @@ class DatasetSplits:
     """Tokenized examples ({"input_ids", "labels"}) and what was left out.
 
     train_rows / eval_rows: the source rows of `train` / `eval`, in the same order (for
-    generation-based evaluation with `split_prompt_answer`). skipped: bad rows skipped (skip_bad_rows=True); truncated: examples cut to max_length;
-    dropped: examples with no trained token left after truncation (left out: nothing to learn).
+    generation-based evaluation with `split_prompt_answer`).
+    skipped: bad rows skipped (skip_bad_rows=True); truncated: examples cut to max_length;
+    dropped: examples with no trained token left after truncation (nothing to learn).
     """
 
     train: list[dict]
@@ -68,8 +69,7 @@ def load_dataset(
         skip_bad_rows=skip_bad_rows,
         chat=chat,
     )
-    train = _load(source, tokenizer, **options)
-    splits = train
+    splits = _load(source, tokenizer, **options)
     if eval_source is not None:
         held_out = _load(eval_source, tokenizer, **options)
         splits.eval, splits.eval_rows = held_out.train, held_out.train_rows

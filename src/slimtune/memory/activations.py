@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 LOSS_CHUNK = 1024  # slimtune.train.loss.causal_lm_loss's chunk_size
 LOSS_BUFFERS = 3  # chunk x vocab float32 buffers alive at once in the chunked loss
 BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
+# Fitted: RSS grows ~1.3x faster than the kept tensors during the forward pass, because the
+# freed temporaries between them leave holes in the C heap (glibc) that later, differently
+# sized tensors do not fill.
+HEAP_OVERHEAD = 1.3
+# Fitted: with checkpointing, the block being recomputed holds its activations and, while its
+# backward runs, gradients of about the same size.
+RECOMPUTE_BLOCKS = 2
 
 GROUPS = {  # adapted layers that read the same input tensor
     "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
@@ -66,12 +73,15 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
     tokens = s.batch_size * s.max_length
     one_block = block_bytes(arch, s, tokens, item)
     if s.gradient_checkpointing:
-        kept = arch.num_layers * tokens * arch.hidden_size * item + one_block
+        kept = arch.num_layers * tokens * arch.hidden_size * item + RECOMPUTE_BLOCKS * one_block
     else:
         kept = arch.num_layers * one_block
     # Around the body: embedding output, final norm output, and the loss's saved grad_h.
-    kept += 3 * tokens * arch.hidden_size * item
+    kept = int(HEAP_OVERHEAD * (kept + 3 * tokens * arch.hidden_size * item))
     chunk = min(LOSS_CHUNK, s.batch_size * (s.max_length - 1))
     loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
     backward = BACKWARD_BUFFERS * tokens * arch.intermediate_size * item
+    if s.method == "qlora":
+        # Linear4bit decodes its weight per call: int64 byte indices (numel/2) + float32 values.
+        backward += max(n_in * n_out for _, n_in, n_out in arch.block_linears()) * 8
     return kept + max(loss, backward)

@@ -132,9 +132,9 @@ def quantize_4bit(
     return packed, state
 
 
-# Decode at most this many packed bytes per step (8 MiB of float32 values): the temporaries then
+# Decode at most this many packed bytes per step (32 MiB of float32 values): the temporaries then
 # stay in cache and come from the heap, never from fresh (page-faulting) memory.
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 22
 
 
 def pair_lookup(quant_type: str, device: torch.device) -> torch.Tensor:

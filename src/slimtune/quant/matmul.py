@@ -14,7 +14,7 @@ from torch import nn
 
 from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit, pair_lookup
 
-BAND_VALUES = 1 << 20
+BAND_VALUES = 1 << 22
 
 
 def _banded(state: QuantState) -> bool:

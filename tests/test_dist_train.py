@@ -1,0 +1,163 @@
+"""End to end under torchrun: 2 processes x batch b train the adapter of 1 process x batch 2b.
+
+A tiny LLaMA and a character tokenizer are saved to a folder, a small completion data set is
+written next to them, and the same training config is run as one process (batch 4) and as
+two gloo processes under `torchrun` (batch 2 each). Data order, seed and gradient
+accumulation are the same; dropout is 0. The loss curves (metrics.jsonl) and the adapters
+must agree to float tolerance, only rank 0 may write, and a run resumed under torchrun from
+a middle checkpoint must end with the adapter of the run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+
+import slimtune
+
+SRC = Path(slimtune.__file__).resolve().parents[1]
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+CONFIG = """\
+model: {folder}/model
+data: {folder}/data.jsonl
+method: lora
+rank: 4
+alpha: 8
+dropout: 0.0
+max_length: 64
+epochs: 2
+grad_accum: 2
+lr: 0.01
+lr_scheduler: constant
+warmup_ratio: 0.0
+max_grad_norm: 1.0
+seed: 3
+threads: 1
+save_every: 2
+"""
+
+
+def _tiny_tokenizer():
+    """Characters as tokens: small, offline, and enough for a tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789 .,:-?!'":
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+
+
+def _completion_rows(n: int) -> list[dict]:
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "from", "big", "dogs"]
+
+    def phrase(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    return [{"prompt": phrase(2, 6) + " ?", "completion": " " + phrase(1, 5)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dist_train")
+    tokenizer = _tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    # 16 rows: 2 epochs x 2 steps x 2 micro-batches x 4 rows, no incomplete batch.
+    rows = _completion_rows(16)
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "config.yaml").write_text(CONFIG.format(folder=folder))
+    return folder
+
+
+def _train(workdir: Path, nproc: int, output: str, *flags: str) -> subprocess.CompletedProcess:
+    """`python -m slimtune train` for one process, `torchrun -m slimtune train` for more."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # the processes share this machine's cores
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*launcher, "-m", "slimtune", "train", str(workdir / "config.yaml")]
+    command += [f"--output={workdir / output}", *flags]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _losses(output: Path) -> list[dict]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _adapter(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(workdir) -> tuple[Path, Path]:
+    _train(workdir, 1, "one", "--batch-size=4")
+    _train(workdir, 2, "two", "--batch-size=2")
+    return workdir / "one", workdir / "two"
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(runs):
+    one, two = runs
+    curve_one, curve_two = _losses(one), _losses(two)
+    # Rank 0 alone logs: one record per step, not one per rank.
+    assert [r["step"] for r in curve_two] == [1, 2, 3, 4] == [r["step"] for r in curve_one]
+    for a, b in zip(curve_one, curve_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
+    assert curve_one[-1]["loss"] < curve_one[0]["loss"] - 0.1  # it did learn something
+
+    adapter_one, adapter_two = _adapter(one), _adapter(two)
+    assert adapter_one.keys() == adapter_two.keys() and adapter_one
+    for name, tensor in adapter_one.items():
+        # Adam over 4 steps magnifies fp32 summation-order differences a little.
+        torch.testing.assert_close(adapter_two[name], tensor, rtol=1e-3, atol=1e-4)
+    assert any("lora_B" in n and t.abs().max() > 1e-3 for n, t in adapter_two.items())
+
+
+def test_only_rank_0_writes(runs):
+    _, two = runs
+    leftovers = [p.name for p in two.rglob("*") if ".tmp" in p.name]
+    assert not leftovers
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+    ]
+
+
+def test_resume_under_torchrun_is_exact(runs, workdir):
+    _, two = runs
+    killed = workdir / "killed"
+    shutil.copytree(two, killed)
+    # As if killed after the checkpoint of step 2: later files gone, the log ahead of it.
+    shutil.rmtree(killed / "checkpoints" / "step-000004")
+    (killed / "adapter_model.safetensors").unlink()
+    _train(workdir, 2, "killed", "--batch-size=2", "--resume")
+
+    assert [r["loss"] for r in _losses(killed)] == [r["loss"] for r in _losses(two)]
+    resumed, uninterrupted = _adapter(killed), _adapter(two)
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
