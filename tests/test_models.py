@@ -100,9 +100,16 @@ def test_folder_without_config_or_weights(tmp_path):
     (empty / "config.json").write_text("{not json")
     with pytest.raises(SlimtuneError, match="config.json is not valid JSON"):
         load_model(empty)
-    (empty / "config.json").write_text("{}")
+    (empty / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(SlimtuneError, match=r"has no \*\.safetensors weights"):
         load_model(empty)
+
+
+def test_config_without_model_type(tmp_path):
+    folder = save_tiny_folder(tmp_path / "m")
+    (folder / "config.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(SlimtuneError, match="config.json has no model_type"):
+        load_model(folder)
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -78,6 +78,8 @@ def _refuse_custom_architecture(folder: Path) -> None:
     from transformers import CONFIG_MAPPING
 
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type is None:
+        raise SlimtuneError(f"{folder / 'config.json'} has no model_type: expected e.g. 'llama'")
     if model_type not in CONFIG_MAPPING:
         raise SlimtuneError(
             f"{folder / 'config.json'}: model_type {model_type!r} is not built into transformers; "

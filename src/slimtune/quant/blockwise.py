@@ -91,6 +91,22 @@ def _check_input(x: torch.Tensor, blocksize: int) -> None:
         )
 
 
+def nearest_code(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """uint8 code of the nearest code value to each of `scaled` (in [-1, 1]).
+
+    The index in ascending order is the number of midpoints strictly below the value, so a
+    value exactly between two codes takes the lower one: torch.bucketize's rule, which
+    bitsandbytes uses. Fifteen vectorized comparisons are ~10x faster than bucketize's search.
+    """
+    bounds, order = sorted_codes(quant_type)
+    q = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for bound in bounds.to(scaled.device):
+        q.add_(scaled > bound)
+    if quant_type == "fp4":
+        q = order.to(torch.uint8).to(q.device)[q.long()]
+    return q
+
+
 def quantize_4bit(
     x: torch.Tensor,
     quant_type: str = "nf4",
@@ -104,12 +120,8 @@ def quantize_4bit(
     absmax = blocks.abs().amax(dim=1)
     # Multiply by the reciprocal (not divide) and clamp: bitsandbytes' exact float32 steps.
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
-    bounds, order = sorted_codes(quant_type)
-    q = torch.bucketize(scaled.view(-1), bounds, out_int32=True)
+    q = nearest_code(scaled.view(-1), quant_type)
     del scaled
-    if quant_type == "fp4":
-        q = order[q]
-    q = q.to(torch.uint8)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
 
     state = QuantState(
