@@ -60,12 +60,13 @@ def _run(config: Path, output: Path, nproc: int, global_batch: int, cores: int) 
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][WARMUP_STEPS:]
     losses = [r["loss"] for r in records if "loss" in r]
-    return dict(tokens_per_s=statistics.median(speeds), wall_s=wall, losses=losses)
+    return dict(tokens_per_s=statistics.median(speeds), wall_s=wall, losses=losses, load=load)
 
 
 def main() -> int:
@@ -88,7 +89,7 @@ def main() -> int:
                 run = _run(config, output, nproc, args.global_batch, args.cores)
                 results[nproc].append(run)
                 print(f"  {nproc} process(es), run {repeat + 1}: {run['tokens_per_s']:.0f} tok/s, "
-                      f"wall {run['wall_s']:.1f} s", flush=True)  # fmt: skip
+                      f"wall {run['wall_s']:.1f} s, load average {run['load']:.1f}", flush=True)  # fmt: skip
 
     print(f"\nSmolLM2-135M QLoRA r{args.rank}, global batch {args.global_batch} rows, "
           f"{args.steps} steps, {args.cores} cores\n")  # fmt: skip

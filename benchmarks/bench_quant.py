@@ -13,6 +13,7 @@ layer of QLoRA, where only the input gradient is needed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -67,6 +68,41 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
+def bench_shape(in_features: int, out_features: int, tokens: int, repeats: int) -> None:
+    import bitsandbytes.functional as bnbf
+
+    from slimtune.quant import dequantize_4bit
+
+    linear, theirs, ours = layers(in_features, out_features)
+    state_ref, state = theirs.weight.quant_state, ours.quant_state
+    t = interleaved(
+        {
+            "ours": lambda: dequantize_4bit(ours.weight, state, torch.float32),
+            "bnb": lambda: bnbf.dequantize_4bit(theirs.weight, state_ref),
+        },
+        repeats,
+    )
+    name = f"{out_features} x {in_features}"
+    print(
+        f"| {name} | dequantize | {t['ours'] * 1e3:.2f} | {t['bnb'] * 1e3:.2f} | - "
+        f"| {t['ours'] / t['bnb']:.2f} | - |"
+    )
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    grad = torch.randn(tokens, out_features)
+    t = interleaved(
+        {
+            "ours": fwd_bwd(ours, x, grad),
+            "bnb": fwd_bwd(theirs, x, grad),
+            "fp32": fwd_bwd(linear, x, grad),
+        },
+        repeats,
+    )
+    print(
+        f"| {name} | forward+backward | {t['ours'] * 1e3:.2f} | {t['bnb'] * 1e3:.2f} "
+        f"| {t['fp32'] * 1e3:.2f} | {t['ours'] / t['bnb']:.2f} | {t['ours'] / t['fp32']:.2f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -75,43 +111,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import bitsandbytes.functional as bnbf
-
-    from slimtune.quant import dequantize_4bit
-
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, "
-          f"median of {args.repeats}, NF4 + double quantization, blocksize 64\n")
-    print("| weight (out x in) | op | slimtune ms | bitsandbytes ms | fp32 nn.Linear ms "
-          "| slimtune / bnb | slimtune / fp32 |")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, "
+        f"median of {args.repeats}, NF4 + double quantization, blocksize 64, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| weight (out x in) | op | slimtune ms | bitsandbytes ms | fp32 nn.Linear ms "
+        "| slimtune / bnb | slimtune / fp32 |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for in_features, out_features in SHAPES:
-        linear, theirs, ours = layers(in_features, out_features)
-        state_ref = theirs.weight.quant_state
-        state = ours.quant_state
-        t = interleaved(
-            {
-                "ours": lambda: dequantize_4bit(ours.weight, state, torch.float32),
-                "bnb": lambda: bnbf.dequantize_4bit(theirs.weight, state_ref),
-            },
-            args.repeats,
-        )
-        name = f"{out_features} x {in_features}"
-        print(f"| {name} | dequantize | {t['ours'] * 1e3:.2f} | {t['bnb'] * 1e3:.2f} | - "
-              f"| {t['ours'] / t['bnb']:.2f} | - |")
-
-        x = torch.randn(args.tokens, in_features, requires_grad=True)
-        grad = torch.randn(args.tokens, out_features)
-        t = interleaved(
-            {
-                "ours": fwd_bwd(ours, x, grad),
-                "bnb": fwd_bwd(theirs, x, grad),
-                "fp32": fwd_bwd(linear, x, grad),
-            },
-            args.repeats,
-        )
-        print(f"| {name} | forward+backward | {t['ours'] * 1e3:.2f} | {t['bnb'] * 1e3:.2f} "
-              f"| {t['fp32'] * 1e3:.2f} | {t['ours'] / t['bnb']:.2f} "
-              f"| {t['ours'] / t['fp32']:.2f} |")
+        bench_shape(in_features, out_features, args.tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,12 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds per run at most")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 is faster on a crowded machine)"
+    )
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/serve.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     from slimtune.models import load_model
     from slimtune.serve import AdapterRegistry, Engine, create_app

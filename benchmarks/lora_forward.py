@@ -54,8 +54,8 @@ def main() -> None:
         f"tokens {args.tokens}, r {args.r}, threads {args.threads}, "
         f"{args.rounds} interleaved rounds x {args.iters} steps, forward + backward"
     )
-    print("| layer | adapters | slimtune ms | peft ms | peft / slimtune |")
-    print("|---|---|---|---|---|")
+    print("| layer | adapters | base alone ms | slimtune ms | peft ms | peft / slimtune |")
+    print("|---|---|---|---|---|---|")
     for label, (d_in, d_out) in SHAPES.items():
         for n_adapters in (1, 2):
             torch.manual_seed(0)
@@ -71,13 +71,15 @@ def main() -> None:
             set_active_adapters(ours, names)
             theirs.train(), ours.train()
             x = torch.randn(args.tokens // 256, 256, d_in, requires_grad=True)
+            base.requires_grad_(False)
             step_time(ours, x, 2), step_time(theirs, x, 2)  # warm up
-            t_ours, t_theirs = [], []
+            t_base, t_ours, t_theirs = [], [], []
             for _ in range(args.rounds):
+                t_base.append(step_time(base, x, args.iters))
                 t_ours.append(step_time(ours, x, args.iters))
                 t_theirs.append(step_time(theirs, x, args.iters))
-            a, b = statistics.median(t_ours), statistics.median(t_theirs)
-            print(f"| {label} | {n_adapters} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} |")
+            z, a, b = (statistics.median(t) * 1e3 for t in (t_base, t_ours, t_theirs))
+            print(f"| {label} | {n_adapters} | {z:.2f} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
 
 
 if __name__ == "__main__":

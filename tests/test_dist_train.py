@@ -99,7 +99,7 @@ def _train(workdir: Path, nproc: int, output: str, *flags: str) -> subprocess.Co
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = [*launcher, "-m", "slimtune", "train", str(workdir / "config.yaml")]
     command += [f"--output={workdir / output}", *flags]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     return result
 

@@ -161,7 +161,7 @@ def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
     full = estimate(arch, PlanSettings(
         method="full", optimizer="adamw", batch_size=1, max_length=512,
         gradient_checkpointing=True, device="cuda", **bf16))  # fmt: skip
-    assert 40 * GB < qlora.total < 48 * GB  # 46.3 GB
+    assert 40 * GB < qlora.total < 48 * GB  # 46.8 GB
     assert full.total > 780 * GB  # 785.6 GB: 2 + 2 + 8 bytes per parameter, plus activations
     assert full.parts["optimizer_state"] == 8 * arch.num_params()
 
@@ -209,7 +209,7 @@ def test_prediction_within_15_percent_of_measured_peak_rss():
     done = subprocess.run(
         [sys.executable, str(script), "--cases", "tiny", "--methods", "lora", "--json",
          "--checkpointing", "on"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(done.stdout)

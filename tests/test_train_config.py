@@ -28,8 +28,19 @@ def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("rank: 8\nlr: 0.001\npacking: true\ntargets: [q_proj, v_proj]\n")
     args = _parse(
-        [str(path), "--lr", "3e-4", "--no-packing", "--max-steps", "7", "--model", "null",
-         "--targets", "q_proj,k_proj", "--resume"]
+        [
+            str(path),
+            "--lr",
+            "3e-4",
+            "--no-packing",
+            "--max-steps",
+            "7",
+            "--model",
+            "null",
+            "--targets",
+            "q_proj,k_proj",
+            "--resume",
+        ]
     )
     config = load_config(args.config, overrides_from_args(args))
     assert config.rank == 8  # from the file

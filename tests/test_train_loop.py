@@ -36,8 +36,9 @@ def task_rows(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
-        prompt = torch.randint(3, 128, (int(torch.randint(2, 6, (1,), generator=g)),),
-                               generator=g).tolist()
+        prompt = torch.randint(
+            3, 128, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g
+        ).tolist()
         rows.append({"input_ids": prompt + ANSWER, "labels": [-100] * len(prompt) + ANSWER})
     return rows
 
@@ -55,8 +56,18 @@ def tiny_lora_model(seed: int = 0):
 
 def tiny_config(output, **overrides) -> TrainConfig:
     settings = dict(
-        output=str(output), rank=8, alpha=16, dropout=0.1, lr=1e-2, epochs=3, batch_size=4,
-        grad_accum=2, max_grad_norm=1.0, warmup_steps=2, lr_scheduler="cosine", seed=0,
+        output=str(output),
+        rank=8,
+        alpha=16,
+        dropout=0.1,
+        lr=1e-2,
+        epochs=3,
+        batch_size=4,
+        grad_accum=2,
+        max_grad_norm=1.0,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+        seed=0,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -70,8 +81,9 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tiny_model_learns_a_tiny_task(tmp_path):
-    result = train(tiny_config(tmp_path, epochs=4), model=tiny_lora_model(), data=DATA,
-                   progress=False)
+    result = train(
+        tiny_config(tmp_path, epochs=4), model=tiny_lora_model(), data=DATA, progress=False
+    )
     first, last = result.evals[0]["eval_loss"], result.evals[-1]["eval_loss"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -95,8 +107,12 @@ def test_tiny_model_learns_a_tiny_task(tmp_path):
 def test_resume_from_a_middle_checkpoint_is_exact(tmp_path):
     """Run 12 steps; resume a copy from the step-4 checkpoint; same adapter, bit for bit."""
     whole = tmp_path / "whole"
-    train(tiny_config(whole, epochs=2, save_every=4, keep_checkpoints=10),
-          model=tiny_lora_model(), data=DATA, progress=False)
+    train(
+        tiny_config(whole, epochs=2, save_every=4, keep_checkpoints=10),
+        model=tiny_lora_model(),
+        data=DATA,
+        progress=False,
+    )
     checkpoints = sorted(p.name for p in (whole / "checkpoints").iterdir())
     assert checkpoints == ["step-000004", "step-000008", "step-000012"]
     resumed = tmp_path / "resumed"
@@ -110,8 +126,12 @@ def test_resume_from_a_middle_checkpoint_is_exact(tmp_path):
 
 
 def test_keeps_only_the_last_k_checkpoints(tmp_path):
-    train(tiny_config(tmp_path, epochs=1, save_every=1, keep_checkpoints=2),
-          model=tiny_lora_model(), data=DATA, progress=False)
+    train(
+        tiny_config(tmp_path, epochs=1, save_every=1, keep_checkpoints=2),
+        model=tiny_lora_model(),
+        data=DATA,
+        progress=False,
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-000005", "step-000006"]
     saved = load_file(str(tmp_path / "checkpoints/step-000006/optimizer.safetensors"))

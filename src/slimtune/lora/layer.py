@@ -137,18 +137,28 @@ class LoraLinear(nn.Module):
         if self.sample_groups is not None:
             return self._forward_per_sample(x, result)
         for name in self._live:
-            result = result + self._delta(name, x, result)
+            result = self._add_adapter(name, x, result)
         return result
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + what adapter `name` adds. Plain LoRA: one addmm does the second matmul, the
+        scaling and the add (no separate pass over the wide output)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_magnitude_vector or result.dtype != A.dtype:
+            return result + self._delta(name, x, result)
+        low = F.linear(self._lora_input(name, x, A.dtype)[0], A)
+        out = torch.addmm(
+            result.reshape(-1, B.shape[0]),
+            low.reshape(-1, B.shape[1]),
+            B.t(),
+            alpha=self.scaling[name],
+        )
+        return out.view(result.shape)
 
     def _delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base output `result` for input `x`."""
-        A = self.lora_A[name].weight
-        B = self.lora_B[name].weight
-        dropout = self.lora_dropout[name]
-        dropped = self.training and isinstance(dropout, nn.Dropout)
-        h = dropout(x) if dropped else x
-        if h.dtype != A.dtype:
-            h = h.to(A.dtype)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        h, dropped = self._lora_input(name, x, A.dtype)
         if name in self.lora_magnitude_vector:
             base_out = None if dropped else _minus_bias(result, self.base_layer)
             weight = dense_weight(self.base_layer).to(h.dtype)
@@ -158,6 +168,15 @@ class LoraLinear(nn.Module):
             # Scale the narrow [.., r] intermediate rather than the wide output.
             delta = F.linear(F.linear(h, A) * self.scaling[name], B)
         return delta if delta.dtype == result.dtype else delta.to(result.dtype)
+
+    def _lora_input(
+        self, name: str, x: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, bool]:
+        """(dropout(x) in the adapter's dtype, whether dropout ran): no call, no copy when p = 0."""
+        dropout = self.lora_dropout[name]
+        dropped = self.training and isinstance(dropout, nn.Dropout)
+        h = dropout(x) if dropped else x
+        return (h if h.dtype == dtype else h.to(dtype)), dropped
 
     def _forward_per_sample(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.sample_batch:

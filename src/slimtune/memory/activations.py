@@ -14,8 +14,10 @@ block's input is kept, and one block's activations exist again while it is recom
 
 On top of what is kept, the peak adds the larger of two transients: the loss, computed in
 chunks of up to 1024 positions (logits, softmax and cross-entropy buffers of chunk x vocab),
-and the backward pass's working gradients. The two constants below were fitted to peak RSS
-measured by benchmarks/bench_memory.py (docs/memory.md has the table).
+and the backward pass's working gradients (plus, for QLoRA, one decoded weight). The two
+constants below were fitted to peak RSS measured on CPU by benchmarks/bench_memory.py
+(docs/memory.md has the table); on a GPU (`device="cuda"`) the count is the plain analytic one,
+not calibrated against measurement.
 """
 
 from __future__ import annotations
@@ -77,11 +79,15 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
     else:
         kept = arch.num_layers * one_block
     # Around the body: embedding output, final norm output, and the loss's saved grad_h.
-    kept = int(HEAP_OVERHEAD * (kept + 3 * tokens * arch.hidden_size * item))
+    kept += 3 * tokens * arch.hidden_size * item
+    if s.device == "cpu":
+        kept = int(HEAP_OVERHEAD * kept)
     chunk = min(LOSS_CHUNK, s.batch_size * (s.max_length - 1))
     loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
     backward = BACKWARD_BUFFERS * tokens * arch.intermediate_size * item
     if s.method == "qlora":
-        # Linear4bit decodes its weight per call: int64 byte indices (numel/2) + float32 values.
-        backward += max(n_in * n_out for _, n_in, n_out in arch.block_linears()) * 8
+        # Linear4bit decodes its weight per call; on CPU through int64 byte indices (numel / 2)
+        # into float32 values, on a GPU (bitsandbytes' kernel) straight into the compute dtype.
+        largest = max(n_in * n_out for _, n_in, n_out in arch.block_linears())
+        backward += largest * (8 if s.device == "cpu" else item)
     return kept + max(loss, backward)

@@ -85,5 +85,6 @@ def quantization_config(model: nn.Module) -> dict:
 
 def _write_config(model: nn.Module, path: Path) -> None:
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
     config["quantization_config"] = quantization_config(model)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -58,7 +58,9 @@ def demo_config(output: str = "slimtune-demo", **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def run_demo(config: TrainConfig, *, show: int = 4, progress: bool = True, echo=print) -> DemoResult:
+def run_demo(
+    config: TrainConfig, *, show: int = 4, progress: bool = True, echo=print
+) -> DemoResult:
     """Base accuracy, fine-tune, accuracy after, a few answers side by side."""
     from slimtune.train.evaluate import evaluate
     from slimtune.train.loop import train
@@ -69,8 +71,10 @@ def run_demo(config: TrainConfig, *, show: int = 4, progress: bool = True, echo=
     model, tokenizer = build_model(config)
     data = build_data(config, tokenizer)
     pairs = data.eval_pairs[: config.eval_max_rows]
-    echo(f"Task: rewrite the date in a sentence as YYYY-MM-DD. {len(data.train)} training rows, "
-         f"{len(pairs)} test rows.")
+    echo(
+        f"Task: rewrite the date in a sentence as YYYY-MM-DD. {len(data.train)} training rows, "
+        f"{len(pairs)} test rows."
+    )
 
     # The fresh adapter's B matrices are zero: the model answers exactly as the base does.
     before = evaluate(model, tokenizer, pairs=pairs, max_new_tokens=config.max_new_tokens)
@@ -89,7 +93,7 @@ def run_demo(config: TrainConfig, *, show: int = 4, progress: bool = True, echo=
     output = Path(result.output)
     echo(f"\nAdapter (PEFT format): {output}/adapter_model.safetensors")
     echo(f"Loss curve: {output / 'loss.png'}   metrics: {output / 'metrics.jsonl'}")
-    echo(f"Try it: slimtune generate --adapter {output} \"Posted on 3 May 2021.\"")
+    echo(f'Try it: slimtune generate --adapter {output} "Posted on 3 May 2021."')
     seconds = time.perf_counter() - start
     echo(f"Done in {seconds / 60:.1f} min.")
     return DemoResult(before.exact_match, after.exact_match, len(pairs), output, seconds)

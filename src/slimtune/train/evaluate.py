@@ -9,7 +9,7 @@ from torch import nn
 
 from slimtune.train.batching import collate
 from slimtune.train.forward import loss_on
-from slimtune.train.generation import greedy_answers
+from slimtune.train.generation import decoded_weights, greedy_answers
 
 
 @dataclass
@@ -51,31 +51,32 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        loss, perplexity, n = float("nan"), float("nan"), 0
-        if examples:
-            pad = pad_token_id if pad_token_id is not None else _pad_id(tokenizer)
-            batches = [
-                collate(examples[i : i + batch_size], pad)
-                for i in range(0, len(examples), batch_size)
-            ]
-            total, count = loss_on(model, batches)
-            loss = total / max(count, 1)
-            perplexity = math.exp(min(loss, 80.0))
-            n = len(examples)
-        accuracy, samples = None, []
-        if pairs:
-            prompts = [p for p, _ in pairs]
-            answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-            for (prompt, reference), answer in zip(pairs, answers, strict=True):
-                samples.append(
-                    dict(
-                        prompt=prompt,
-                        reference=reference,
-                        answer=answer,
-                        correct=is_exact_match(answer, reference),
+        with decoded_weights(model):
+            loss, perplexity, n = float("nan"), float("nan"), 0
+            if examples:
+                pad = pad_token_id if pad_token_id is not None else _pad_id(tokenizer)
+                batches = [
+                    collate(examples[i : i + batch_size], pad)
+                    for i in range(0, len(examples), batch_size)
+                ]
+                total, count = loss_on(model, batches)
+                loss = total / max(count, 1)
+                perplexity = math.exp(min(loss, 80.0))
+                n = len(examples)
+            accuracy, samples = None, []
+            if pairs:
+                prompts = [p for p, _ in pairs]
+                answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+                for (prompt, reference), answer in zip(pairs, answers, strict=True):
+                    samples.append(
+                        dict(
+                            prompt=prompt,
+                            reference=reference,
+                            answer=answer,
+                            correct=is_exact_match(answer, reference),
+                        )
                     )
-                )
-            accuracy = sum(s["correct"] for s in samples) / len(samples)
+                accuracy = sum(s["correct"] for s in samples) / len(samples)
     finally:
         model.train(was_training)
     return EvalResult(loss, perplexity, accuracy, n, len(samples), samples)

@@ -2,8 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def decoded_weights(model: nn.Module) -> Iterator[None]:
+    """Decode every 4-bit base layer once, for as long as the block runs (no gradients).
+
+    A 4-bit layer decodes its weight at each call. In training that cost is shared by all the
+    tokens of a batch, but generation calls each layer once per new token, so decoding the
+    whole model per token dominates. Inside this block the 4-bit layers are swapped for plain
+    nn.Linear copies (float weights: 4 bytes a parameter for the time being) and put back after.
+    """
+    swapped = []
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if _is_4bit(child):
+                    linear = nn.Linear(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        device="meta",
+                    )
+                    linear.weight = nn.Parameter(child.dequantize(), requires_grad=False)
+                    if child.bias is not None:
+                        linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                    setattr(parent, name, linear)
+                    swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(module, "dequantize")
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -64,7 +103,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(**inputs, use_cache=True, **options)
+        with decoded_weights(model):
+            out = model.generate(**inputs, use_cache=True, **options)
     finally:
         model.train(was_training)
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -90,21 +130,35 @@ def greedy_answers(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(prompts), batch_size):
-            inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=_pad_id(tokenizer),
-                use_cache=True,
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+        with decoded_weights(model):
+            for start in range(0, len(prompts), batch_size):
+                inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=_pad_id(tokenizer),
+                    use_cache=True,
+                )
+                new = out[:, inputs["input_ids"].shape[1] :]
+                answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+def load_for_inference(model: str | None, adapter: str | None):
+    """(model, tokenizer) in float, with the LoRA adapter folder `adapter` loaded if given."""
+    from slimtune.models import load_model
+
+    network, tokenizer = load_model(model)
+    if adapter:
+        from slimtune.lora import load_adapter
+
+        load_adapter(network, adapter)
+    network.eval()
+    return network, tokenizer

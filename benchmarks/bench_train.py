@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Training step speed and memory: slimtune vs transformers + peft + bitsandbytes, side by side.
+
+SmolLM2-135M, batch 4 x 256 tokens of text (CPython's docs, every token trained), LoRA r=16
+alpha=32 dropout 0.05 on q,k,v,o,gate,up,down, AdamW lr 2e-4, 2 threads; median of the timed
+steps after the warm-up steps. Every variant runs in a fresh process, so peak RSS
+(getrusage) is its own. The peer is measured as ../shared/peer/peer_bench.py does (same model
+files, same recipe: prepare_model_for_kbit_training for QLoRA, model(labels=) loss).
+
+    .venv/bin/python benchmarks/bench_train.py                 # all variants, a table
+    .venv/bin/python benchmarks/bench_train.py --only slimtune-qlora,peer-qlora
+    .venv/bin/python benchmarks/bench_train.py --one slimtune-qlora   # one variant, JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = [
+    "slimtune-lora",
+    "slimtune-qlora",
+    "peer-lora",
+    "peer-qlora",
+    "slimtune-lora+ckpt",
+    "slimtune-qlora+ckpt",
+    "peer-lora+ckpt",
+    "peer-qlora+ckpt",
+]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def batches(tokenizer, n: int, batch: int, seq: int):
+    import pydoc_data.topics as topics
+
+    import torch
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: n * batch * seq]
+    return torch.tensor(ids, dtype=torch.long).view(n, batch, seq)
+
+
+def slimtune_model(method: str, ckpt: bool, args):
+    from slimtune.train import TrainConfig
+    from slimtune.train.setup import build_model
+
+    config = TrainConfig(
+        method=method,
+        rank=args.r,
+        alpha=args.alpha,
+        dropout=0.05,
+        targets=TARGETS,
+        gradient_checkpointing=ckpt,
+    )
+    model, tokenizer = build_model(config)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def peer_model(method: str, ckpt: bool, args):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from slimtune.models.gguf_cache import cached_folder
+    from slimtune.models.paths import default_model_file
+
+    folder = cached_folder(default_model_file())
+    options = dict(dtype=torch.float32)
+    if method == "qlora":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        options["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, **options)
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False}
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs=kwargs
+        )
+    elif ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    config = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=0.05,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), AutoTokenizer.from_pretrained(folder)
+
+
+def run_one(variant: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    stack, rest = variant.split("-", 1)
+    method, ckpt = rest.replace("+ckpt", ""), rest.endswith("+ckpt")
+    t0 = time.perf_counter()
+    build = slimtune_model if stack == "slimtune" else peer_model
+    model, tokenizer = build(method, ckpt, args)
+    load_s = time.perf_counter() - t0
+    model.train()
+    data = batches(tokenizer, args.warmup + args.steps, args.batch, args.seq)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    if stack == "slimtune":
+        from slimtune.train.forward import summed_loss
+
+        mask = torch.ones(args.batch, args.seq, dtype=torch.long)
+
+        def loss_of(x):
+            batch = {"input_ids": x, "attention_mask": mask, "labels": x}
+            return summed_loss(model, batch) / (args.batch * (args.seq - 1))
+    else:
+
+        def loss_of(x):
+            return model(input_ids=x, labels=x).loss
+
+    times, losses = [], []
+    for x in data:
+        t = time.perf_counter()
+        loss = loss_of(x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(round(loss.item(), 4))
+    step = statistics.median(times[args.warmup :])
+    return dict(
+        variant=variant,
+        s_per_step=round(step, 3),
+        tokens_per_s=round(args.batch * args.seq / step, 1),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        load_s=round(load_s, 1),
+        step_times=[round(t, 2) for t in times],
+        losses=losses,
+        trainable=sum(p.numel() for p in params),
+        threads=torch.get_num_threads(),
+        loadavg=[round(v, 1) for v in os.getloadavg()],
+    )
+
+
+def run_all(args) -> list[dict]:
+    chosen = args.only.split(",") if args.only else VARIANTS
+    results = []
+    for variant in chosen:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            variant,
+            "--threads",
+            str(args.threads),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
+        print(f"=== {variant}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            results.append(dict(variant=variant, failed=proc.returncode))
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| variant | s/step (median) | tokens/s | peak RSS MB | load avg |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "failed" in r:
+            rows.append(f"| {r['variant']} | failed (rc {r['failed']}) | | | |")
+        else:
+            rows.append(
+                f"| {r['variant']} | {r['s_per_step']} | {r['tokens_per_s']} | "
+                f"{r['peak_rss_mb']} | {r['loadavg'][0]} |"
+            )
+    by = {r["variant"]: r for r in results if "failed" not in r}
+    for suffix in ("", "+ckpt"):
+        q, pq, lo = (
+            by.get(f"{s}{suffix}") for s in ("slimtune-qlora", "peer-qlora", "slimtune-lora")
+        )
+        if q and pq:
+            rows.append(
+                f"\nQLoRA{suffix} tokens/s, slimtune / peer: "
+                f"{q['tokens_per_s'] / pq['tokens_per_s']:.2f}x (target >= 2)"
+            )
+            rows.append(
+                f"QLoRA{suffix} peak RSS, slimtune / peer: "
+                f"{q['peak_rss_mb'] / pq['peak_rss_mb']:.2f} (target <= 0.5)"
+            )
+        if q and lo:
+            rows.append(
+                f"slimtune QLoRA / LoRA step{suffix}: "
+                f"{q['s_per_step'] / lo['s_per_step']:.2f} (target <= 1.1)"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--one", choices=VARIANTS, help="run one variant, print JSON")
+    parser.add_argument("--only", default="", help="comma list of variants")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--alpha", type=int, default=32)
+    parser.add_argument("--out", default="", help="write the results JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    results = run_all(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

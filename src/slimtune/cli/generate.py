@@ -1,0 +1,40 @@
+"""`slimtune generate`: continue a prompt with a model (+ adapter), streaming the tokens."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate text from a prompt (chat template for chat models), streamed"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt (a user message for chat models)")
+    parser.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2)")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="no chat template")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtune.errors import SlimtuneError
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise SlimtuneError("--temperature must be >= 0 and --top-p in (0, 1]")
+    from slimtune.train.generation import generate, load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=True,
+        chat=False if args.raw else None,
+    )
+    return 0

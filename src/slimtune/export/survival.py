@@ -1,0 +1,93 @@
+"""How much of a fine-tune's accuracy gain survives merging and NF4 re-quantization.
+
+Exact-match accuracy on a test set (default: the bundled demo test set) of
+- the base model, and the base held in NF4 (what QLoRA trains on),
+- base + adapter, unmerged (the fine-tune itself),
+- the merged fp32 export, and the merged export re-quantized to NF4 (`--quantize nf4`).
+The gain of an export is (its accuracy - base) / (fine-tune - base): 100% means nothing was lost.
+
+    python -m slimtune.export.survival --adapter DIR [--model M] [--qlora] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
+    from slimtune.data import split_prompt_answer
+    from slimtune.train import evaluate
+
+    pairs = [split_prompt_answer(row, tokenizer) for row in rows]
+    return evaluate(model, tokenizer, pairs=pairs, batch_size=batch_size).exact_match
+
+
+def measure(
+    model: str | None,
+    adapter: str | Path,
+    rows: list[dict],
+    *,
+    qlora: bool = False,
+    work_dir: Path | None = None,
+) -> dict:
+    """Accuracies of the variants above and the share of the gain each export keeps."""
+    from slimtune.export.merge import merge_to_folder
+    from slimtune.lora import load_adapter
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="slimtune-survival-"))
+    scores = {}
+    network, tokenizer = load_model(model)
+    scores["base fp32"] = exact_match(network, tokenizer, rows)
+    if not qlora:
+        load_adapter(network, adapter)
+        scores["base + adapter"] = exact_match(network, tokenizer, rows)
+    del network
+    network, _ = load_model(model, quant=QuantConfig())
+    scores["base nf4"] = exact_match(network, tokenizer, rows)
+    if qlora:
+        load_adapter(network, adapter)
+        scores["base + adapter"] = exact_match(network, tokenizer, rows)
+    del network
+    for name, quantize in [("merged fp32", None), ("merged, re-quantized nf4", "nf4")]:
+        folder = work_dir / name.replace(" ", "_").replace(",", "")
+        report = merge_to_folder(model, adapter, folder, quantize=quantize, qlora=qlora)
+        network, _ = load_model(folder)
+        scores[name] = exact_match(network, tokenizer, rows)
+        if report.requant_rel_error is not None:
+            scores["re-quantization relative weight error"] = report.requant_rel_error
+        del network
+    gain = scores["base + adapter"] - scores["base fp32"]
+    kept = {
+        name: (scores[name] - scores["base fp32"]) / gain if gain > 0 else float("nan")
+        for name in ("merged fp32", "merged, re-quantized nf4")
+    }
+    return {"accuracy": scores, "gain_kept": kept, "n": len(rows), "qlora": qlora}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from slimtune.data import demo_data_path, read_rows
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--test", default=None, help="test rows (default: the demo test set)")
+    parser.add_argument("--qlora", action="store_true", help="the adapter was trained on NF4")
+    parser.add_argument("--limit", type=int, default=None, help="score the first N rows only")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = read_rows(args.test or demo_data_path("test"))[: args.limit]
+    result = measure(args.model, args.adapter, rows, qlora=args.qlora)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from slimtune.quant.demo import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""`slimtune train`, `eval`, `generate` end to end on a tiny model folder with a character-level
+tokenizer (no download), through the real slimtune.models / quant / lora / data packages."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from slimtune.cli import main
+
+
+def char_tokenizer():
+    """One token per character: small, offline, and exact to reason about."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(" abcdefghijklmnopqrstuvwxyz0123456789+=")
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = make_tiny_llama(
+        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sums(n=40):
+    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(7) for b in range(7)][
+        :n
+    ]
+
+
+def test_eval_metrics_on_a_hand_made_file(tiny_folder, tmp_path, capsys):
+    """Loss and exact match recomputed independently with transformers on the same rows."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = char_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    prompts = ["1+2=", "3+3=", "2+5=", "4+0="]
+
+    def greedy(prompt):
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    # Two references are the model's own greedy answers, two can never be produced in 3 tokens.
+    references = [greedy(prompts[0]).strip(), greedy(prompts[1]).strip(), "9999999", "8888888"]
+    assert all(references), references
+    path = write_jsonl(
+        tmp_path / "test.jsonl",
+        [{"prompt": p, "completion": r} for p, r in zip(prompts, references)],
+    )
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, reference in zip(prompts, references, strict=True):
+            ids = tokenizer(prompt + reference).input_ids + [tokenizer.eos_token_id]
+            labels = [-100] * len(prompt) + ids[len(prompt) :]
+            n = len(ids) - len(prompt)
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+            total, count = total + float(loss) * n, count + n
+
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_folder),
+            "--data",
+            str(path),
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and result["exact_match"] == 0.5
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_train_qlora_then_eval_and_generate(tiny_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", sums())
+    held_out = write_jsonl(tmp_path / "test.jsonl", sums(49)[40:])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {tiny_folder}\ndata: {data}\neval_data: {held_out}\nrank: 8\nalpha: 16\n"
+        "lr: 0.01\nbatch_size: 8\ngrad_accum: 1\nmax_new_tokens: 3\nsave_every: 2\n"
+    )
+    output = tmp_path / "out"
+    rc = main(
+        [
+            "train",
+            str(config),
+            "--max-steps",
+            "4",
+            "--output",
+            str(output),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    for name in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+    ]:
+        assert (output / name).is_file(), name
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+    ]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert records[-1]["eval_accuracy"] is not None
+    resolved = (output / "config.yaml").read_text()
+    assert "method: qlora" in resolved and "max_steps: 4" in resolved
+
+    # PEFT itself loads the adapter onto the float base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), str(output))
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_folder),
+                "--adapter",
+                str(output),
+                "--data",
+                str(held_out),
+                "--json",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"loss", "perplexity", "exact_match", "n"} and result["n"] == 9
+
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_folder),
+                "--adapter",
+                str(output),
+                "1+2=",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+
+
+def test_train_cli_errors_name_the_key(tmp_path, capsys):
+    assert main(["train", "--rank", "-1", "--data", "x.jsonl"]) == 2
+    assert "--rank" in capsys.readouterr().err
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: x.jsonl\nlearning_rate: 0.1\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:2: key 'learning_rate': unknown key" in err
