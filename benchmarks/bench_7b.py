@@ -84,11 +84,16 @@ def build_4bit(layers: int, embed_dtype: torch.dtype) -> torch.nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     shape = (child.out_features, child.in_features)
-                    float_layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                    float_layer = nn.Linear(
+                        child.in_features, child.out_features, bias=False, device="meta"
+                    )
                     float_layer.weight = nn.Parameter(torch.randn(shape, generator=generator) * STD)
                     setattr(parent, name, Linear4bit.from_linear(float_layer, quant))
                     del float_layer  # the float weight goes here
-        print(f"block {block.self_attn.layer_idx} in 4 bits, rss {status_mib('VmRSS'):.0f} MiB", flush=True)
+        print(
+            f"block {block.self_attn.layer_idx} in 4 bits, rss {status_mib('VmRSS'):.0f} MiB",
+            flush=True,
+        )
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
     model.model.norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
@@ -113,7 +118,9 @@ def run_slimtune(args) -> dict:
     model = build_4bit(args.layers, getattr(torch, args.embed_dtype))
     model.config.use_cache = False
     torch.manual_seed(0)
-    inject_adapter(model, LoraConfig(r=args.rank, alpha=16, dropout=0.05, target_modules="all-linear"))
+    inject_adapter(
+        model, LoraConfig(r=args.rank, alpha=16, dropout=0.05, target_modules="all-linear")
+    )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,7 +128,9 @@ def run_slimtune(args) -> dict:
     _warm_state(optimizer, params)
     build_s = time.perf_counter() - began
     build_peak = status_mib("VmHWM")
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1)
+    )
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
     def step() -> float:
@@ -193,7 +202,10 @@ def run_peer(args) -> dict:
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        args.peer, quantization_config=quant, dtype=getattr(torch, args.embed_dtype), device_map="cpu"
+        args.peer,
+        quantization_config=quant,
+        dtype=getattr(torch, args.embed_dtype),
+        device_map="cpu",
     )
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(
@@ -210,7 +222,9 @@ def run_peer(args) -> dict:
     _warm_state(optimizer, params)
     build_s = time.perf_counter() - began
     build_peak = status_mib("VmHWM")
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, SHAPE["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1)
+    )
 
     def step() -> float:
         loss = model(input_ids=ids, labels=ids).loss

@@ -68,7 +68,7 @@ def test_eval_metrics_on_a_hand_made_file(tiny_folder, tmp_path, capsys):
     assert all(references), references
     path = write_jsonl(
         tmp_path / "test.jsonl",
-        [{"prompt": p, "completion": r} for p, r in zip(prompts, references)],
+        [{"prompt": p, "completion": r} for p, r in zip(prompts, references, strict=True)],
     )
 
     total, count = 0.0, 0

@@ -177,6 +177,14 @@ def test_chat_prompt_for_generation_is_the_start_of_the_training_sequence():
     assert training["labels"][len(prompt_ids)] == ids(tokenizer, "4")[0]
 
 
+def test_chat_false_renders_prompt_answer_rows_as_plain_text_for_a_chat_tokenizer():
+    tokenizer = make_tokenizer()
+    row = {"prompt": "The capital of France is", "completion": " Paris"}
+    rendered = render(to_example(row), tokenizer, chat=False)
+    assert rendered.text == "The capital of France is Paris<|im_end|>"
+    assert split_prompt_answer(row, tokenizer, chat=False) == ("The capital of France is", " Paris")
+
+
 def test_messages_need_a_chat_template():
     tokenizer = make_tokenizer(chat_template=None)
     with pytest.raises(SlimtuneError, match="chat template"):

@@ -237,7 +237,7 @@ def test_merge_unmerge_round_trip(case):
 
 
 def two_adapter_twins(dora_a: bool = False):
-    """PEFT and slimtune models with adapters "a" and "b" (different ranks) holding equal weights."""
+    """PEFT and slimtune models with adapters "a" and "b" (different ranks), equal weights."""
     base = make_tiny_llama()
     cfg_a = LoraConfig(r=4, alpha=8, use_dora=dora_a)
     cfg_b = LoraConfig(r=2, alpha=4, target_modules=["q_proj"])

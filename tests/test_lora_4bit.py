@@ -91,8 +91,9 @@ def test_4bit_weights_count_as_their_logical_size():
     assert count_parameters(ours) == (lora, sum(p.numel() for p in base.parameters()) + lora)
 
 
-def test_4bit_merge_in_float_and_unmerge_restores_the_bytes():
-    _, _, ours = quantized_twins(LoraConfig(r=4, alpha=8))
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_4bit_merge_in_float_and_unmerge_restores_the_bytes(dora):
+    _, _, ours = quantized_twins(LoraConfig(r=4, alpha=8, use_dora=dora))
     before = {k: v.clone() for k, v in ours.state_dict().items() if "base_layer" in k}
     x = ids()
     adapted = ours(x).logits

@@ -163,3 +163,12 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_partial_matches(tokeniz
     assert "".join(pieces) == "abc"  # "EN" might become "END": held back
     delta, stopped = stream.push(tokenizer("D", add_special_tokens=False)["input_ids"][0])
     assert stopped and delta == "" and stream.text == "abc"
+
+
+def test_a_request_for_an_unloaded_adapter_fails_alone(engine, tokenizer):
+    bad = _request(tokenizer, "Hello", "gone")
+    good = _request(tokenizer, "Hello", "a")
+    engine.submit(bad)
+    engine.submit(good)
+    assert bad.result(120).reason == "error" and "not loaded" in bad.result().error
+    assert good.result(120).reason == "length"

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from slimtune.train import TrainConfig, TrainData, TrainingDiverged, train
 
-
 ANSWER = [17, 42, 99, 5, 64, 23]
 
 

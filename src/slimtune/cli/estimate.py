@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_table(result))
         if budget is not None:
-            print(_verdict(result.total, budget, steps))
+            print(_verdict(result.total, budget, steps, args.device_memory))
     return 0
 
 
@@ -121,12 +121,13 @@ def _table(result) -> str:
     return "\n".join(lines)
 
 
-def _verdict(total: int, budget: int, steps) -> str:
+def _verdict(total: int, budget: int, steps, text: str) -> str:
     from slimtune.memory import format_bytes
 
+    size = f"{text} ({format_bytes(budget)})"
     if total <= budget:
-        return f"\nfits in {format_bytes(budget)} ({format_bytes(budget - total)} to spare)"
-    lines = [f"\ndoes not fit in {format_bytes(budget)}: needs {format_bytes(total - budget)} more"]
+        return f"\nfits in {size}: {format_bytes(budget - total)} to spare"
+    lines = [f"\ndoes not fit in {size}: needs {format_bytes(total - budget)} more"]
     if steps:
         lines.append("try, in this order:")
         for flag, r in steps:

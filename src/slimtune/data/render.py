@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimtune.data.formats import Example
+from slimtune.data.formats import Example, to_example
 from slimtune.data.reading import BadRow
 from slimtune.errors import SlimtuneError
 
@@ -65,19 +65,20 @@ def render(
     return rendered
 
 
-def split_prompt_answer(row: dict, tokenizer, fmt: str | None = None) -> tuple[str, str]:
+def split_prompt_answer(
+    row: dict, tokenizer, fmt: str | None = None, *, chat: bool | None = None
+) -> tuple[str, str]:
     """(prompt, answer) for generation-based evaluation.
 
     The prompt is the text the model sees at generation time (for chat: the template with the
     generation prompt; tokenize it with `add_special_tokens=False`); the answer is the reference
     text of the last assistant turn (or the completion / output), as written in the row.
+    `chat` as for `render`: by default, when the tokenizer has a chat template.
     """
-    from slimtune.data.formats import to_example
-
     example = to_example(row, fmt)
     if example.text is not None:
         raise SlimtuneError("text rows have no prompt and answer; use a format with an answer")
-    if has_chat_template(tokenizer):
+    if has_chat_template(tokenizer) if chat is None else chat:
         messages = example.chat_messages()
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = _apply_template(tokenizer, messages[:last], add_generation_prompt=True)

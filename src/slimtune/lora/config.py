@@ -18,8 +18,8 @@ class LoraConfig:
 
     `target_modules` follows PEFT: a list of names (a module matches when its path equals a name
     or ends with "." + name), a regex string (must match the whole path), or "all-linear" (every
-    Linear/Conv1D/Linear4bit but the output head). `rank_pattern`/`alpha_pattern` map a regex (matched
-    against the end of the module path, as PEFT does) to that module's rank/alpha.
+    Linear/Conv1D/Linear4bit but the output head). `rank_pattern`/`alpha_pattern` map a regex
+    (matched against the end of the module path, as PEFT does) to that module's rank/alpha.
     """
 
     r: int = 8

@@ -12,7 +12,7 @@ from torch import nn
 
 
 class Magnitude(nn.Module):
-    """The learnable magnitude m, one per output row (PEFT: `lora_magnitude_vector.<name>.weight`)."""
+    """DoRA's learnable magnitude m, one per output row (PEFT's lora_magnitude_vector)."""
 
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()

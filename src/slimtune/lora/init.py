@@ -12,7 +12,7 @@ import torch
 
 
 def kaiming_(A: torch.Tensor) -> None:
-    # PEFT's default: A as nn.Linear initialises its weight; B = 0, so the adapter starts as a no-op.
+    # PEFT's default: A as nn.Linear initialises its weight; B = 0: the adapter starts as a no-op.
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
 
@@ -44,7 +44,7 @@ def _split_svd(M: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, t
 def pissa(
     W: torch.Tensor, r: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PiSSA: the adapter takes the r principal singular directions of W; returns (A, B, W_residual)."""
+    """PiSSA: the adapter takes the r principal singular directions of W. -> (A, B, residual)"""
     W = W.float()
     A, B = _split_svd(W, r, scaling)
     return A, B, W - scaling * (B @ A)

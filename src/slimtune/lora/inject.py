@@ -27,7 +27,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer LoRA could wrap (or already wraps), by path; never the insides of a LoraLinear."""
+    """Every layer LoRA could wrap (or already wraps), by path; never inside a LoraLinear."""
     found: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():

@@ -55,7 +55,7 @@ class LoraLinear(nn.Module):
         init: str = "kaiming",
         loftq: tuple | None = None,
     ) -> None:
-        """Create adapter `name` here (A [r, in], B [out, r], float32). `loftq` = (quant_config, iters)."""
+        """Create adapter `name` (A [r, in], B [out, r], float32); `loftq`: (quant_config, iters)."""
         if r > min(self.in_features, self.out_features) and init in ("pissa", "loftq"):
             raise SlimtuneError(f"init={init!r} needs r <= min(in, out) of the layer, got r={r}")
         device = _device_of(self.base_layer)
@@ -64,8 +64,11 @@ class LoraLinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if init in ("kaiming", "gaussian"):
-            inits.kaiming_(A) if init == "kaiming" else inits.gaussian_(A, r)
+        if init == "kaiming":
+            inits.kaiming_(A)
+            B.zero_()
+        elif init == "gaussian":
+            inits.gaussian_(A, r)
             B.zero_()
         elif init == "pissa":
             self._init_pissa(name)
@@ -101,10 +104,7 @@ class LoraLinear(nn.Module):
         )
         self.lora_A[name].weight.copy_(A)
         self.lora_B[name].weight.copy_(B)
-        dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
-        dense.weight.copy_(to_quantize)
-        if base.bias is not None:
-            dense.bias.copy_(base.bias)
+        dense = _dense_linear(to_quantize, base.bias, base.weight.dtype)
         self.base_layer = linear4bit_class().from_linear(dense, quant_config)
         self.base_layer.requires_grad_(False)
 
@@ -211,10 +211,10 @@ class LoraLinear(nn.Module):
         weight = dense_weight(base).float()
         merged, norm = self._merged_weight(name, weight)
         report = None
-        if is_4bit(base) or requantize:
-            if not is_4bit(base):
-                raise SlimtuneError("requantize=True needs a 4-bit base layer")
-            self.base_layer = _float_linear(merged, base)
+        if requantize and not is_4bit(base):
+            raise SlimtuneError("requantize=True needs a 4-bit base layer")
+        if is_4bit(base):
+            self.base_layer = _dense_linear(merged, base.bias, base.compute_dtype)
             if requantize:
                 self.base_layer = linear4bit_class().from_linear(
                     self.base_layer, _quant_config(base)
@@ -284,19 +284,12 @@ def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return result if bias is None else result - bias
 
 
-def _float_linear(weight: torch.Tensor, base: nn.Module) -> nn.Linear:
-    """A float nn.Linear holding `weight` and the bias of `base`, in the 4-bit layer's compute dtype."""
-    dtype = getattr(base, "compute_dtype", None) or torch.float32
-    layer = nn.Linear(
-        weight.shape[1],
-        weight.shape[0],
-        bias=base.bias is not None,
-        dtype=dtype,
-        device=weight.device,
-    )
-    layer.weight.copy_(weight)
-    if base.bias is not None:
-        layer.bias.copy_(base.bias)
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen float nn.Linear holding `weight` [out, in] (in `dtype`) and `bias`."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return layer
 
 

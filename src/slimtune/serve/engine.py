@@ -143,6 +143,8 @@ class Engine:
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         """Queue a request; raises QueueFull when `max_queue` requests already wait."""
         with self._cond:
+            if self._stopping:
+                raise QueueFull("the engine is stopping")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are waiting (--max-queue)")
             self._pending.append(request)
@@ -215,7 +217,9 @@ class Engine:
                     if request._finish is None:
                         self._finish(_Row(request, self._stream()), "error", error=str(error))
                 self._rows, self._cache, self._mask = [], None, None
-        for row in self._rows:
+        with self._cond:
+            waiting, self._pending = self._pending, []
+        for row in self._rows + [_Row(r, self._stream()) for r in waiting]:
             self._finish(row, "cancelled")
 
     def _admit(self) -> list[GenerationRequest]:
@@ -223,7 +227,11 @@ class Engine:
             for request in self._pending:
                 if request.cancelled:
                     self._finish(_Row(request, self._stream()), "cancelled")
-            self._pending = [r for r in self._pending if not r.cancelled]
+                elif request.adapter is not None and request.adapter not in self.adapters:
+                    # Unloaded between the HTTP layer's check and now: fail this request only.
+                    message = f"adapter {request.adapter!r} is not loaded"
+                    self._finish(_Row(request, self._stream()), "error", error=message)
+            self._pending = [r for r in self._pending if r._finish is None]
             room = self.max_batch_size - len(self._rows)
             if room <= 0 or not self._pending:
                 return []

@@ -1,20 +1,30 @@
-"""Training: the config, the loop, checkpoints and resume, metrics, evaluation, generation."""
+"""Training: the config, the loop, checkpoints and resume, metrics, evaluation, generation.
 
-from slimtune.train.config import TrainConfig, load_config
-from slimtune.train.evaluate import EvalResult, evaluate
-from slimtune.train.generation import generate
-from slimtune.train.loop import TrainData, TrainingDiverged, TrainResult, train
-from slimtune.train.loss import causal_lm_loss
+Names are imported on first use, so that `slimtune --help` (which reads TrainConfig to build
+the flags of `slimtune train`) does not import torch.
+"""
 
-__all__ = [
-    "EvalResult",
-    "TrainConfig",
-    "TrainData",
-    "TrainResult",
-    "TrainingDiverged",
-    "causal_lm_loss",
-    "evaluate",
-    "generate",
-    "load_config",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "TrainConfig": "config",
+    "load_config": "config",
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
+    "generate": "generation",
+    "TrainData": "loop",
+    "TrainingDiverged": "loop",
+    "TrainResult": "loop",
+    "train": "loop",
+    "causal_lm_loss": "loss",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'slimtune.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"slimtune.train.{_WHERE[name]}"), name)

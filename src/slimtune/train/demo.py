@@ -8,7 +8,7 @@ The settings are chosen to finish in a few minutes on a 2-core CPU (docs/trainin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slimtune.train.config import TrainConfig
@@ -81,7 +81,9 @@ def run_demo(
     echo(f"Base model exact match: {_pct(before.exact_match)} ({_took(start)})")
 
     echo(f"Fine-tuning a QLoRA adapter (r={config.rank}, all linear layers) ...")
-    result = train(config, model=model, tokenizer=tokenizer, data=data, progress=progress)
+    # Inside the loop only the eval loss is tracked; accuracy is measured once, below.
+    loss_only = replace(data, eval_pairs=[])
+    result = train(config, model=model, tokenizer=tokenizer, data=loss_only, progress=progress)
     after = evaluate(model, tokenizer, pairs=pairs, max_new_tokens=config.max_new_tokens)
     echo(f"Fine-tuned exact match: {_pct(after.exact_match)} (base: {_pct(before.exact_match)})")
 
