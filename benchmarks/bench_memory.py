@@ -129,9 +129,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: case,method,ckpt
     args = parser.parse_args()
-    if args.one:
+    if args.one:  # one case in this process (a fresh one: the caller's job), with the prediction
         case, method, ckpt = args.one.split(",")
-        print(json.dumps(measure(case, method, ckpt == "1", args.rank, args.optimizer, args.steps)))
+        row = measure(case, method, ckpt == "1", args.rank, args.optimizer, args.steps)
+        row["predicted"] = predict(case, method, ckpt == "1", args.rank, args.optimizer)
+        row["error"] = row["predicted"]["total_bytes"] / row["peak_rss_bytes"] - 1
+        print(json.dumps(row))
         return 0
     rows = []
     for case in args.cases:
@@ -148,8 +151,6 @@ def main() -> int:
                 )
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            row["predicted"] = predict(case, method, ckpt, args.rank, args.optimizer)
-            row["error"] = row["predicted"]["total_bytes"] / row["peak_rss_bytes"] - 1
             rows.append(row)
             if not args.json:
                 print(_line(row), flush=True)

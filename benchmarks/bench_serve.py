@@ -41,14 +41,14 @@ def make_adapters(model, folder: Path) -> dict[str, Path]:
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if f"lora_B.{name}." in param_name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+                    param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
         paths[name] = save_adapter(model, folder / name, name)
         delete_adapter(model, name)
     return paths
 
 
 def prompt(i: int) -> str:
-    return f"Question {i}: in two sentences, what should an analyst know about {TOPICS[i % 8]}?"
+    return f"Note {i} on {TOPICS[i % 8]}:"
 
 
 async def load(url: str, requests: int, concurrency: int, max_tokens: int, limit: float) -> dict:
@@ -57,6 +57,7 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int, limit
     latencies: list[float] = []
     failures = 0
     tokens = 0
+    errors: list[str] = []
     counter = iter(range(requests))
     deadline = time.monotonic() + limit
 
@@ -66,15 +67,18 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int, limit
             if time.monotonic() > deadline:
                 return
             body = {"model": ADAPTERS[i % 3], "prompt": prompt(i), "max_tokens": max_tokens,
-                    "temperature": 0}  # fmt: skip
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
             start = time.perf_counter()
             try:
                 response = await client.post(f"{url}/v1/completions", json=body)
                 ok = response.status_code == 200
                 if ok:
                     tokens += response.json()["usage"]["completion_tokens"]
-            except httpx.HTTPError:
+                else:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as error:
                 ok = False
+                errors.append(repr(error))
             latencies.append(time.perf_counter() - start)
             failures += not ok
 
@@ -92,6 +96,7 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int, limit
         "tok_per_s": tokens / seconds,
         "p50": statistics.median(latencies),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "errors": errors[:5],
     }
 
 
@@ -99,7 +104,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds per run at most")
@@ -156,7 +161,8 @@ def write_report(args, rows: list[dict]) -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, shared with "
         "other jobs (noisy: compare the two modes of one run, not runs of different days).  ",
         f"Model: SmolLM2-135M-Instruct fp32; 3 adapters r=16 on all linear layers; "
-        f"{args.requests} requests of {args.max_tokens} new tokens (greedy) at concurrency "
+        f"{args.requests} requests of {args.max_tokens} new tokens each (greedy, `ignore_eos`) "
+        f"at concurrency "
         f"{args.concurrency}, round-robin over the adapters; --max-batch-size "
         f"{args.max_batch_size}; client and server in one process on 127.0.0.1.",
         "",
@@ -178,6 +184,9 @@ def write_report(args, rows: list[dict]) -> None:
             "",
             f"Mixed-adapter batching throughput / one-adapter-at-a-time: **{ratio:.2f}x**",
         ]
+    errors = [e for r in rows for e in r["errors"]]
+    if errors:
+        lines += ["", "First errors: " + "; ".join(f"`{e}`" for e in errors[:5])]
     args.report.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.report}")
 

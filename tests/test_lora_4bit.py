@@ -10,7 +10,14 @@ import peft
 import pytest
 import torch
 from conftest import make_tiny_llama
-from test_lora import PEFT_PREFIX, copy_peft_weights, ids, lora_grads, peft_config
+from test_lora import (
+    PEFT_PREFIX,
+    copy_peft_weights,
+    ids,
+    lora_grads,
+    one_thread,  # noqa: F401  (autouse)
+    peft_config,
+)
 from torch import nn
 
 from slimtune.lora import (

@@ -10,7 +10,11 @@ import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama
 from safetensors.torch import load_file, save_file
-from test_lora import ids, twins
+from test_lora import (
+    ids,
+    one_thread,  # noqa: F401  (autouse)
+    twins,
+)
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraConfig, inject_adapter, load_adapter, save_adapter
@@ -46,6 +50,15 @@ def test_peft_loads_what_we_save(case, tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
     x = ids()
     torch.testing.assert_close(loaded(x).logits, ours.eval()(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_a_gpt2_adapter_peft_saves(tmp_path):
+    base = make_tiny_gpt2()
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(ours(ids()).logits, theirs(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_we_load_what_peft_saves(tmp_path):

@@ -204,13 +204,13 @@ def test_cli_bad_model_exits_2(capsys):
 
 
 def test_prediction_within_15_percent_of_measured_peak_rss():
-    """A tiny LoRA run with gradient checkpointing, measured in a fresh process."""
+    """A tiny LoRA run with gradient checkpointing, measured in a fresh process (~15 s idle)."""
     script = ROOT / "benchmarks" / "bench_memory.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--cases", "tiny", "--methods", "lora", "--json",
-         "--checkpointing", "on"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, str(script), "--one", "tiny,lora,1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads(done.stdout)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["peak_rss_bytes"] > 200 * 2**20  # torch + transformers alone are ~350 MiB
     assert abs(row["error"]) < 0.15, row

@@ -172,3 +172,18 @@ def test_a_request_for_an_unloaded_adapter_fails_alone(engine, tokenizer):
     engine.submit(good)
     assert bad.result(120).reason == "error" and "not loaded" in bad.result().error
     assert good.result(120).reason == "length"
+
+
+def test_eos_ends_a_request_unless_ignore_eos(tokenizer, adapters):
+    engine = make_engine(tokenizer, {}, max_batch_size=2)
+    try:
+        greedy = engine.submit(_request(tokenizer, "Hello", None, max_tokens=6)).result(120)
+        ids = greedy.token_ids
+        k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+        engine.eos_ids = {ids[k]}  # pretend this token is EOS
+        stopped = engine.submit(_request(tokenizer, "Hello", None, max_tokens=6)).result(120)
+        assert stopped.reason == "stop" and stopped.token_ids == ids[:k]
+        kept = _request(tokenizer, "Hello", None, max_tokens=6, ignore_eos=True)
+        assert engine.submit(kept).result(120).token_ids == greedy.token_ids
+    finally:
+        engine.stop()

@@ -8,6 +8,7 @@ per byte with the first element in the high nibble, packed as a (numel // 2, 1) 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 
@@ -91,19 +92,37 @@ def _check_input(x: torch.Tensor, blocksize: int) -> None:
         )
 
 
-def nearest_code(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """uint8 code of the nearest code value to each of `scaled` (in [-1, 1]).
+# nearest_code cuts [-1, 1] into this many cells; a cell (widened by half a cell each side) holds
+# at most one midpoint between codes as long as midpoints are > 4 / _CELLS apart (FP4's closest
+# pair, around 0, are 0.0026 apart).
+_CELLS = 8192
 
-    The index in ascending order is the number of midpoints strictly below the value, so a
+
+@cache
+def _cell_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell: how many midpoints lie below it (uint8), and the next midpoint (float32)."""
+    bounds, _ = sorted_codes(quant_type)
+    lower = -1.0 + torch.arange(_CELLS + 1, dtype=torch.float64) * (2.0 / _CELLS) - 1.0 / _CELLS
+    below = torch.searchsorted(bounds.double(), lower)  # midpoints strictly below the cell
+    next_bound = torch.cat([bounds, torch.tensor([float("inf")])])[below]
+    return below.to(torch.uint8), next_bound
+
+
+def nearest_code(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """uint8 code of the code value nearest to each of `scaled` (values in [-1, 1]).
+
+    Its index in ascending order is the number of midpoints strictly below the value, so a
     value exactly between two codes takes the lower one: torch.bucketize's rule, which
-    bitsandbytes uses. Fifteen vectorized comparisons are ~10x faster than bucketize's search.
+    bitsandbytes uses. Computed exactly but without a search: the value's cell gives the
+    midpoints below it, and one comparison with the next midpoint settles the rest.
     """
-    bounds, order = sorted_codes(quant_type)
-    q = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    for bound in bounds.to(scaled.device):
-        q.add_(scaled > bound)
+    below, next_bound = _cell_tables(quant_type)
+    cell = ((scaled + 1) * (_CELLS / 2)).to(torch.int32).clamp_(0, _CELLS)
+    q = torch.index_select(below.to(scaled.device), 0, cell)
+    q.add_(scaled > torch.index_select(next_bound.to(scaled.device), 0, cell))
     if quant_type == "fp4":
-        q = order.to(torch.uint8).to(q.device)[q.long()]
+        _, order = sorted_codes(quant_type)
+        q = torch.index_select(order.to(torch.uint8).to(q.device), 0, q.to(torch.int32))
     return q
 
 

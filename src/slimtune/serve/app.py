@@ -199,8 +199,10 @@ def _request(engine: Engine, body, ids: list[int], max_tokens: int | None, adapt
             param="max_tokens" if room >= 1 else "prompt",
             code="context_length_exceeded",
         )
-    return GenerationRequest(ids, adapter, wanted, body.temperature, body.top_p, body.stops(),
-                             body.seed)  # fmt: skip
+    return GenerationRequest(
+        ids, adapter, wanted, body.temperature, body.top_p, body.stops(), body.seed,
+        ignore_eos=body.ignore_eos,
+    )  # fmt: skip
 
 
 def _submit(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationRequest]:

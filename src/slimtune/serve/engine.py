@@ -61,6 +61,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens tokens whatever comes (benchmarks)
     on_event: Callable[[Event], None] | None = None  # called on the engine thread
     cancelled: bool = False
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -314,7 +315,7 @@ class Engine:
             row.finish_reason = "cancelled"
             return
         row.last_token = token
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.ignore_eos:
             row.finish_reason = "stop"
             return
         row.ids.append(token)

@@ -21,6 +21,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): always generate max_tokens tokens
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
