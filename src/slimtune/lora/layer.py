@@ -222,10 +222,8 @@ class LoraLinear(nn.Module):
                 requant = self.base_layer.dequantize().float()
                 report = (float((requant - merged).square().sum()), float(merged.square().sum()))
             self.base_layer.requires_grad_(False)
-            self._merge_state[name] = (
-                base,
-                norm,
-            )  # the 4-bit original: unmerge restores it exactly
+            # Keep the 4-bit original: unmerge puts it back, bit for bit.
+            self._merge_state[name] = (base, norm)
         else:
             self._write_dense(merged)
             self._merge_state[name] = (None, norm)
