@@ -162,7 +162,7 @@ def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
         method="full", optimizer="adamw", batch_size=1, max_length=512,
         gradient_checkpointing=True, device="cuda", **bf16))  # fmt: skip
     assert 40 * GB < qlora.total < 48 * GB  # 46.8 GB
-    assert full.total > 780 * GB  # 785.6 GB: 2 + 2 + 8 bytes per parameter, plus activations
+    assert full.total > 780 * GB  # 785.9 GB: 2 + 2 + 8 bytes per parameter, plus activations
     assert full.parts["optimizer_state"] == 8 * arch.num_params()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
     from slimtune.data import split_prompt_answer
-    from slimtune.train import evaluate
+    from slimtune.train.evaluate import evaluate
 
     pairs = [split_prompt_answer(row, tokenizer) for row in rows]
     return evaluate(model, tokenizer, pairs=pairs, batch_size=batch_size).exact_match

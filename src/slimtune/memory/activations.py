@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from slimtune.memory.planner import PlanSettings
 
 LOSS_CHUNK = 1024  # slimtune.train.loss.causal_lm_loss's chunk_size
-LOSS_BUFFERS = 3  # chunk x vocab float32 buffers alive at once in the chunked loss
+LOSS_BUFFERS = 5  # chunk x vocab float32 buffers: logits, log-softmax, softmax + heap (fitted)
 BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
 # Fitted: RSS grows ~1.3x faster than the kept tensors during the forward pass, because the
 # freed temporaries between them leave holes in the C heap (glibc) that later, differently

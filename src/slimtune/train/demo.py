@@ -13,9 +13,10 @@ from pathlib import Path
 
 from slimtune.train.config import TrainConfig
 
-# Tuned for a 2-core CPU: a single epoch over the 360 training rows. The rows are ~50 tokens
-# of which ~8 are trained (the answer + end of turn), so a higher lr than the paper's 2e-4 is
-# what makes a few dozen steps enough; rank 16 on all linear layers has room for the task.
+# Tuned for a 2-core CPU: 30 steps of 8 rows (240 of the 360 training rows). The rows are ~53
+# tokens of which ~11 are trained (the answer + end of turn), so a higher lr than the paper's
+# 2e-4 is what makes a few dozen steps enough (the loss falls from 1.2 to 0.27 in 4 steps);
+# rank 16 on all linear layers has room for the task.
 DEMO_SETTINGS = dict(
     method="qlora",
     rank=16,
@@ -25,14 +26,14 @@ DEMO_SETTINGS = dict(
     lr_scheduler="cosine",
     warmup_steps=3,
     epochs=1,
+    max_steps=30,
     batch_size=8,
     grad_accum=1,
     max_length=128,
     max_grad_norm=1.0,
-    eval_max_rows=60,
-    max_new_tokens=16,
-    save_every=15,
-    threads=2,
+    eval_max_rows=40,
+    max_new_tokens=12,
+    save_every=10,
 )
 
 
@@ -82,7 +83,7 @@ def run_demo(
 
     echo(f"Fine-tuning a QLoRA adapter (r={config.rank}, all linear layers) ...")
     # Inside the loop only the eval loss is tracked; accuracy is measured once, below.
-    loss_only = replace(data, eval_pairs=[])
+    loss_only = replace(data, eval_pairs=[], eval=data.eval[: config.eval_max_rows])
     result = train(config, model=model, tokenizer=tokenizer, data=loss_only, progress=progress)
     after = evaluate(model, tokenizer, pairs=pairs, max_new_tokens=config.max_new_tokens)
     echo(f"Fine-tuned exact match: {_pct(after.exact_match)} (base: {_pct(before.exact_match)})")

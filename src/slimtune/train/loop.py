@@ -295,5 +295,6 @@ def _update_bar(bar, record: dict[str, Any]) -> None:
         loss=f"{record['loss']:.4f}",
         tok_s=f"{record['tokens_per_s']:.0f}",
         lr=f"{record['lr']:.2e}",
+        refresh=False,  # update() below redraws once
     )
     bar.update(1)
