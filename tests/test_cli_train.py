@@ -192,3 +192,8 @@ def test_train_cli_errors_name_the_key(tmp_path, capsys):
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:2: key 'learning_rate': unknown key" in err
+
+
+def test_train_without_data_fails_before_loading_a_model(capsys):
+    assert main(["train", "--model", "/nonexistent/model"]) == 2
+    assert "no training data" in capsys.readouterr().err

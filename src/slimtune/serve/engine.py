@@ -193,14 +193,20 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._pending or self._controls or self._rows):
+                while not (
+                    self._stopping
+                    or self._pending
+                    or self._controls
+                    or self._rows
+                    or self._unloading
+                ):
                     self._cond.wait()
                 if self._stopping:
                     break
                 controls, self._controls = self._controls, []
+            self._unload_unused()
             for control in controls:
                 control()
-            self._unload_unused()
             if not self._rows and self.batch_wait_s:
                 time.sleep(self.batch_wait_s)  # let requests sent together meet in one prefill
             admitted: list[GenerationRequest] = []

@@ -157,6 +157,8 @@ def _checkpoints(folder: Path) -> list[Path]:
 def _prune(folder: Path, keep: int) -> None:
     for old in _checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for partial in folder.glob(".step-*.tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

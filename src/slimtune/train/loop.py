@@ -84,6 +84,8 @@ def train(
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
 
+    if data is None and config.data is None:  # before the (slow) model load
+        raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
     if model is None:
         from slimtune.train.setup import build_model
 
