@@ -292,8 +292,14 @@ def main() -> int:
     parser.add_argument("--peer", help="train this HF checkpoint with transformers+peft+bnb")
     parser.add_argument("--write-checkpoint", help="write a random bf16 checkpoint here and exit")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--glibc-default-heap", action="store_true",
+                        help="do not call slimtune.memory.heap.limit_heap_fragmentation()")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.glibc_default_heap:
+        from slimtune.memory.heap import limit_heap_fragmentation
+
+        limit_heap_fragmentation()
     if args.write_checkpoint:
         write_checkpoint(Path(args.write_checkpoint), args.layers)
         return 0

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.train import train
 
     result = train(config, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
     if result.evals:
         last = result.evals[-1]
         accuracy = last.get("eval_accuracy")

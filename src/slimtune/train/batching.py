@@ -1,4 +1,4 @@
-"""Which rows each optimizer step trains on, and how they become padded tensors.
+"""Which rows each optimizer step trains on.
 
 The order is a pure function of (seed, epoch), and a step's rows a pure function of the step
 number, so the data position of a checkpoint is just its step.
@@ -10,8 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from slimtune.train.loss import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -59,17 +57,3 @@ class StepPlan:
         last = min(first + self.grad_accum, self.micro_per_epoch)
         size = self.rows_per_micro
         return [order[i * size : (i + 1) * size] for i in range(first, last)]
-
-
-def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `input_ids` (with pad_token_id) and `labels` (with -100) to the longest row."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(example["input_ids"])
-        labels[i, :n] = torch.as_tensor(example["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

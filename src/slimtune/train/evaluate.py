@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from slimtune.train.batching import collate
+from slimtune.data import Collator
 from slimtune.train.forward import loss_on
 from slimtune.train.generation import decoded_weights, greedy_answers
 
@@ -55,8 +55,9 @@ def evaluate(
             loss, perplexity, n = float("nan"), float("nan"), 0
             if examples:
                 pad = pad_token_id if pad_token_id is not None else _pad_id(tokenizer)
+                collate = Collator(pad)
                 batches = [
-                    collate(examples[i : i + batch_size], pad)
+                    collate(examples[i : i + batch_size])
                     for i in range(0, len(examples), batch_size)
                 ]
                 total, count = loss_on(model, batches)

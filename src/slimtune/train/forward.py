@@ -18,10 +18,15 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Sum of the token losses of `batch` (labels -100 are skipped; no full logits are made)."""
     body, head = decoder_and_head(model)
-    mask = batch["attention_mask"]
-    # An all-ones mask is the same as none; without it attention takes the causal fast path.
-    mask = None if bool(mask.all()) else mask
-    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+    if "position_ids" in batch:
+        # Packed rows: position_ids restarting at 0 and no mask make transformers keep attention
+        # within each example (slimtune.data.collate explains the conditions).
+        inputs = dict(position_ids=batch["position_ids"], attention_mask=None)
+    else:
+        mask = batch["attention_mask"]
+        # An all-ones mask is the same as none; without it attention takes the causal fast path.
+        inputs = dict(attention_mask=None if bool(mask.all()) else mask)
+    hidden = body(input_ids=batch["input_ids"], use_cache=False, **inputs)
     return causal_lm_loss(hidden.last_hidden_state, head, batch["labels"], reduction="sum")
 
 

@@ -24,14 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.data import Collator
 from slimtune.dist import (
     all_reduce_gradients,
     all_reduce_sum,
     init_distributed,
     shard_batch,
+    shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.train.batching import StepPlan, collate
+from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig
 from slimtune.train.evaluate import EvalResult, evaluate
@@ -62,6 +64,7 @@ class TrainResult:
     evals: list[dict[str, Any]]
     model: nn.Module = field(repr=False)
     tokenizer: Any = field(repr=False, default=None)
+    is_main: bool = True  # False on the other ranks of a torchrun job: they report nothing
 
 
 def train(
@@ -96,6 +99,7 @@ def train(
         data = build_data(config, tokenizer, info)
     if not data.train:
         raise SlimtuneError(f"no training rows in {config.data}")
+    model.to(info.device)  # this rank's GPU under torchrun with CUDA; a no-op on the CPU
     model.train()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,6 +108,7 @@ def train(
     if not trainable:
         raise SlimtuneError("the model has no trainable parameters (no adapter injected?)")
     optimizer = _build_optimizer(config, trainable)
+    collate = Collator(data.pad_token_id)
 
     plan = StepPlan(
         n_rows=len(data.train),
@@ -145,14 +150,14 @@ def train(
             group["lr"] = lr
 
         t0 = time.perf_counter()
-        batches = [
-            collate(shard_batch([data.train[i] for i in rows], info), data.pad_token_id)
-            for rows in plan.micro_batches(step)
+        shards = [
+            shard_batch([data.train[i] for i in rows], info) for rows in plan.micro_batches(step)
         ]
+        batches = [_to(collate(shard), info.device) for shard in shards]
         # Normalise by the trained tokens of the whole step on all ranks: every token weighs
         # the same, however the rows fall into micro-batches and processes.
         global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=info.device)
         for batch in batches:
             loss = summed_loss(model, batch) / max(global_tokens, 1)
             loss.backward()
@@ -167,7 +172,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
 
-        input_tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), info)
+        input_tokens = all_reduce_sum(sum(len(e["input_ids"]) for s in shards for e in s), info)
         record = dict(
             step=step + 1,
             epoch=epoch + (step % plan.steps_per_epoch + 1) / plan.steps_per_epoch,
@@ -200,7 +205,8 @@ def train(
 
         save_final(model, tokenizer, config, output)
         plot_losses(metrics.records, output / "loss.png")
-    return TrainResult(output, total, loss_value, evals, model, tokenizer)
+    shutdown_distributed(info)
+    return TrainResult(output, total, loss_value, evals, model, tokenizer, info.is_main)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -214,6 +220,10 @@ def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.o
             raise SlimtuneError(f"optimizer {config.optimizer!r} needs slimtune.optim") from None
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _resume(config, checkpoints: Path, model, optimizer, metrics: MetricsLog) -> int:
