@@ -214,3 +214,9 @@ def test_prediction_within_15_percent_of_measured_peak_rss():
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["peak_rss_bytes"] > 200 * 2**20  # torch + transformers alone are ~350 MiB
     assert abs(row["error"]) < 0.15, row
+
+
+def test_limit_heap_fragmentation_applies_on_glibc():
+    code = "from slimtune.memory.heap import limit_heap_fragmentation as f; print(f())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == ("True" if sys.platform == "linux" else "False"), done.stderr

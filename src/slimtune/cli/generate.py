@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system", default=None, help="a system message (chat models)")
     parser.add_argument("--raw", action="store_true", help="no chat template")
 
 
@@ -36,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=True,
         chat=False if args.raw else None,
+        system=args.system,
     )
     return 0

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from slimtune.data.demo import SYSTEM as DEMO_SYSTEM
 from slimtune.train.config import TrainConfig
 
 # Tuned for a 2-core CPU: 30 steps of 8 rows (240 of the 360 training rows). The rows are ~53
@@ -31,9 +32,10 @@ DEMO_SETTINGS = dict(
     grad_accum=1,
     max_length=128,
     max_grad_norm=1.0,
-    eval_max_rows=40,
+    eval_max_rows=None,  # the whole held-out test split (80 rows)
     max_new_tokens=12,
     save_every=10,
+    eval_every=10,  # eval loss on the test rows, for the curve in loss.png
 )
 
 
@@ -96,7 +98,10 @@ def run_demo(
     output = Path(result.output)
     echo(f"\nAdapter (PEFT format): {output}/adapter_model.safetensors")
     echo(f"Loss curve: {output / 'loss.png'}   metrics: {output / 'metrics.jsonl'}")
-    echo(f'Try it: slimtune generate --adapter {output} "Posted on 3 May 2021."')
+    echo(
+        f'Try it: slimtune generate --adapter {output} --system "{DEMO_SYSTEM}" '
+        '"We met on June 5, 2021."'
+    )
     seconds = time.perf_counter() - start
     echo(f"Done in {seconds / 60:.1f} min.")
     return DemoResult(before.exact_match, after.exact_match, len(pairs), output, seconds)

@@ -49,11 +49,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, prompt: str, chat: bool | None = None) -> str:
-    """The prompt as a chat model expects it (user turn + generation prompt), else unchanged."""
+def format_prompt(
+    tokenizer, prompt: str, chat: bool | None = None, system: str | None = None
+) -> str:
+    """The prompt as a chat model expects it ([system turn], user turn, generation prompt),
+    else unchanged."""
     if chat is False or (chat is None and not has_chat_template(tokenizer)):
         return prompt
-    messages = [{"role": "user", "content": prompt}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -80,14 +84,16 @@ def generate(
     seed: int | None = None,
     stream: bool = False,
     chat: bool | None = None,
+    system: str | None = None,
 ) -> str:
-    """The model's continuation of `prompt` (chat template applied for chat models).
+    """The model's continuation of `prompt` (chat template applied for chat models, with an
+    optional system message).
 
     temperature 0 is greedy decoding; stream prints tokens to stdout as they come.
     """
     if seed is not None:
         torch.manual_seed(seed)
-    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat)])
+    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
     sampling = temperature > 0
     options = dict(
         max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=_pad_id(tokenizer)
