@@ -1,0 +1,41 @@
+"""Data parallel training with torch.distributed, launched by `torchrun`.
+
+gloo on CPU, NCCL on GPU, chosen automatically. With one process every call is a cheap
+no-op, so the training loop is the same for 1 and N processes:
+
+    info = init_distributed()
+    ...
+    rows = shard_batch(global_batch, info)              # this rank's rows
+    n_tokens = all_reduce_sum(local_tokens, info)       # trained tokens, all ranks
+    (sum_of_token_losses / n_tokens).backward()
+    all_reduce_gradients(lora_parameters(model), info)  # sum
+    optimizer.step()
+    if info.is_main: log / save
+    ...
+    shutdown_distributed(info)
+"""
+
+from slimtune.dist.info import (
+    DistInfo,
+    barrier,
+    choose_backend,
+    init_distributed,
+    main_process_first,
+    shutdown_distributed,
+)
+from slimtune.dist.reduce import all_reduce_gradients, all_reduce_sum, broadcast_parameters
+from slimtune.dist.shard import shard_batch, shard_bounds
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_gradients",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_parameters",
+    "choose_backend",
+    "init_distributed",
+    "main_process_first",
+    "shard_batch",
+    "shard_bounds",
+    "shutdown_distributed",
+]
