@@ -16,8 +16,12 @@ from slimtune.data.render import render, split_prompt_answer
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else EOS (pads are never trained on)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    """The id to pad with: the tokenizer's pad token, else EOS, else 0 (also without a
+    tokenizer): pads are never trained on nor attended to."""
+    for token_id in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if token_id is not None:
             return int(token_id)
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from slimtune.data import Collator
+from slimtune.data import pad_token_id as default_pad_id
 from slimtune.train.forward import loss_on
 from slimtune.train.generation import decoded_weights, greedy_answers
 
@@ -54,7 +55,7 @@ def evaluate(
         with decoded_weights(model):
             loss, perplexity, n = float("nan"), float("nan"), 0
             if examples:
-                pad = pad_token_id if pad_token_id is not None else _pad_id(tokenizer)
+                pad = pad_token_id if pad_token_id is not None else default_pad_id(tokenizer)
                 collate = Collator(pad)
                 batches = [
                     collate(examples[i : i + batch_size])
@@ -81,10 +82,3 @@ def evaluate(
     finally:
         model.train(was_training)
     return EvalResult(loss, perplexity, accuracy, n, len(samples), samples)
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else tokenizer.eos_token_id

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from slimtune.data import pad_token_id
+
 
 @contextlib.contextmanager
 def decoded_weights(model: nn.Module) -> Iterator[None]:
@@ -68,10 +70,6 @@ def _encode(tokenizer, texts: list[str], formatted: bool = False) -> dict[str, t
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -96,7 +94,7 @@ def generate(
     inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
     sampling = temperature > 0
     options = dict(
-        max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=_pad_id(tokenizer)
+        max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_token_id(tokenizer)
     )
     if sampling:
         options.update(temperature=temperature, top_p=top_p)
@@ -146,7 +144,7 @@ def greedy_answers(
                     temperature=None,
                     top_p=None,
                     top_k=None,
-                    pad_token_id=_pad_id(tokenizer),
+                    pad_token_id=pad_token_id(tokenizer),
                     use_cache=True,
                 )
                 new = out[:, inputs["input_ids"].shape[1] :]
