@@ -43,6 +43,16 @@ def make_tiny_gpt2(seed: int = 0):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one thread: small tensors gain nothing from a second one, and on a busy
+    machine the OpenMP hand-offs cost far more than the work (measured 25-100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
 

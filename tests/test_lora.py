@@ -31,14 +31,8 @@ from slimtune.lora import (
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on the shared, overloaded box the idle
-    OpenMP thread spins: test_lora.py took 200 s wall / 49 s CPU on 2 threads, 20 s / 1.5 s on 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PEFT_PREFIX = "base_model.model."

@@ -15,7 +15,6 @@ from test_lora import (
     copy_peft_weights,
     ids,
     lora_grads,
-    one_thread,  # noqa: F401  (autouse)
     peft_config,
 )
 from torch import nn
@@ -31,6 +30,9 @@ from slimtune.lora import (
     unmerge_adapter,
 )
 from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, load_quantized_state_dict
+
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bnb_quantize(model: nn.Module) -> nn.Module:

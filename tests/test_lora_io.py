@@ -12,12 +12,14 @@ from conftest import make_tiny_gpt2, make_tiny_llama
 from safetensors.torch import load_file, save_file
 from test_lora import (
     ids,
-    one_thread,  # noqa: F401  (autouse)
     twins,
 )
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraConfig, inject_adapter, load_adapter, save_adapter
+
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAVE_CASES = {
     "llama-dora-patterns": (

@@ -21,13 +21,8 @@ bnb = pytest.importorskip("bitsandbytes")
 SHAPES = [(64, 64), (4096 + 300,), (100,)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP hand-offs, which cost ~25x on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -12,14 +12,8 @@ from slimtune.quant.codebook import sorted_codes
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are small: with two threads on a busy machine the thread hand-offs cost
-    # far more than the work (measured 100x slower), so run them on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bnb(x, quant_type, blocksize, double_quant):

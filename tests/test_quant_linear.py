@@ -14,12 +14,8 @@ from slimtune.quant import Linear4bit, QuantConfig
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: two threads on a busy machine only add hand-offs
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(quant_type, double_quant, bias=True, in_features=256, out_features=96):

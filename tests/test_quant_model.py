@@ -23,13 +23,8 @@ from slimtune.quant import (
 )
 from slimtune.quant import linear as linear_module
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on a busy machine only add hand-offs
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close(a, b):

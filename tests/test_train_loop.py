@@ -20,13 +20,8 @@ from slimtune.train import TrainConfig, TrainData, TrainingDiverged, train
 ANSWER = [17, 42, 99, 5, 64, 23]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: on one thread (see the one_thread fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task_rows(n: int, seed: int = 0) -> list[dict]:
