@@ -34,6 +34,9 @@ VARIANTS = [
     "peer-lora+ckpt",
     "peer-qlora+ckpt",
 ]
+# Not in the default set: the peer under slimtune's lean-heap malloc settings, to show how much of
+# the memory gap is the allocator setting alone.
+EXTRA_VARIANTS = ["peer-lora+lean", "peer-qlora+lean", "peer-qlora+ckpt+lean"]
 
 
 def peak_rss_mb() -> float:
@@ -51,6 +54,7 @@ def batches(tokenizer, n: int, batch: int, seq: int):
 
 
 def slimtune_model(method: str, ckpt: bool, args):
+    from slimtune.models.lean_mlp import use_lean_mlp
     from slimtune.train import TrainConfig
     from slimtune.train.setup import build_model
 
@@ -63,6 +67,7 @@ def slimtune_model(method: str, ckpt: bool, args):
         gradient_checkpointing=ckpt,
     )
     model, tokenizer = build_model(config)
+    use_lean_mlp(model)  # as slimtune.train.train does
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
@@ -112,7 +117,8 @@ def run_one(variant: str, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     stack, rest = variant.split("-", 1)
-    method, ckpt = rest.replace("+ckpt", ""), rest.endswith("+ckpt")
+    method, *flags = rest.split("+")
+    ckpt = "ckpt" in flags
     t0 = time.perf_counter()
     build = slimtune_model if stack == "slimtune" else peer_model
     model, tokenizer = build(method, ckpt, args)
@@ -159,6 +165,8 @@ def run_one(variant: str, args) -> dict:
 
 
 def run_all(args) -> list[dict]:
+    from slimtune.memory.heap import lean_heap_environment
+
     chosen = args.only.split(",") if args.only else VARIANTS
     results = []
     for variant in chosen:
@@ -179,7 +187,11 @@ def run_all(args) -> list[dict]:
             str(args.seq),
         ]
         print(f"=== {variant}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if variant.startswith("slimtune") or variant.endswith("+lean"):
+            # slimtune's CLI trains under these malloc settings (slimtune.memory.heap).
+            env = lean_heap_environment(env) or env
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode:
             results.append(dict(variant=variant, failed=proc.returncode))
             continue
@@ -227,7 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--one", choices=VARIANTS, help="run one variant, print JSON")
+    parser.add_argument(
+        "--one", choices=VARIANTS + EXTRA_VARIANTS, help="run one variant, print JSON"
+    )
     parser.add_argument("--only", default="", help="comma list of variants")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)

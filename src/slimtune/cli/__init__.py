@@ -16,6 +16,8 @@ from slimtune.errors import SlimtuneError
 
 # The order commands are listed in `slimtune --help`; modules not listed come after.
 ORDER = ["demo", "train", "eval", "generate", "quantize", "merge", "serve", "estimate"]
+# Commands that train: they run under the lean-heap malloc settings (slimtune.memory.heap).
+TRAINING = {"demo", "train"}
 
 
 def _command_modules() -> list[str]:
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     # 4.4 s). Set before torch loads OpenMP; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING:  # a process of its own, not a library call
+        from slimtune.memory.heap import reexec_with_lean_heap
+
+        reexec_with_lean_heap([sys.executable, "-m", "slimtune", *sys.argv[1:]])
     try:
         return int(args._run(args) or 0)
     except SlimtuneError as error:

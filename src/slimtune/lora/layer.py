@@ -17,9 +17,14 @@ from slimtune.errors import SlimtuneError
 from slimtune.lora import init as inits
 from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
+from slimtune.lora.sparse_dropout import SparseDropoutLora
 
 
 class LoraLinear(nn.Module):
+    # Training-mode dropout through SparseDropoutLora (fast, keeps no dropped copy). False: draw
+    # the masks with nn.Dropout, exactly as PEFT does (same seed, same masks).
+    sparse_dropout = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -146,6 +151,10 @@ class LoraLinear(nn.Module):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if name in self.lora_magnitude_vector or result.dtype != A.dtype:
             return result + self._delta(name, x, result)
+        dropout = self.lora_dropout[name]
+        sparse = self.sparse_dropout and self.training and x.dtype == A.dtype
+        if sparse and isinstance(dropout, nn.Dropout) and 0 < dropout.p < 1:
+            return SparseDropoutLora.apply(result, x, A, B, self.scaling[name], dropout.p)
         low = F.linear(self._lora_input(name, x, A.dtype)[0], A)
         out = torch.addmm(
             result.reshape(-1, B.shape[0]),

@@ -33,6 +33,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
+from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig
@@ -101,6 +102,7 @@ def train(
         raise SlimtuneError(f"no training rows in {config.data}")
     model.to(info.device)  # this rank's GPU under torchrun with CUDA; a no-op on the CPU
     model.train()
+    use_lean_mlp(model)  # same values, half the MLP activations
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -1,0 +1,122 @@
+"""The training-time savings: sparse LoRA dropout and the lean gated MLP.
+
+Both change how a step is computed, never what: the sparse dropout is checked against the
+dense formula with the same mask, and the lean MLP against the stock forward, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from slimtune.lora import LoraConfig, inject_adapter
+from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
+from slimtune.models import lean_mlp
+from slimtune.models.lean_mlp import use_lean_mlp
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_drop_positions_are_a_bernoulli_draw(p):
+    n = 200_000
+    positions = drop_positions(n, p, seed=7)
+    assert positions.dtype == torch.int64
+    assert bool((positions[1:] > positions[:-1]).all())  # distinct, ascending
+    assert int(positions.min()) >= 0 and int(positions.max()) < n
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(positions.numel() - n * p) < 5 * sigma
+    # Independent positions: drops among even indices occur at the same rate as among odd ones.
+    even = int((positions % 2 == 0).sum())
+    assert abs(2 * even - positions.numel()) < 5 * (positions.numel() ** 0.5)
+    assert torch.equal(drop_positions(n, p, seed=7), positions)
+    assert not torch.equal(drop_positions(n, p, seed=8)[:100], positions[:100])
+
+
+def test_sparse_dropout_lora_is_the_dense_formula_with_its_mask():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    A = torch.randn(4, 64, requires_grad=True)
+    B = torch.randn(32, 4, requires_grad=True)
+    result = torch.randn(3, 7, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = SparseDropoutLora.apply(result, x, A, B, 2.0, 0.3)
+
+    # The same mask: the function draws its seed from torch's generator.
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    keep = torch.ones(x.numel())
+    keep[drop_positions(x.numel(), 0.3, seed)] = 0
+    twins = [t.detach().clone().requires_grad_() for t in (result, x, A, B)]
+    r2, x2, A2, B2 = twins
+    expected = r2 + 2.0 * ((x2 * keep.view(x.shape) / 0.7) @ A2.t()) @ B2.t()
+    torch.testing.assert_close(out, expected)
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for ours, theirs in zip((result, x, A, B), twins, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def _trained_pair(dropout: float):
+    torch.manual_seed(0)
+    model = inject_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=dropout))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)  # B = 0 would hide mistakes in A's gradient
+    lean = copy.deepcopy(model)
+    assert use_lean_mlp(lean) == len(lean.model.layers)
+    return model.train(), lean.train()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_mlp_gives_the_same_outputs_and_gradients(dropout):
+    stock, lean = _trained_pair(dropout)
+    ids = torch.randint(0, 100, (2, 16))
+    losses = []
+    for model in (stock, lean):
+        torch.manual_seed(1)
+        loss = model(ids).logits.square().mean()
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    grads = [
+        {n: p.grad for n, p in m.named_parameters() if p.grad is not None} for m in (stock, lean)
+    ]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
+def test_lean_mlp_does_not_keep_the_product(monkeypatch):
+    """silu(gate) * up is dropped after forward (backward rebuilds it), yet backward works."""
+    _, lean = _trained_pair(0.1)
+    products = []
+    apply = lean_mlp.SwiGLU.apply
+
+    def recording_apply(gate, up):
+        out = apply(gate, up)
+        products.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(lean_mlp.SwiGLU, "apply", recording_apply)
+    loss = lean(torch.randint(0, 100, (2, 16))).logits.square().mean()
+    assert len(products) == len(lean.model.layers)
+    assert all(ref() is None for ref in products)
+    loss.backward()
+    assert all(p.grad is not None for n, p in lean.named_parameters() if "lora_A" in n)
+
+
+def test_lean_mlp_leaves_gradient_checkpointing_alone():
+    stock, lean = _trained_pair(0.0)
+    for model in (stock, lean):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 100, (2, 16))
+    stock(ids).logits.sum().backward()
+    lean(ids).logits.sum().backward()
+    for (name, a), (_, b) in zip(stock.named_parameters(), lean.named_parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
