@@ -154,3 +154,32 @@ def test_real_smollm2_weights_match_bitsandbytes(smollm2, quant_type):
         strict=True,
     ):
         assert_same_as_bnb(weight.detach().to(dtype), quant_type, blocksize, dq)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, False), (4096, True)])
+def test_compiled_and_torch_decoders_agree(quant_type, blocksize, double_quant, monkeypatch):
+    """The numba kernel (CPU) and the torch ops (GPUs, or no numba) decode bit for bit alike,
+    whole tensors and column bands of a weight (the 4-bit matmul's backward decodes those)."""
+    from slimtune.quant import kernels
+    from slimtune.quant.blockwise import decode_blocks
+
+    assert kernels.kernel() is not None  # numba is a dependency: the CPU path is the kernel
+    x = torch.randn(96, 8192)
+    packed, state = quantize_4bit(x, quant_type, blocksize, double_quant)
+    codes = packed.view(96, 4096)
+    absmax = state.block_absmax().view(96, -1)
+    band = slice(2048, 4096)  # bytes 2048.. of each row: its values 4096..8191
+    blocks = slice(4096 // blocksize, 8192 // blocksize)
+
+    def both():
+        whole = dequantize_4bit(packed, state)
+        half = decode_blocks(codes[:, band], absmax[:, blocks], blocksize, quant_type)
+        as_bf16 = dequantize_4bit(packed, state, torch.bfloat16)
+        return whole, half.view(96, 4096), as_bf16
+
+    compiled = both()
+    monkeypatch.setattr(kernels, "kernel", lambda: None)
+    for ours, theirs in zip(compiled, both(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(compiled[1], compiled[0][:, 4096:])

@@ -13,6 +13,8 @@ from functools import cache
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.memory.pages import empty_large
+from slimtune.quant import kernels
 from slimtune.quant.codebook import (
     check_quant_type,
     codebook,
@@ -163,10 +165,8 @@ def quantize_4bit(
     return packed, state
 
 
-# Decode at most this many packed bytes per step (32 MiB of float32 values): the int32 index
-# temporary stays at 16 MiB, small enough for malloc to reuse heap memory instead of mapping
-# (and page-faulting) fresh memory on every call. Fewer, larger steps also mean fewer thread
-# hand-offs, which dominate on a busy machine.
+# Decode at most this many packed bytes per step when the result is not float32 (the float32
+# scratch stays at 32 MiB).
 CHUNK_BYTES = 1 << 22
 
 
@@ -180,15 +180,24 @@ def decode_blocks(
     codes: torch.Tensor,
     absmax: torch.Tensor,
     blocksize: int,
-    table: torch.Tensor,
+    quant_type: str,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 values of `codes` (any shape, whole blocks in row-major order) given the float32
-    absmax of those blocks (same order). Returns (or fills) a flat tensor of 2 * codes.numel()."""
-    index = codes.to(torch.int32).view(-1)  # also gathers a strided band into one array
-    pairs = None if out is None else out.view(torch.int64)
-    values = torch.index_select(table, 0, index, out=pairs).view(torch.float32)
-    values.view(-1, blocksize).mul_(absmax.reshape(-1, 1))
+    """float32 values of `codes` (rows of whole blocks, 1-D or 2-D, any strides) given the
+    float32 absmax of those blocks (same order). Returns (or fills) a flat tensor of
+    2 * codes.numel() values."""
+    rows = codes.reshape(-1, blocksize // 2) if codes.dim() == 1 else codes
+    scales = absmax.reshape(rows.shape[0], -1)
+    if out is None:
+        out = empty_large((codes.numel() * 2,), torch.float32, codes.device)
+    if codes.device.type == "cpu" and kernels.kernel() is not None:
+        kernels.decode_rows(rows, scales, pair_table(quant_type), out.view(rows.shape[0], -1))
+        return out
+    # Elsewhere (a GPU): one gather through a byte -> (high, low) pair table, then the scales.
+    index = rows.to(torch.int32).view(-1)  # also gathers a strided band into one array
+    table = pair_lookup(quant_type, codes.device)
+    values = torch.index_select(table, 0, index, out=out.view(torch.int64)).view(torch.float32)
+    values.view(-1, blocksize).mul_(scales.reshape(-1, 1))
     return values
 
 
@@ -197,36 +206,23 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Packed 4-bit codes -> a tensor of `state.shape` in `dtype` (default: the original dtype).
 
-    One gather through a byte -> (high, low) table decodes both nibbles of a byte at once (the
-    pair is read as one int64); each block is then scaled by its absmax in place, chunk by chunk. Values are computed in float32 and rounded once to `dtype`, like
-    bitsandbytes' CPU kernel.
+    Values are computed in float32 (code value times block absmax) and rounded once to `dtype`,
+    like bitsandbytes' CPU kernel; other dtypes go through a float32 scratch, chunk by chunk.
     """
     dtype = state.dtype if dtype is None else dtype
     codes = packed.view(-1)
     absmax = state.block_absmax()
-    table = pair_lookup(state.quant_type, codes.device)
-    if codes.numel() <= CHUNK_BYTES:
-        values = decode_blocks(codes, absmax, state.blocksize, table)
-        return values.view(state.shape).to(dtype)
-    out = torch.empty(state.shape, dtype=dtype, device=codes.device).view(-1)
+    if dtype == torch.float32:
+        return decode_blocks(codes, absmax, state.blocksize, state.quant_type).view(state.shape)
+    out = empty_large(state.shape, dtype, codes.device).view(-1)
     step = max(CHUNK_BYTES, state.blocksize // 2)
-    scratch = None
+    scratch = torch.empty(2 * min(step, codes.numel()), device=codes.device)
     for start in range(0, codes.numel(), step):
         stop = min(start + step, codes.numel())
         blocks = slice(2 * start // state.blocksize, 2 * stop // state.blocksize)
-        if dtype == torch.float32:
-            decode_blocks(
-                codes[start:stop], absmax[blocks], state.blocksize, table, out[2 * start : 2 * stop]
-            )
-        else:
-            if scratch is None:
-                scratch = torch.empty(2 * min(step, codes.numel()), device=codes.device)
-            values = decode_blocks(
-                codes[start:stop],
-                absmax[blocks],
-                state.blocksize,
-                table,
-                scratch[: 2 * (stop - start)],
-            )
-            out[2 * start : 2 * stop].copy_(values)
+        values = decode_blocks(
+            codes[start:stop], absmax[blocks], state.blocksize, state.quant_type,
+            scratch[: 2 * (stop - start)],
+        )  # fmt: skip
+        out[2 * start : 2 * stop].copy_(values)
     return out.view(state.shape)

@@ -11,6 +11,7 @@ from functools import cache
 
 import torch
 
+from slimtune.quant import kernels
 from slimtune.quant.codebook import dynamic_map
 
 NESTED_BLOCKSIZE = 256
@@ -65,6 +66,8 @@ def dequantize_absmax(
 ) -> torch.Tensor:
     """uint8 codes -> float32 absmax, as bitsandbytes computes it (map[c] * nested, then + offset)."""
     code = dynamic_map() if code is None else code
+    if codes.device.type == "cpu" and kernels.kernel() is not None:
+        return kernels.decode_absmax(codes, code, nested_absmax, blocksize, offset)
     values = torch.index_select(code.to(codes.device), 0, codes.to(torch.int32))
     full = values.numel() - values.numel() % blocksize
     values[:full].view(-1, blocksize).mul_(nested_absmax[: full // blocksize, None])

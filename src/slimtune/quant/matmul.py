@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit, pair_lookup
+from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit
 
 BAND_VALUES = 1 << 22
 
@@ -26,7 +26,7 @@ def _layout(packed: torch.Tensor, state: QuantState):
     out_features, in_features = state.shape
     codes = packed.view(out_features, in_features // 2)
     absmax = state.block_absmax().view(out_features, in_features // state.blocksize)
-    return codes, absmax, pair_lookup(state.quant_type, packed.device)
+    return codes, absmax
 
 
 def linear_4bit(
@@ -40,7 +40,7 @@ def linear_4bit(
     if not _banded(state):
         return nn.functional.linear(x, dequantize_4bit(packed, state, dtype), bias)
     out_features, in_features = state.shape
-    codes, absmax, table = _layout(packed, state)
+    codes, absmax = _layout(packed, state)
     x2d = x.reshape(-1, in_features)
     y = torch.empty(x2d.shape[0], out_features, dtype=dtype, device=x.device)
     rows = max(1, BAND_VALUES // in_features)
@@ -48,7 +48,11 @@ def linear_4bit(
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         band = decode_blocks(
-            codes[r0:r1], absmax[r0:r1], state.blocksize, table, scratch[: (r1 - r0) * in_features]
+            codes[r0:r1],
+            absmax[r0:r1],
+            state.blocksize,
+            state.quant_type,
+            scratch[: (r1 - r0) * in_features],
         )
         band = band.view(r1 - r0, in_features).to(dtype)
         if bias is None:
@@ -65,7 +69,7 @@ def input_grad_4bit(
     if not _banded(state):
         return torch.matmul(grad_out, dequantize_4bit(packed, state, dtype))
     out_features, in_features = state.shape
-    codes, absmax, table = _layout(packed, state)
+    codes, absmax = _layout(packed, state)
     g2d = grad_out.reshape(-1, out_features)
     grad_x = torch.empty(g2d.shape[0], in_features, dtype=dtype, device=grad_out.device)
     bs = state.blocksize
@@ -77,7 +81,7 @@ def input_grad_4bit(
             codes[:, c0 // 2 : c1 // 2],
             absmax[:, c0 // bs : c1 // bs],
             bs,
-            table,
+            state.quant_type,
             scratch[: out_features * (c1 - c0)],
         )
         torch.mm(g2d, band.view(out_features, c1 - c0).to(dtype), out=grad_x[:, c0:c1])
