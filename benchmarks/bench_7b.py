@@ -14,7 +14,7 @@ Peak RSS is read from /proc (VmHWM) for the build and, after a reset, for the tr
 
     .venv/bin/python benchmarks/bench_7b.py --steps 2 --json out.json
     .venv/bin/python benchmarks/bench_7b.py --write-checkpoint /tmp/llama7b-random
-    .venv/bin/python benchmarks/bench_7b.py --peer /tmp/llama7b-random --steps 1
+    .venv/bin/python benchmarks/bench_7b.py --peer /tmp/llama7b-random --steps 1 --heap glibc
 """
 
 from __future__ import annotations
@@ -292,19 +292,23 @@ def main() -> int:
     parser.add_argument("--peer", help="train this HF checkpoint with transformers+peft+bnb")
     parser.add_argument("--write-checkpoint", help="write a random bf16 checkpoint here and exit")
     parser.add_argument("--json", help="also write the result to this file")
-    parser.add_argument("--glibc-default-heap", action="store_true",
-                        help="do not call slimtune.memory.heap.limit_heap_fragmentation()")  # fmt: skip
+    parser.add_argument("--heap", choices=["lean", "mmap", "glibc"], default="lean",
+                        help="lean: glibc tunables as `slimtune train` sets them (default); "
+                        "mmap: limit_heap_fragmentation(); glibc: the defaults")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if not args.glibc_default_heap:
-        from slimtune.memory.heap import limit_heap_fragmentation
+    from slimtune.memory.heap import limit_heap_fragmentation, reexec_with_lean_heap
 
+    if args.heap == "lean":
+        reexec_with_lean_heap([sys.executable, *sys.argv])  # returns once the tunables are set
+    elif args.heap == "mmap":
         limit_heap_fragmentation()
+    torch.set_num_threads(args.threads)
     if args.write_checkpoint:
         write_checkpoint(Path(args.write_checkpoint), args.layers)
         return 0
     result = run_peer(args) if args.peer else run_slimtune(args)
     result["predicted"] = prediction(args)
+    result["heap"] = args.heap
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: s
     from transformers import LlamaForCausalLM
 
     from slimtune.lora import LoraConfig, inject_adapter
+    from slimtune.models.lean_mlp import use_lean_mlp
     from slimtune.optim import build_optimizer
     from slimtune.train.forward import summed_loss
 
@@ -83,6 +85,7 @@ def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: s
 
         quantize_model(model, QuantConfig(quant_type="nf4", double_quant=True))
     inject_adapter(model, LoraConfig(r=rank, alpha=16, dropout=0.05, target_modules="all-linear"))
+    use_lean_mlp(model)  # as slimtune.train.train does
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -136,6 +139,8 @@ def main() -> int:
         row["error"] = row["predicted"]["total_bytes"] / row["peak_rss_bytes"] - 1
         print(json.dumps(row))
         return 0
+    from slimtune.memory.heap import lean_heap_environment
+
     rows = []
     for case in args.cases:
         for method, ckpt in SETTINGS:
@@ -144,7 +149,9 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--one", f"{case},{method},{int(ckpt)}",
                    "--rank", str(args.rank), "--optimizer", args.optimizer,
                    "--steps", str(args.steps)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            # Under the malloc settings `slimtune train` runs with (slimtune.memory.heap).
+            env = lean_heap_environment(dict(os.environ)) or dict(os.environ)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 print(
                     f"{case} {method} ckpt={ckpt}: failed\n{done.stderr[-2000:]}", file=sys.stderr

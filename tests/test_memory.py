@@ -209,9 +209,10 @@ def test_cli_bad_model_exits_2(capsys):
 def test_prediction_within_15_percent_of_measured_peak_rss():
     """A tiny LoRA run with gradient checkpointing, measured in a fresh process (~15 s idle)."""
     script = ROOT / "benchmarks" / "bench_memory.py"
+    env = lean_heap_environment(dict(os.environ)) or dict(os.environ)  # as `slimtune train` runs
     done = subprocess.run(
         [sys.executable, str(script), "--one", "tiny,lora,1"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -4,16 +4,17 @@ Counted per block for `T = batch x length` tokens, in the compute dtype:
 
 - always: the block input (the RMSNorm keeps it), the post-attention residual, the query, key,
   value and output of attention (scaled_dot_product_attention keeps them), and in the MLP the
-  gate output, its SiLU and the up output (the product keeps both factors);
-- per group of adapted layers that share an input (q/k/v; o; gate/up; down): that input, kept
-  for the LoRA A gradient; per adapted layer with dropout: the dropped copy and its 1-byte mask;
-  per adapted layer: the rank-r output of A, kept for the B gradient.
+  gate and up outputs (slimtune.models.lean_mlp rebuilds silu(gate) * up when backward needs it);
+- per group of adapted layers that share an input (q/k/v; o; gate/up): that input, kept for the
+  LoRA A gradient (down's input is the rebuilt product); per adapted layer with dropout p: the
+  dropped positions, int64, p x 8 bytes per input value (slimtune.lora.sparse_dropout keeps no
+  mask or dropped copy); per adapted layer: the rank-r output of A, kept for the B gradient.
 
 Frozen base weights keep nothing (no weight gradient). With gradient checkpointing only each
 block's input is kept, and one block's activations exist again while it is recomputed.
 
 On top of what is kept, the peak adds the larger of two transients: the loss, computed in
-chunks of up to 1024 positions (logits, softmax and cross-entropy buffers of chunk x vocab),
+chunks of up to 512 positions (logits, softmax and cross-entropy buffers of chunk x vocab),
 and the backward pass's working gradients (plus, for QLoRA, one decoded weight). The two
 constants below were fitted to peak RSS measured on CPU by benchmarks/bench_memory.py
 (docs/memory.md has the table); on a GPU (`device="cuda"`) the count is the plain analytic one,
@@ -28,12 +29,13 @@ if TYPE_CHECKING:
     from slimtune.memory.architecture import Architecture
     from slimtune.memory.planner import PlanSettings
 
-LOSS_CHUNK = 1024  # slimtune.train.loss.causal_lm_loss's chunk_size
+LOSS_CHUNK = 512  # slimtune.train.loss.causal_lm_loss's chunk_size
 LOSS_BUFFERS = 5  # chunk x vocab float32 buffers: logits, log-softmax, softmax + heap (fitted)
 BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
-# Fitted: RSS grows ~1.3x faster than the kept tensors during the forward pass, because the
-# freed temporaries between them leave holes in the C heap (glibc) that later, differently
-# sized tensors do not fill.
+# Fitted: RSS grows faster than the kept tensors during the forward pass, because the freed
+# temporaries between them leave holes in the C heap that later, differently sized tensors do
+# not fill. Fitted with the lean-heap malloc settings `slimtune train` runs under
+# (slimtune.memory.heap).
 HEAP_OVERHEAD = 1.3
 # Fitted: with checkpointing, the block being recomputed holds its activations and, while its
 # backward runs, gradients of about the same size.
@@ -52,18 +54,19 @@ def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> 
     h, i = arch.hidden_size, arch.intermediate_size
     q = arch.num_heads * arch.head_size
     kv = arch.num_kv_heads * arch.head_size
-    kept = (2 * h + 2 * q + 2 * kv + 3 * i) * item
+    kept = (2 * h + 2 * q + 2 * kv + 2 * i) * item
     if s.method != "full":
-        widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": i}
+        widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": 0}  # mlp_out: rebuilt
         targets = lora_targets(arch, s.targets)
         groups = {GROUPS.get(name, name) for name, _, _ in targets}
         kept += sum(widths.get(g, 0) for g in groups) * item
         kept += sum(s.rank * item for _ in targets)
         if s.dropout > 0:
-            kept += sum(n_in * (item + 1) for _, n_in, _ in targets)
+            kept += int(sum(n_in * s.dropout * 8 for _, n_in, _ in targets))
     else:
-        # Full fine-tuning: every linear keeps its input for the weight gradient.
-        kept += (q + i) * item + (h + h) * item  # o and down inputs; the two norm outputs
+        # Full fine-tuning: every linear keeps its input for the weight gradient (down's is
+        # rebuilt from gate and up).
+        kept += q * item + (h + h) * item  # o's input; the two norm outputs
     return tokens * kept
 
 
@@ -86,8 +89,7 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
     loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
     backward = BACKWARD_BUFFERS * tokens * arch.intermediate_size * item
     if s.method == "qlora":
-        # Linear4bit decodes its weight per call; on CPU through int64 byte indices (numel / 2)
-        # into float32 values, on a GPU (bitsandbytes' kernel) straight into the compute dtype.
+        # Linear4bit decodes its weight per call, straight into the compute dtype.
         largest = max(n_in * n_out for _, n_in, n_out in arch.block_linears())
-        backward += largest * (8 if s.device == "cpu" else item)
+        backward += largest * item
     return kept + max(loss, backward)

@@ -59,12 +59,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], y[start : start + chunk]
             logits = F.linear(hc, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            # log-sum-exp and softmax from one exp pass, in place over the logits buffer.
+            peak = logits.amax(dim=-1, keepdim=True)
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            probs = logits.sub_(peak).exp_()
+            sums = probs.sum(dim=-1)
+            total += (sums.log() + peak.squeeze(1) - target).sum()
             if not (need_h or need_w or need_b):
                 continue
-            # d(sum CE)/d logits = softmax - one_hot, made in place over the logits buffer.
-            probs = logits.sub_(lse[:, None]).exp_()
+            # d(sum CE)/d logits = softmax - one_hot.
+            probs.div_(sums[:, None])
             probs[torch.arange(yc.numel(), device=yc.device), yc] -= 1.0
             if need_h:
                 grad_h[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
