@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from slimtune.memory.planner import PlanSettings
 
 LOSS_CHUNK = 512  # slimtune.train.loss.causal_lm_loss's chunk_size
-LOSS_BUFFERS = 5  # chunk x vocab float32 buffers: logits, log-softmax, softmax + heap (fitted)
+LOSS_BUFFERS = 1  # chunk x vocab float32 buffers: the logits, turned into the softmax in place
 BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
 # Fitted: RSS grows faster than the kept tensors during the forward pass, because the freed
 # temporaries between them leave holes in the C heap that later, differently sized tensors do
