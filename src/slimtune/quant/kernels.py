@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import cache
 
-import numpy as np
 import torch
 
 
@@ -63,7 +62,7 @@ def decode_absmax(
     """float32 absmax from double quantization: code[c] * nested[i // per_nested] + offset,
     every step in float32 (offset: a one-value float32 tensor)."""
     out = torch.empty(codes.shape, dtype=torch.float32)
-    offset32 = np.float32(offset.item())  # a float32 scalar keeps the add in float32
+    offset32 = offset.reshape(1).numpy()[0]  # a numpy float32 scalar keeps the add in float32
     kernel()[1](codes.numpy(), code.numpy(), nested.numpy(), per_nested, offset32, out.numpy())
     return out
 

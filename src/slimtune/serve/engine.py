@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimtune.data import pad_token_id
 from slimtune.serve import kv
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
@@ -114,7 +115,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.max_context = max_context or _context_length(model)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)  # masked out: the same rule as training
         self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
         self.steps = 0  # forward passes run, for tests and benchmarks
         self._pending: list[GenerationRequest] = []
