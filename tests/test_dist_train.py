@@ -161,3 +161,21 @@ def test_resume_under_torchrun_is_exact(runs, workdir):
     resumed, uninterrupted = _adapter(killed), _adapter(two)
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_resume_under_torchrun_with_dropout_is_exact(workdir):
+    """Each rank's dropout draws depend on (seed, step, rank) only, not on RNG state that only
+    rank 0 could checkpoint: a resumed two-process run still ends bit for bit where an unbroken
+    one does."""
+    _train(workdir, 2, "dropped", "--batch-size=2", "--dropout=0.1")
+    unbroken = workdir / "dropped"
+    killed = workdir / "dropped-killed"
+    shutil.copytree(unbroken, killed)
+    shutil.rmtree(killed / "checkpoints" / "step-000004")
+    (killed / "adapter_model.safetensors").unlink()
+    _train(workdir, 2, "dropped-killed", "--batch-size=2", "--dropout=0.1", "--resume")
+
+    assert [r["loss"] for r in _losses(killed)] == [r["loss"] for r in _losses(unbroken)]
+    resumed, uninterrupted = _adapter(killed), _adapter(unbroken)
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name

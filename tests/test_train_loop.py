@@ -196,3 +196,22 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     # Each step logged exactly once, though the killed run had logged some after step 4.
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+
+
+def test_dropout_seeds_differ_by_rank_and_step_and_repeat_exactly():
+    """Every (seed, step, rank) gets its own dropout stream: ranks of a torchrun job do not
+    drop the same positions, and a resumed step draws what the unbroken run drew."""
+    from slimtune.lora.sparse_dropout import drop_positions
+    from slimtune.train.loop import _step_seed
+
+    seeds = {_step_seed(3, step, rank) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 - 1 for s in seeds)
+    assert _step_seed(3, 7, 1) == _step_seed(3, 7, 1) != _step_seed(4, 7, 1)
+
+    def first_positions(rank: int) -> torch.Tensor:
+        torch.manual_seed(_step_seed(3, 7, rank))
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # as SparseDropoutLora draws
+        return drop_positions(10_000, 0.1, seed)
+
+    assert not torch.equal(first_positions(0)[:50], first_positions(1)[:50])
+    assert torch.equal(first_positions(1), first_positions(1))

@@ -152,6 +152,9 @@ def train(
             group["lr"] = lr
 
         t0 = time.perf_counter()
+        # Dropout draws of this step on this rank: a function of (seed, step, rank) alone, so
+        # a resumed run (on any number of processes) draws what an unbroken one drew.
+        torch.manual_seed(_step_seed(config.seed, step, info.rank))
         shards = [
             shard_batch([data.train[i] for i in rows], info) for rows in plan.micro_batches(step)
         ]
@@ -241,6 +244,11 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
     """The total gradient norm, clipping to `max_norm` when given."""
     limit = max_norm if max_norm is not None else float("inf")
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed per (run seed, step, rank), spread over 63 bits (torch.manual_seed's range)."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank) % (2**63 - 1)
 
 
 def _diverged(step, epoch, loss, grad_norm, checkpoints: Path, bar) -> None:
