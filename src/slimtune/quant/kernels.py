@@ -40,8 +40,11 @@ def kernel():
 
     @numba.njit(cache=True, nogil=True)
     def decode_scales(codes, code, nested, per_nested, offset, out):  # pragma: no cover
-        for i in range(codes.shape[0]):
-            out[i] = code[codes[i]] * nested[i // per_nested] + offset
+        n = codes.shape[0]
+        for g in range(nested.shape[0]):
+            scale = nested[g]
+            for i in range(g * per_nested, min(n, (g + 1) * per_nested)):
+                out[i] = code[codes[i]] * scale + offset
 
     return decode, decode_scales
 
