@@ -9,7 +9,8 @@ Two remedies, both for glibc (Linux):
   RSS 3.80 -> 2.58 GB, step time unchanged (benchmarks/reports/train.md). Tunables are read
   when a process starts: the CLI re-executes itself once with them (`reexec_with_lean_heap`).
 - `limit_heap_fragmentation()`: serve large blocks with mmap, described below. It frees memory
-  at once but pays a page fault per fresh page (a SmolLM2 step 5.5 -> 9.7 s); the 7B run needs it.
+  at once but pays a page fault per fresh page (a SmolLM2 step 5.5 -> 9.7 s, a 7B step 152 ->
+  372 s for 0.7 GiB less peak); `benchmarks/bench_7b.py --heap mmap` uses it.
 
 glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, so
 after a few steps most activation tensors come from the brk heap, which is only returned to

@@ -42,7 +42,7 @@ def _lean_forward(self: nn.Module, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and self.training):
         return self.down_proj(nn.functional.silu(gate) * up)
     product = SwiGLU.apply(gate, up)
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if _outer_saving_hooks():
         return self.down_proj(product)  # checkpointing (or a caller) already manages saving
 
     # The hooks live as long as what they pack: they must not hold `product` itself.
@@ -60,6 +60,13 @@ def _lean_forward(self: nn.Module, x: Tensor) -> Tensor:
 
     with saved_tensors_hooks(pack, unpack):
         return self.down_proj(product)
+
+
+def _outer_saving_hooks() -> bool:
+    """Whether saved-tensor hooks are already active (gradient checkpointing installs some): ours
+    must not nest inside them. torch keeps this query private; without it, assume they are."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _is_gated_silu_mlp(module: nn.Module) -> bool:
