@@ -190,7 +190,7 @@ def decode_blocks(
     scales = absmax.reshape(rows.shape[0], -1)
     if out is None:
         out = empty_large((codes.numel() * 2,), torch.float32, codes.device)
-    if codes.device.type == "cpu" and kernels.kernel() is not None:
+    if kernels.usable(codes):
         kernels.decode_rows(rows, scales, pair_table(quant_type), out.view(rows.shape[0], -1))
         return out
     # Elsewhere (a GPU): one gather through a byte -> (high, low) pair table, then the scales.

@@ -66,7 +66,7 @@ def dequantize_absmax(
 ) -> torch.Tensor:
     """uint8 codes -> float32 absmax, as bitsandbytes computes it (map[c] * nested, then + offset)."""
     code = dynamic_map() if code is None else code
-    if codes.device.type == "cpu" and kernels.kernel() is not None:
+    if kernels.usable(codes):
         return kernels.decode_absmax(codes, code, nested_absmax, blocksize, offset)
     values = torch.index_select(code.to(codes.device), 0, codes.to(torch.int32))
     full = values.numel() - values.numel() % blocksize

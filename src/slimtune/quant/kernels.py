@@ -49,6 +49,11 @@ def kernel():
     return decode, decode_scales
 
 
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether the compiled kernels can decode `tensor`: a CPU tensor, and numba importable."""
+    return tensor.device.type == "cpu" and kernel() is not None
+
+
 def decode_rows(codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor):
     """Fill `out` (rows, 2 * width) float32 from `codes` (rows, width) uint8, any strides, whose
     blocks along each row share the float32 `absmax` (rows, blocks); `pairs` (256, 2) float32
