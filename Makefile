@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint format clean
+.PHONY: setup test test-gpu demo bench lint format clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	$(PY) -m pytest -q
+
+# Where a CUDA device exists: the GPU code paths, against bitsandbytes' CUDA kernels.
+test-gpu: setup
+	SLIMTUNE_TEST_GPU=1 $(PY) -m pytest -q tests/gpu
 
 demo: setup
 	$(VENV)/bin/slimtune demo

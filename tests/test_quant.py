@@ -183,3 +183,26 @@ def test_compiled_and_torch_decoders_agree(quant_type, blocksize, double_quant, 
     for ours, theirs in zip(compiled, both(), strict=True):
         assert torch.equal(ours, theirs)
     assert torch.equal(compiled[1], compiled[0][:, 4096:])
+
+
+def test_cuda_rounding_rules_differ_from_the_cpu_only_at_the_edges():
+    """bitsandbytes' CUDA rules (slimtune.quant.cuda_codes), run here on CPU tensors: its FP4
+    threshold 0.583333 sits below the midpoint, an exact zero takes +0 and a tiny negative -0,
+    and a zero block (NaN after scaling) code 0. tests/gpu checks them against the GPU."""
+    from slimtune.quant.blockwise import nearest_code
+    from slimtune.quant.cuda_codes import nearest_code_cuda, nearest_dynamic_code_cuda
+
+    x = torch.tensor([0.5833331, 0.0, -1e-9, float("nan"), 0.9, -0.2])
+    assert nearest_code_cuda(x, "fp4").tolist() == [0b010, 0, 0b1000, 0, 0b011, 0b1110]
+    assert nearest_code(x[:1], "fp4").tolist() == [0b101]  # the CPU kernel's exact midpoint
+    torch.manual_seed(0)
+    scaled = torch.rand(20_000) * 2 - 1
+    assert torch.equal(nearest_code_cuda(scaled, "nf4"), nearest_code(scaled, "nf4"))
+    # FP4 has two zeros: the CPU kernel gives tiny positives the one, CUDA the other.
+    on_gpu, on_cpu = nearest_code_cuda(scaled, "fp4"), nearest_code(scaled, "fp4")
+    assert 0 < int((on_gpu != on_cpu).sum()) < 100
+    fp4 = codebook("fp4")
+    assert torch.equal(fp4[on_gpu.long()], fp4[on_cpu.long()])
+    code = dynamic_map()
+    nearest = (scaled[:, None] - code[None]).abs().argmin(dim=1)
+    assert torch.equal(nearest_dynamic_code_cuda(scaled, code).long(), nearest)

@@ -10,6 +10,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora.inject import adapter_parameters, lora_configs, lora_layers
+from slimtune.models.device import device_of
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None], allow_none: bool = False) -> None:
@@ -79,7 +80,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise SlimtuneError("adapters are merged into the base: unmerge them first")
-    groups = _group_rows(names, _device(model))
+    groups = _group_rows(names, device_of(model))
     for layer in layers:
         layer.sample_groups, layer.sample_batch = groups, len(names)
     try:
@@ -98,9 +99,3 @@ def _group_rows(
         whole = len(rows) == len(names)
         groups.append((name, None if whole else torch.tensor(rows, device=device)))
     return groups
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

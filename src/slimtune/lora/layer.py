@@ -18,6 +18,7 @@ from slimtune.lora import init as inits
 from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
 from slimtune.lora.sparse_dropout import SparseDropoutLora
+from slimtune.models.device import device_of
 
 
 class LoraLinear(nn.Module):
@@ -63,7 +64,7 @@ class LoraLinear(nn.Module):
         """Create adapter `name` (A [r, in], B [out, r], float32); `loftq`: (quant_config, iters)."""
         if r > min(self.in_features, self.out_features) and init in ("pissa", "loftq"):
             raise SlimtuneError(f"init={init!r} needs r <= min(in, out) of the layer, got r={r}")
-        device = _device_of(self.base_layer)
+        device = device_of(self.base_layer)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -277,13 +278,6 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}"
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()))
-    return tensor.device
 
 
 def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:

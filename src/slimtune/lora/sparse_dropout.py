@@ -54,7 +54,8 @@ class SparseDropoutLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, x, A, B, scaling: float, p: float):
-        positions = drop_positions(x.numel(), p, _new_seed())
+        # Drawn on the CPU (numpy), used where x lives.
+        positions = drop_positions(x.numel(), p, _new_seed()).to(x.device)
         keep_scale = 1.0 / (1.0 - p)
         low = (_dropped(x, positions) @ A.t()).mul_(keep_scale)
         out = torch.addmm(result.reshape(-1, B.shape[0]), low, B.t(), alpha=scaling)

@@ -22,6 +22,7 @@ from slimtune.quant.codebook import (
     pair_table,
     sorted_codes,
 )
+from slimtune.quant.cuda_codes import nearest_code_cuda, scale_blocks_cuda
 from slimtune.quant.double_quant import NESTED_BLOCKSIZE, dequantize_absmax, quantize_absmax
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -139,10 +140,7 @@ def quantize_4bit(
     _check_input(x, blocksize)
     blocks = x.detach().reshape(-1, blocksize).float()
     absmax = blocks.abs().amax(dim=1)
-    # Multiply by the reciprocal (not divide) and clamp: bitsandbytes' exact float32 steps.
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
-    q = nearest_code(scaled.view(-1), quant_type)
-    del scaled
+    q = _block_codes(blocks, absmax, quant_type)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
 
     state = QuantState(
@@ -163,6 +161,16 @@ def quantize_4bit(
             nested_code=dynamic_map(),
         )
     return packed, state
+
+
+def _block_codes(blocks: torch.Tensor, absmax: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The 4-bit code of every value, scaled by its block's 1 / absmax, by the rounding rules
+    bitsandbytes follows on the blocks' device (see slimtune.quant.cuda_codes)."""
+    if blocks.device.type != "cpu" and quant_type != "int4":
+        return nearest_code_cuda(scale_blocks_cuda(blocks, absmax).view(-1), quant_type)
+    # Multiply by the reciprocal (not divide) and clamp: bitsandbytes' exact float32 steps.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
+    return nearest_code(scaled.view(-1), quant_type)
 
 
 # Decode at most this many packed bytes per step when the result is not float32 (the float32

@@ -13,6 +13,7 @@ import torch
 
 from slimtune.quant import kernels
 from slimtune.quant.codebook import dynamic_map
+from slimtune.quant.cuda_codes import nearest_dynamic_code_cuda, scale_blocks_cuda
 
 NESTED_BLOCKSIZE = 256
 _LUT_SIZE = 65536
@@ -44,6 +45,9 @@ def quantize_absmax(
     centred = absmax - offset
     blocks = _blocks(centred, blocksize, 0.0)
     nested_absmax = blocks.abs().amax(dim=1)
+    if absmax.device.type != "cpu":  # bitsandbytes' CUDA kernel searches the map instead
+        normed = scale_blocks_cuda(blocks, nested_absmax).view(-1)[: absmax.numel()]
+        return nearest_dynamic_code_cuda(normed, dynamic_map()), nested_absmax, offset
     # bitsandbytes' CPU kernel does not search the map: it scales by the reciprocal, maps [-1, 1]
     # onto 65536 bins and reads the code of each bin from a table built from the midpoints. We
     # follow the same float32 steps so the codes agree bit for bit (even where a value sits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimtune.models.device import device_of, to_device
 from slimtune.train.loss import causal_lm_loss
 
 
@@ -39,7 +40,8 @@ def count_trained_tokens(batch: dict[str, Tensor]) -> int:
 def loss_on(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, int]:
     """(summed loss, token count) over `batches`, without gradients."""
     total, count = 0.0, 0
+    device = device_of(model)
     for batch in batches:
-        total += float(summed_loss(model, batch))
+        total += float(summed_loss(model, to_device(batch, device)))
         count += count_trained_tokens(batch)
     return total, count

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from slimtune.data import pad_token_id
+from slimtune.models.device import device_of, to_device
 
 
 @contextlib.contextmanager
@@ -92,6 +93,7 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
+    inputs = to_device(inputs, device_of(model))
     sampling = temperature > 0
     options = dict(
         max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_token_id(tokenizer)
@@ -137,6 +139,7 @@ def greedy_answers(
         with decoded_weights(model):
             for start in range(0, len(prompts), batch_size):
                 inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
+                inputs = to_device(inputs, device_of(model))
                 out = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,

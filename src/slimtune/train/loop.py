@@ -33,6 +33,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
+from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -158,7 +159,7 @@ def train(
         shards = [
             shard_batch([data.train[i] for i in rows], info) for rows in plan.micro_batches(step)
         ]
-        batches = [_to(collate(shard), info.device) for shard in shards]
+        batches = [to_device(collate(shard), info.device) for shard in shards]
         # Normalise by the trained tokens of the whole step on all ranks: every token weighs
         # the same, however the rows fall into micro-batches and processes.
         global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
@@ -225,10 +226,6 @@ def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.o
             raise SlimtuneError(f"optimizer {config.optimizer!r} needs slimtune.optim") from None
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _resume(config, checkpoints: Path, model, optimizer, metrics: MetricsLog) -> int:

@@ -1,0 +1,369 @@
+"""The CUDA code paths: quantization against bitsandbytes' CUDA kernels, the 4-bit layer, LoRA
+with sparse dropout, paged optimizers, and training end to end on a GPU.
+
+These need a CUDA device, so `make test` (CI has no GPU) leaves this folder out (see
+tests/conftest.py): run them with `make test-gpu` where one exists. Each compares the GPU against an oracle (bitsandbytes on the
+same GPU, or slimtune's own CPU path, which the CPU suite checks against bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+
+from slimtune.lora import LoraConfig, inject_adapter
+from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
+from slimtune.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from slimtune.quant import (
+    Linear4bit,
+    QuantConfig,
+    codebook,
+    dequantize_4bit,
+    quantize_4bit,
+    quantize_model,
+)
+
+if not torch.cuda.is_available():
+    raise RuntimeError("tests/gpu needs a CUDA device: run `make test` on a machine without one")
+
+CUDA = torch.device("cuda")
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+# ------------------------------------------------------------------ quantization
+
+
+def assert_same_bytes(ours, theirs, what):
+    differ = (ours != theirs).view(-1).nonzero().view(-1)
+    assert differ.numel() == 0, (
+        f"{what}: {differ.numel()} of {ours.numel()} bytes differ, first at {differ[:5].tolist()}: "
+        f"ours {ours.view(-1)[differ[:5]].tolist()}, bitsandbytes {theirs.view(-1)[differ[:5]].tolist()}"
+    )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_quantization_is_bitsandbytes_cuda_bit_for_bit(quant_type, double_quant, dtype):
+    bnbf = _bnb()
+    torch.manual_seed(0)
+    x = (torch.randn(384, 512) * 0.02).to(dtype)
+    x[:2] = 0.0  # all-zero blocks
+    x[2, :8] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 1.0, -1.0, 0.5, -0.5]).to(dtype)
+    x = x.to(CUDA)
+    packed, state = quantize_4bit(x, quant_type, 64, double_quant)
+    ref_packed, ref_state = bnbf.quantize_4bit(
+        x, blocksize=64, compress_statistics=double_quant, quant_type=quant_type
+    )
+    assert packed.device.type == "cuda"
+    assert_same_bytes(packed, ref_packed, "packed codes")
+    if double_quant:
+        assert_same_bytes(state.absmax, ref_state.absmax, "absmax codes")
+        assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
+        assert torch.equal(state.offset, ref_state.offset)
+    else:
+        assert torch.equal(state.absmax, ref_state.absmax)
+    values = dequantize_4bit(packed, state)
+    assert torch.equal(values, bnbf.dequantize_4bit(ref_packed, ref_state))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cuda_rounding_rules_on_values_near_every_threshold(quant_type):
+    """Values one float32 step either side of every threshold and midpoint: the cases where the
+    CUDA kernel's literals and the CPU's midpoints may part."""
+    bnbf = _bnb()
+    from slimtune.quant.codebook import sorted_codes
+    from slimtune.quant.cuda_codes import FP4_THRESHOLDS, NF4_THRESHOLDS
+
+    edges = torch.tensor(NF4_THRESHOLDS if quant_type == "nf4" else FP4_THRESHOLDS)
+    edges = torch.cat([edges, sorted_codes(quant_type)[0], -edges])
+    near = torch.stack([edges, edges.nextafter(edges + 1), edges.nextafter(edges - 1)]).view(-1)
+    x = torch.cat([near, torch.ones(1)])  # absmax 1: the scaled values are the values
+    x = torch.cat([x, torch.zeros(-x.numel() % 64)]).view(-1, 64).to(CUDA)
+    packed, _ = quantize_4bit(x, quant_type, 64)
+    ref_packed, _ = bnbf.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+    assert_same_bytes(packed, ref_packed, "packed codes")
+
+
+def test_double_quant_codes_of_values_near_every_midpoint_are_bitsandbytes_cuda():
+    bnbf = _bnb()
+    from slimtune.quant.codebook import dynamic_map
+    from slimtune.quant.cuda_codes import nearest_dynamic_code_cuda, scale_blocks_cuda
+
+    code = dynamic_map()
+    mid = (code[:-1] + code[1:]) / 2
+    x = torch.cat([mid, mid.nextafter(mid + 1), mid.nextafter(mid - 1), code, torch.ones(1)])
+    x = torch.cat([x, torch.zeros(-x.numel() % 256)]).to(CUDA)
+    ref, ref_state = bnbf.quantize_blockwise(x, code=code.to(CUDA), blocksize=256)
+    normed = scale_blocks_cuda(x.view(-1, 256), ref_state.absmax).view(-1)
+    assert_same_bytes(nearest_dynamic_code_cuda(normed, code), ref, "8-bit codes")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_cuda_and_cpu_quantization_agree_but_at_the_edges(quant_type):
+    """The two devices round alike but for values on a threshold (see quant/cuda_codes.py);
+    bytes quantized on one device decode to the same values on the other."""
+    torch.manual_seed(1)
+    x = torch.randn(256, 320)
+    packed, state = quantize_4bit(x, quant_type, 64, double_quant=True)
+    packed_gpu, state_gpu = quantize_4bit(x.to(CUDA), quant_type, 64, double_quant=True)
+    values = codebook(quant_type)  # FP4's two zeros: equal values, different codes
+    codes, codes_gpu = (
+        torch.stack([p.view(-1) >> 4, p.view(-1) & 15]) for p in (packed, packed_gpu)
+    )
+    assert (values[codes_gpu.cpu().long()] != values[codes.long()]).float().mean() < 1e-3
+    assert (state_gpu.absmax.cpu() != state.absmax).float().mean() < 2e-2
+    on_cpu = dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_4bit(packed.to(CUDA), state.to(CUDA)).cpu(), on_cpu)
+    on_gpu = dequantize_4bit(packed_gpu, state_gpu)
+    assert torch.equal(dequantize_4bit(packed_gpu.cpu(), state_gpu.to("cpu")), on_gpu.cpu())
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_linear4bit_on_cuda_matches_bitsandbytes_linear4bit(compute_dtype):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(2)
+    dense = torch.nn.Linear(256, 192)
+    ours = Linear4bit.from_linear(
+        dense, QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=compute_dtype)
+    ).to(CUDA)
+    theirs = bnb.nn.Linear4bit(
+        256, 192, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4"
+    )
+    theirs.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    theirs.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    theirs = theirs.to(CUDA)
+    assert torch.equal(ours.weight, theirs.weight.data)  # same packed bytes
+
+    x = torch.randn(8, 256, device=CUDA, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = ours(x), theirs(x_ref)
+    fp32 = compute_dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if fp32 else dict(rtol=1.6e-2, atol=1e-2)  # bf16: 8 bits
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+
+
+def test_linear4bit_forward_and_backward_on_cuda_match_the_cpu():
+    torch.manual_seed(3)
+    layer = Linear4bit.from_linear(torch.nn.Linear(320, 128), QuantConfig(double_quant=True))
+    x = torch.randn(4, 9, 320, requires_grad=True)
+    layer_gpu = copy.deepcopy(layer).to(CUDA)
+    x_gpu = x.detach().to(CUDA).requires_grad_()
+    out, out_gpu = layer(x), layer_gpu(x_gpu)
+    torch.testing.assert_close(out_gpu.cpu(), out, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    out_gpu.sum().backward()
+    torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+def test_sparse_dropout_on_cuda_is_the_dense_formula_with_its_mask():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, device=CUDA, requires_grad=True)
+    A = torch.randn(4, 64, device=CUDA, requires_grad=True)
+    B = torch.randn(32, 4, device=CUDA, requires_grad=True)
+    result = torch.randn(3, 7, 32, device=CUDA, requires_grad=True)
+    torch.manual_seed(3)
+    out = SparseDropoutLora.apply(result, x, A, B, 2.0, 0.3)
+
+    torch.manual_seed(3)  # the function's seed comes from torch's (CPU) generator
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    keep = torch.ones(x.numel())
+    keep[drop_positions(x.numel(), 0.3, seed)] = 0
+    keep = keep.to(CUDA).view(x.shape)
+    twins = [t.detach().clone().requires_grad_() for t in (result, x, A, B)]
+    r2, x2, A2, B2 = twins
+    expected = r2 + 2.0 * ((x2 * keep / 0.7) @ A2.t()) @ B2.t()
+    # The same float32 sums in another order (the scale is applied to the narrow side).
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, expected, **tol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for ours, theirs in zip((result, x, A, B), twins, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, **tol)
+
+
+def test_qlora_model_on_cuda_matches_peft_with_bitsandbytes():
+    """The same tiny LLaMA, quantized and adapted by us and by PEFT + bitsandbytes, on the GPU:
+    the same logits (eval mode) with the same adapter weights."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    base = make_tiny_llama()
+    # Quantized on the GPU, as bitsandbytes does it below (the CPU rounds a few ties otherwise).
+    ours = quantize_model(copy.deepcopy(base).to(CUDA), QuantConfig(double_quant=True))
+    inject_adapter(ours, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    theirs = copy.deepcopy(base)
+    for module in list(theirs.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.float32,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(),
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                setattr(module, child_name, q)
+    theirs = get_peft_model(
+        theirs.to(CUDA),
+        PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+    )
+    ours.to(CUDA)
+    # Give both the same non-zero adapter (B starts at zero: make the adapter matter).
+    torch.manual_seed(4)
+    peft_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        if "lora_" in name:
+            value = torch.randn_like(param) * 0.1
+            param.data.copy_(value)
+            peft_name = "base_model.model." + name  # our names carry the adapter name too
+            peft_params[peft_name].data.copy_(value)
+    ids = torch.randint(0, 128, (2, 12), device=CUDA)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.eval()(ids).logits, theirs.eval()(ids).logits, rtol=1e-4, atol=1e-4
+        )
+
+
+# ------------------------------------------------------------------ optimizers
+
+
+def _fit(optimizer_class, steps=20, device=CUDA):
+    torch.manual_seed(5)
+    params = [torch.randn(300, 64, device=device, requires_grad=True) for _ in range(3)]
+    target = [torch.randn_like(p) for p in params]
+    optimizer = optimizer_class(params, lr=1e-2)
+    for _ in range(steps):
+        loss = sum(((p - t) ** 2).sum() for p, t in zip(params, target, strict=True))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return params, optimizer
+
+
+@pytest.mark.parametrize(("paged", "plain"), [(PagedAdamW, AdamW), (PagedAdamW8bit, AdamW8bit)])
+def test_paged_optimizers_on_cuda_keep_state_on_the_host_and_step_like_unpaged(paged, plain):
+    paged_params, paged_opt = _fit(paged)
+    plain_params, plain_opt = _fit(plain)
+    for a, b in zip(paged_params, plain_params, strict=True):
+        assert torch.equal(a, b)
+    for p in paged_params:
+        state = paged_opt.state[p]
+        moments = [v for k, v in state.items() if torch.is_tensor(v) and v.numel() > 1]
+        assert moments and all(v.device.type == "cpu" and v.is_pinned() for v in moments)
+        plain_state = [v for v in plain_opt.state[p].values() if torch.is_tensor(v)]
+        assert all(v.device.type == "cuda" for v in plain_state if v.numel() > 1)
+
+
+def test_paged_state_costs_no_gpu_memory():
+    torch.cuda.synchronize()
+    params = [torch.randn(4096, 1024, device=CUDA, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    held = torch.cuda.memory_allocated()
+    paged = PagedAdamW(params, lr=1e-3)
+    paged.step()
+    torch.cuda.synchronize()
+    paged_growth = torch.cuda.memory_allocated() - held
+    plain = AdamW(params, lr=1e-3)
+    plain.step()
+    torch.cuda.synchronize()
+    plain_growth = torch.cuda.memory_allocated() - held - paged_growth
+    moments = 2 * params[0].numel() * 4
+    assert plain_growth >= moments  # two float32 moments on the GPU
+    assert paged_growth < moments / 16  # none there when paged
+
+
+# ------------------------------------------------------------------ training
+
+
+ANSWER = [17, 42, 99, 5, 64, 23]
+
+
+def _rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt = torch.randint(3, 128, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        prompt = prompt.tolist()
+        rows.append({"input_ids": prompt + ANSWER, "labels": [-100] * len(prompt) + ANSWER})
+    return rows
+
+
+def _qlora_model(seed=0):
+    model = quantize_model(make_tiny_llama(initializer_range=0.3), QuantConfig(double_quant=True))
+    torch.manual_seed(seed)
+    inject_adapter(model, LoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all-linear"))
+    return model
+
+
+def _config(output, **overrides):
+    from slimtune.train import TrainConfig
+
+    settings = dict(
+        output=str(output),
+        rank=8,
+        alpha=16,
+        dropout=0.1,
+        lr=1e-2,
+        epochs=3,
+        batch_size=4,
+        grad_accum=2,
+        max_grad_norm=1.0,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+        optimizer="paged_adamw8bit",
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_qlora_training_on_cuda_learns_and_resumes_exactly(tmp_path):
+    from slimtune.train import TrainData, train
+
+    data = TrainData(train=_rows(48, 0), eval=_rows(8, 1))
+    model = _qlora_model()
+    result = train(
+        _config(tmp_path / "whole", save_every=4, keep_checkpoints=10),
+        model=model,
+        data=data,
+        progress=False,
+    )
+    assert next(model.parameters()).device.type == "cuda"
+    records = result.evals
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"] / 2, records
+
+    resumed = tmp_path / "resumed"
+    config = _config(resumed, resume=str(tmp_path / "whole/checkpoints/step-000004"))
+    train(config, model=_qlora_model(seed=7), data=data, progress=False)
+    a = load_file(str(tmp_path / "whole/adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
