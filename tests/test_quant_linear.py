@@ -157,7 +157,7 @@ def test_large_layer_decoded_in_bands_matches_bitsandbytes(bias, monkeypatch):
 
     monkeypatch.setattr(matmul, "BAND_VALUES", 1 << 16)
     _, ref, ours = _pair("nf4", True, bias, in_features=512, out_features=192)
-    assert matmul._banded(ours.quant_state)
+    assert matmul._banded(ours.weight, ours.quant_state)
     x = torch.randn(2, 3, 512)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, y_ours = ref(x_ref), ours(x_ours)

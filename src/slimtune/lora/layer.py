@@ -153,7 +153,8 @@ class LoraLinear(nn.Module):
         if name in self.lora_magnitude_vector or result.dtype != A.dtype:
             return result + self._delta(name, x, result)
         dropout = self.lora_dropout[name]
-        sparse = self.sparse_dropout and self.training and x.dtype == A.dtype
+        # On a GPU dropout's own kernel is fast and the positions would have to be copied over.
+        sparse = self.sparse_dropout and self.training and x.dtype == A.dtype and not x.is_cuda
         if sparse and isinstance(dropout, nn.Dropout) and 0 < dropout.p < 1:
             return SparseDropoutLora.apply(result, x, A, B, self.scaling[name], dropout.p)
         low = F.linear(self._lora_input(name, x, A.dtype)[0], A)

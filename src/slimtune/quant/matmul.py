@@ -17,9 +17,11 @@ from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit
 BAND_VALUES = 1 << 22
 
 
-def _banded(state: QuantState) -> bool:
+def _banded(packed: torch.Tensor, state: QuantState) -> bool:
+    """Bands pay on a CPU (cache, recycled scratch); a GPU decodes the whole weight at once."""
     out_features, in_features = state.shape
-    return in_features % state.blocksize == 0 and out_features * in_features > BAND_VALUES
+    big = out_features * in_features > BAND_VALUES
+    return packed.device.type == "cpu" and in_features % state.blocksize == 0 and big
 
 
 def _layout(packed: torch.Tensor, state: QuantState):
@@ -37,7 +39,7 @@ def linear_4bit(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """x @ W.T + bias, x of shape (..., in_features) in `dtype`."""
-    if not _banded(state):
+    if not _banded(packed, state):
         return nn.functional.linear(x, dequantize_4bit(packed, state, dtype), bias)
     out_features, in_features = state.shape
     codes, absmax = _layout(packed, state)
@@ -66,7 +68,7 @@ def input_grad_4bit(
     grad_out: torch.Tensor, packed: torch.Tensor, state: QuantState, dtype: torch.dtype
 ) -> torch.Tensor:
     """grad_out @ W, grad_out of shape (..., out_features) in `dtype`."""
-    if not _banded(state):
+    if not _banded(packed, state):
         return torch.matmul(grad_out, dequantize_4bit(packed, state, dtype))
     out_features, in_features = state.shape
     codes, absmax = _layout(packed, state)
