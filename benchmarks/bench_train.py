@@ -10,6 +10,9 @@ files, same recipe: prepare_model_for_kbit_training for QLoRA, model(labels=) lo
     .venv/bin/python benchmarks/bench_train.py                 # all variants, a table
     .venv/bin/python benchmarks/bench_train.py --only slimtune-qlora,peer-qlora
     .venv/bin/python benchmarks/bench_train.py --one slimtune-qlora   # one variant, JSON
+
+The "floor" entry bounds what any implementation could reach here: the step's matmul FLOPs at
+the best rate this CPU's matmuls reach (see matmul_floor).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ VARIANTS = [
 # Not in the default set: the peer under slimtune's lean-heap malloc settings, to show how much of
 # the memory gap is the allocator setting alone.
 EXTRA_VARIANTS = ["peer-lora+lean", "peer-qlora+lean", "peer-qlora+ckpt+lean"]
+FLOOR = "floor"  # the fastest a QLoRA step could be on this CPU (see matmul_floor)
 
 
 def peak_rss_mb() -> float:
@@ -164,10 +168,60 @@ def run_one(variant: str, args) -> dict:
     )
 
 
+def matmul_floor(args) -> dict:
+    """The fastest a QLoRA step could possibly be on this CPU: its matmul work alone, done at the
+    best rate this CPU's matmuls reach. The FLOPs are counted on one real slimtune step (every
+    aten mm/addmm), plus causal attention (its fused kernel is invisible to the counter); the
+    rate is the best median of torch.mm on the step's own large shapes. Everything else a step
+    does (norms, activations, rotary, dropout, decoding 4-bit weights, the optimizer) is left
+    out, so the true minimum is higher."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slimtune.train.forward import summed_loss
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = slimtune_model("qlora", False, args)
+    model.train()
+    x = batches(tokenizer, 1, args.batch, args.seq)[0]
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    with FlopCounterMode(display=False) as counter:
+        summed_loss(model, batch).backward()
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    # Causal attention, forward (QK^T, PV) and backward (4 products): 6 B H D S (S + 1) / layer.
+    attention = 6 * args.batch * config.num_attention_heads * head_dim * args.seq * (args.seq + 1)
+    flops = counter.get_total_flops() + attention * config.num_hidden_layers
+
+    d, i, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    tokens = args.batch * args.seq
+    shapes = [(tokens, d, i), (tokens, i, d), (tokens, d, d), (tokens // 2, d, vocab)]
+    rates = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        times = []
+        for _ in range(12):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        rates.append(2 * m * k * n / statistics.median(times[2:]))
+    floor_s = flops / max(rates)
+    return dict(
+        variant=FLOOR,
+        s_per_step=round(floor_s, 3),
+        tokens_per_s=round(tokens / floor_s, 1),
+        gflop_per_step=round(flops / 1e9, 1),
+        best_gflop_per_s=round(max(rates) / 1e9, 1),
+        rates_gflop_per_s=[round(r / 1e9, 1) for r in rates],
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        loadavg=[round(v, 1) for v in os.getloadavg()],
+    )
+
+
 def run_all(args) -> list[dict]:
     from slimtune.memory.heap import lean_heap_environment
 
-    chosen = args.only.split(",") if args.only else VARIANTS
+    chosen = args.only.split(",") if args.only else VARIANTS + [FLOOR]
     results = []
     for variant in chosen:
         cmd = [
@@ -227,6 +281,13 @@ def table(results: list[dict]) -> str:
                 f"QLoRA{suffix} peak RSS, slimtune / peer: "
                 f"{q['peak_rss_mb'] / pq['peak_rss_mb']:.2f} (target <= 0.5)"
             )
+        floor = by.get(FLOOR)
+        if floor and pq and not suffix:
+            rows.append(
+                f"Fastest possible QLoRA step on this CPU (matmuls only, {floor['gflop_per_step']} "
+                f"GFLOP at {floor['best_gflop_per_s']} GFLOP/s): {floor['s_per_step']} s, so at "
+                f"most {floor['tokens_per_s'] / pq['tokens_per_s']:.2f}x the peer's tokens/s"
+            )
         if q and lo:
             rows.append(
                 f"slimtune QLoRA / LoRA step{suffix}: "
@@ -240,7 +301,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--one", choices=VARIANTS + EXTRA_VARIANTS, help="run one variant, print JSON"
+        "--one", choices=VARIANTS + EXTRA_VARIANTS + [FLOOR], help="run one variant, print JSON"
     )
     parser.add_argument("--only", default="", help="comma list of variants")
     parser.add_argument("--threads", type=int, default=2)
@@ -255,7 +316,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.one:
-        print(json.dumps(run_one(args.one, args)))
+        print(json.dumps(matmul_floor(args) if args.one == FLOOR else run_one(args.one, args)))
         return
     results = run_all(args)
     if args.out:

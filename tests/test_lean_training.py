@@ -52,7 +52,8 @@ def test_sparse_dropout_lora_is_the_dense_formula_with_its_mask():
     twins = [t.detach().clone().requires_grad_() for t in (result, x, A, B)]
     r2, x2, A2, B2 = twins
     expected = r2 + 2.0 * ((x2 * keep.view(x.shape) / 0.7) @ A2.t()) @ B2.t()
-    torch.testing.assert_close(out, expected)
+    # Equal up to float32 rounding: the dropped values' share is subtracted from x @ A.T.
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
     grad = torch.randn_like(out)
     out.backward(grad)

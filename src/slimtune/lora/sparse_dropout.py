@@ -13,11 +13,16 @@ for the backward pass (the largest share of the activations). Here:
 
 The seed of each draw comes from torch's default generator, so `torch.manual_seed` and a saved
 RNG state reproduce a run exactly, as with nn.Dropout (the masks themselves differ from it).
+
+On the CPU not even a dropped copy is made: A(dropout(x)) is A(x) minus what the dropped values
+contribute, and the gradients are corrected the same way, a few small loops compiled by numba
+(p x numel values times r each). Elsewhere (or without numba) the copy is made and zeroed.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
 import torch
@@ -42,11 +47,90 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
+@cache
+def _kernels():
+    """numba loops over the dropped positions, or None when numba is not importable."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    # Positions ascend, so the row is tracked by steps (an integer division per position cost
+    # more than the rest), and A is read as A.T: the r values of column j sit side by side.
+    @numba.njit(cache=True, nogil=True)
+    def remove_from_low(low, x, a_t, positions):  # pragma: no cover - compiled
+        # low[i] -= x[i, j] * A[:, j]: the dropped value's share of x @ A.T
+        width, i, row_start = x.shape[1], 0, 0
+        for f in positions:
+            while f >= row_start + width:
+                i += 1
+                row_start += width
+            j = f - row_start
+            v = x[i, j]
+            for k in range(low.shape[1]):
+                low[i, k] -= v * a_t[j, k]
+
+    @numba.njit(cache=True, nogil=True)
+    def remove_from_grad_a_t(grad_a_t, x, g_low, positions):  # pragma: no cover - compiled
+        # grad_A[:, j] -= g_low[i] * x[i, j]: the dropped value's share of g_low.T @ x
+        width, i, row_start = x.shape[1], 0, 0
+        for f in positions:
+            while f >= row_start + width:
+                i += 1
+                row_start += width
+            j = f - row_start
+            v = x[i, j]
+            for k in range(grad_a_t.shape[1]):
+                grad_a_t[j, k] -= g_low[i, k] * v
+
+    @numba.njit(cache=True, nogil=True)
+    def zero_at(flat, positions):  # pragma: no cover - compiled
+        for f in positions:
+            flat[f] = 0.0
+
+    return remove_from_low, remove_from_grad_a_t, zero_at
+
+
+def _in_place(x: Tensor, A: Tensor) -> bool:
+    """Whether the numba loops apply: contiguous float32 CPU tensors."""
+    ok = x.device.type == "cpu" and x.dtype == A.dtype == torch.float32
+    return ok and x.is_contiguous() and A.is_contiguous() and _kernels() is not None
+
+
 def _dropped(x: Tensor, positions: Tensor) -> Tensor:
     """A copy of x (flattened to 2-D) with the values at `positions` set to zero."""
     out = x.reshape(-1, x.shape[-1]).clone()
     out.view(-1).index_fill_(0, positions, 0.0)
     return out
+
+
+def _low(x: Tensor, A: Tensor, positions: Tensor) -> Tensor:
+    """dropout(x) @ A.T before the 1 / (1 - p) scale, as 2-D (tokens x r)."""
+    if not _in_place(x, A):
+        return _dropped(x, positions) @ A.t()
+    x2d = x.view(-1, x.shape[-1])
+    low = x2d @ A.t()
+    a_t = A.detach().t().contiguous()
+    _kernels()[0](low.numpy(), x2d.numpy(), a_t.numpy(), positions.numpy())
+    return low
+
+
+def _grad_a(g_low: Tensor, x: Tensor, positions: Tensor) -> Tensor:
+    """g_low.T @ dropout(x) (before the scale), (r x in)."""
+    if not _in_place(x, g_low):
+        return g_low.t() @ _dropped(x, positions)
+    x2d = x.view(-1, x.shape[-1])
+    grad_a_t = x2d.t() @ g_low
+    _kernels()[1](grad_a_t.numpy(), x2d.numpy(), g_low.numpy(), positions.numpy())
+    return grad_a_t.t()
+
+
+def _zero_at(values: Tensor, positions: Tensor) -> Tensor:
+    flat = values.view(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and _kernels() is not None:
+        _kernels()[2](flat.numpy(), positions.numpy())
+        return values
+    return flat.index_fill_(0, positions, 0.0).view(values.shape)
 
 
 class SparseDropoutLora(torch.autograd.Function):
@@ -57,7 +141,7 @@ class SparseDropoutLora(torch.autograd.Function):
         # Drawn on the CPU (numpy), used where x lives.
         positions = drop_positions(x.numel(), p, _new_seed()).to(x.device)
         keep_scale = 1.0 / (1.0 - p)
-        low = (_dropped(x, positions) @ A.t()).mul_(keep_scale)
+        low = _low(x, A, positions).mul_(keep_scale)
         out = torch.addmm(result.reshape(-1, B.shape[0]), low, B.t(), alpha=scaling)
         ctx.save_for_backward(x, positions, low, A, B)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
@@ -73,7 +157,7 @@ class SparseDropoutLora(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_low = (g @ B).mul_(ctx.scaling * ctx.keep_scale)
             if ctx.needs_input_grad[2]:
-                grad_A = g_low.t() @ _dropped(x, positions)
+                grad_A = _grad_a(g_low, x, positions)
             if ctx.needs_input_grad[1]:
-                grad_x = (g_low @ A).view(-1).index_fill_(0, positions, 0.0).view(x.shape)
+                grad_x = _zero_at(g_low @ A, positions).view(x.shape)
         return grad_out, grad_x, grad_A, grad_B, None, None

@@ -35,8 +35,9 @@ PARTS = (
 # this CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
 # docs/memory.md). On a GPU: the CUDA context and allocator slack, an assumed 1 GiB.
 RUNTIME_BYTES = {"cpu": 380 * 2**20, "cuda": 2**30}
-# QLoRA on CPU also loads numba's compiler for the 4-bit decode kernel (slimtune.quant.kernels):
-# measured 130 MiB more RSS than LoRA on the tiny case, where the weights are negligible.
+# On a CPU numba's compiler comes too, for the 4-bit decode kernel (slimtune.quant.kernels) and
+# for sparse LoRA dropout (slimtune.lora.sparse_dropout): measured 130 MiB of RSS on the tiny
+# case, where the weights are negligible.
 KERNEL_RUNTIME_BYTES = 130 * 2**20
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -146,7 +147,8 @@ def estimate(arch: Architecture, s: PlanSettings) -> MemoryEstimate:
     wbytes, abytes = DTYPE_BYTES[s.weight_dtype], DTYPE_BYTES[s.adapter_dtype]
     parts = dict.fromkeys(PARTS, 0)
     parts["runtime"] = RUNTIME_BYTES[s.device]
-    if s.method == "qlora" and s.device == "cpu":
+    uses_numba = s.method == "qlora" or (s.method == "lora" and s.dropout > 0)
+    if uses_numba and s.device == "cpu":
         parts["runtime"] += KERNEL_RUNTIME_BYTES
     block_linear = arch.num_layers * arch.block_linear_params()
     other = arch.num_params() - block_linear
