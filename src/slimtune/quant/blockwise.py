@@ -178,12 +178,6 @@ def _block_codes(blocks: torch.Tensor, absmax: torch.Tensor, quant_type: str) ->
 CHUNK_BYTES = 1 << 22
 
 
-@cache
-def codebook_on(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16 float32 code values of `quant_type` on `device` (cached: one copy per device)."""
-    return codebook(quant_type).to(device)
-
-
 def pair_lookup(quant_type: str, device: torch.device) -> torch.Tensor:
     """The byte -> (high value, low value) table as 256 int64 words, one 8-byte gather per byte."""
     table = pair_table(quant_type).view(torch.int64).view(-1)
@@ -225,12 +219,11 @@ def dequantize_4bit(
     """
     dtype = state.dtype if dtype is None else dtype
     codes = packed.view(-1)
-    absmax = state.block_absmax()
     if gpu_kernels.usable(codes):
         out = torch.empty(state.shape, dtype=dtype, device=codes.device)
-        table = codebook_on(state.quant_type, codes.device)
-        gpu_kernels.decode(codes, absmax, state.blocksize, table, out.view(-1))
+        gpu_kernels.decode(codes, state, out.view(-1))
         return out
+    absmax = state.block_absmax()
     if dtype == torch.float32:
         return decode_blocks(codes, absmax, state.blocksize, state.quant_type).view(state.shape)
     out = empty_large(state.shape, dtype, codes.device).view(-1)
