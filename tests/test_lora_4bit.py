@@ -35,8 +35,9 @@ from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, load_quanti
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def bnb_quantize(model: nn.Module) -> nn.Module:
-    """Every block Linear -> bitsandbytes Linear4bit (NF4, double quantization), on CPU."""
+def bnb_quantize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Every block Linear -> bitsandbytes Linear4bit (NF4, double quantization), quantized by
+    bitsandbytes on `device`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name != "lm_head":
@@ -54,7 +55,7 @@ def bnb_quantize(model: nn.Module) -> nn.Module:
                     quant_type="nf4",
                     compress_statistics=True,
                 )
-                setattr(module, name, layer.to("cpu"))  # .to() quantizes
+                setattr(module, name, layer.to(device))  # .to() quantizes
     model.is_loaded_in_4bit = True  # what PEFT looks at to wrap bitsandbytes layers
     return model
 

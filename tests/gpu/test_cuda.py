@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from conftest import make_tiny_llama
 from safetensors.torch import load_file
+from test_lora_4bit import bnb_quantize
+from test_train_loop import DATA, tiny_config
 
 from slimtune.lora import LoraConfig, inject_adapter
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
@@ -33,10 +36,6 @@ if not torch.cuda.is_available():
 CUDA = torch.device("cuda")
 
 
-def _bnb():
-    return pytest.importorskip("bitsandbytes.functional")
-
-
 # ------------------------------------------------------------------ quantization
 
 
@@ -52,7 +51,6 @@ def assert_same_bytes(ours, theirs, what):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_quantization_is_bitsandbytes_cuda_bit_for_bit(quant_type, double_quant, dtype):
-    bnbf = _bnb()
     torch.manual_seed(0)
     x = (torch.randn(384, 512) * 0.02).to(dtype)
     x[:2] = 0.0  # all-zero blocks
@@ -78,7 +76,6 @@ def test_cuda_quantization_is_bitsandbytes_cuda_bit_for_bit(quant_type, double_q
 def test_cuda_rounding_rules_on_values_near_every_threshold(quant_type):
     """Values one float32 step either side of every threshold and midpoint: the cases where the
     CUDA kernel's literals and the CPU's midpoints may part."""
-    bnbf = _bnb()
     from slimtune.quant.codebook import sorted_codes
     from slimtune.quant.cuda_codes import FP4_THRESHOLDS, NF4_THRESHOLDS
 
@@ -93,7 +90,6 @@ def test_cuda_rounding_rules_on_values_near_every_threshold(quant_type):
 
 
 def test_double_quant_codes_of_values_near_every_midpoint_are_bitsandbytes_cuda():
-    bnbf = _bnb()
     from slimtune.quant.codebook import dynamic_map
     from slimtune.quant.cuda_codes import nearest_dynamic_code_cuda, scale_blocks_cuda
 
@@ -202,7 +198,6 @@ def test_sparse_dropout_on_cuda_is_the_dense_formula_with_its_mask():
 def test_qlora_model_on_cuda_matches_peft_with_bitsandbytes():
     """The same tiny LLaMA, quantized and adapted by us and by PEFT + bitsandbytes, on the GPU:
     the same logits (eval mode) with the same adapter weights."""
-    import bitsandbytes as bnb
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -210,25 +205,7 @@ def test_qlora_model_on_cuda_matches_peft_with_bitsandbytes():
     # Quantized on the GPU, as bitsandbytes does it below (the CPU rounds a few ties otherwise).
     ours = quantize_model(copy.deepcopy(base).to(CUDA), QuantConfig(double_quant=True))
     inject_adapter(ours, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
-    theirs = copy.deepcopy(base)
-    for module in list(theirs.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=False,
-                    compute_dtype=torch.float32,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(),
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                setattr(module, child_name, q)
+    theirs = bnb_quantize(copy.deepcopy(base), CUDA)
     theirs = get_peft_model(
         theirs.to(CUDA),
         PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
@@ -302,19 +279,6 @@ def test_paged_state_costs_no_gpu_memory():
 # ------------------------------------------------------------------ training
 
 
-ANSWER = [17, 42, 99, 5, 64, 23]
-
-
-def _rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt = torch.randint(3, 128, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
-        prompt = prompt.tolist()
-        rows.append({"input_ids": prompt + ANSWER, "labels": [-100] * len(prompt) + ANSWER})
-    return rows
-
-
 def _qlora_model(seed=0):
     model = quantize_model(make_tiny_llama(initializer_range=0.3), QuantConfig(double_quant=True))
     torch.manual_seed(seed)
@@ -323,31 +287,13 @@ def _qlora_model(seed=0):
 
 
 def _config(output, **overrides):
-    from slimtune.train import TrainConfig
-
-    settings = dict(
-        output=str(output),
-        rank=8,
-        alpha=16,
-        dropout=0.1,
-        lr=1e-2,
-        epochs=3,
-        batch_size=4,
-        grad_accum=2,
-        max_grad_norm=1.0,
-        warmup_steps=2,
-        lr_scheduler="cosine",
-        optimizer="paged_adamw8bit",
-        seed=0,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_config(output, optimizer="paged_adamw8bit", **overrides)
 
 
 def test_qlora_training_on_cuda_learns_and_resumes_exactly(tmp_path):
-    from slimtune.train import TrainData, train
+    from slimtune.train import train
 
-    data = TrainData(train=_rows(48, 0), eval=_rows(8, 1))
+    data = DATA
     model = _qlora_model()
     result = train(
         _config(tmp_path / "whole", save_every=4, keep_checkpoints=10),
