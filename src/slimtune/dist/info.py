@@ -91,8 +91,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown_distributed(info: DistInfo) -> None:
-    """Leave the job cleanly (destroys the process group; a no-op for one process)."""
+    """Leave the job cleanly (a no-op for one process): wait until every rank is done, then
+    destroy the process group. Without the wait a rank that finished first (rank 0 still
+    writing the adapter) now and then died in abort() at exit, "terminate called without an
+    active exception": 2 of 18 two-process gloo runs here, against 0 of 34 with it."""
     if info.is_distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
