@@ -2,8 +2,9 @@
 with sparse dropout, paged optimizers, and training end to end on a GPU.
 
 These need a CUDA device, so `make test` (CI has no GPU) leaves this folder out (see
-tests/conftest.py): run them with `make test-gpu` where one exists. Each compares the GPU against an oracle (bitsandbytes on the
-same GPU, or slimtune's own CPU path, which the CPU suite checks against bitsandbytes).
+tests/conftest.py): run them with `make test-gpu` where one exists. Each compares the GPU
+against an oracle (bitsandbytes on the same GPU, or slimtune's own CPU path, which the CPU suite
+checks against bitsandbytes).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ CUDA = torch.device("cuda")
 
 def assert_same_bytes(ours, theirs, what):
     differ = (ours != theirs).view(-1).nonzero().view(-1)
+    first = differ[:5]
     assert differ.numel() == 0, (
-        f"{what}: {differ.numel()} of {ours.numel()} bytes differ, first at {differ[:5].tolist()}: "
-        f"ours {ours.view(-1)[differ[:5]].tolist()}, bitsandbytes {theirs.view(-1)[differ[:5]].tolist()}"
+        f"{what}: {differ.numel()} of {ours.numel()} bytes differ, first at {first.tolist()}: "
+        f"ours {ours.view(-1)[first].tolist()}, bitsandbytes {theirs.view(-1)[first].tolist()}"
     )
 
 

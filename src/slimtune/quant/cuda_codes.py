@@ -1,11 +1,11 @@
 """How bitsandbytes' CUDA kernels choose codes, which is not quite how its CPU kernels do.
 
 The formats are the same; the rounding at the edges is not. On a GPU bitsandbytes picks 4-bit
-codes with a decision tree whose thresholds are float32 literals (one of them, 0.583333 for
-FP4, a little below the true midpoint 0.5833...), splits FP4's two zero codes by the sign of
-the value (the CPU kernel gives tiny positive values the other one), and picks double-quantization codes by a
-binary search of the 8-bit map rather than the CPU's 65536-bin table. A block of zeros
-becomes code 0 (0 * 1/0 is NaN, and NaN fails every comparison of the tree).
+codes with a decision tree whose thresholds are float32 literals (one of them, 0.583333 for FP4,
+a little below the true midpoint 0.5833...), splits FP4's two zero codes by the sign of the
+value (the CPU kernel gives tiny positive values the other one), and picks double-quantization
+codes by a binary search of the 8-bit map rather than the CPU's 65536-bin table. A block of
+zeros becomes code 0 (0 * 1/0 is NaN, and NaN fails every comparison of the tree).
 
 bitsandbytes builds its CUDA kernels with --use_fast_math: 1 / absmax is the GPU's approximate
 reciprocal (rcp.approx.ftz.f32), which can differ from the exact one in the last bit, and

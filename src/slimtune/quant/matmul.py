@@ -2,9 +2,9 @@
 
 A 4096 x 4096 float32 weight is 64 MiB: decoding it whole costs a fresh allocation every call
 (page faults: they cost more than the decoding itself). Bands of 4M values (16 MiB) are decoded
-into one scratch buffer that malloc recycles, and each band feeds its matmul from cache. Forward takes bands of rows (contiguous in the
-packed layout); the input gradient takes bands of columns, so each band writes its own slice
-of the result and nothing is accumulated.
+into one scratch buffer that malloc recycles, and each band feeds its matmul from cache. Forward
+takes bands of rows (contiguous in the packed layout); the input gradient takes bands of
+columns, so each band writes its own slice of the result and nothing is accumulated.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 The logits of a batch are (tokens x vocabulary): 1024 tokens x 49152 words is 200 MB in fp32,
 twice that with the softmax kept for the backward pass. We only need them at positions whose
-next token is trained (not padding, not the prompt), and only one chunk (512 positions) at a time: the forward
-pass computes each chunk's loss *and* its gradient with respect to the hidden states (softmax
-minus one-hot, times the output matrix), keeps that small (tokens x hidden) gradient and drops
-the chunk's logits. Backward then only scales the stored gradient. No logits are recomputed.
+next token is trained (not padding, not the prompt), and only one chunk (512 positions) at a
+time: the forward pass computes each chunk's loss *and* its gradient with respect to the hidden
+states (softmax minus one-hot, times the output matrix), keeps that small (tokens x hidden)
+gradient and drops the chunk's logits. Backward then only scales the stored gradient. No logits
+are recomputed.
 """
 
 from __future__ import annotations
