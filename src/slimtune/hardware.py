@@ -1,0 +1,115 @@
+"""What the machine can do, read at run time: CPU model and flags, native bfloat16, BLAS.
+
+The same code runs on CPUs that differ in what they multiply fast (AVX2-only machines, where
+float32 is the fast dtype, and AVX512_BF16 / AMX ones, where bfloat16 matmul is several times
+faster), so nothing here is assumed: it is read from /proc/cpuinfo and torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtune.errors import SlimtuneError
+
+# The flags that decide which kernels are fast; every benchmark records them.
+NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
+
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX)."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def resolve_compute_dtype(
+    name: str | torch.dtype, device: torch.device | str = "cpu"
+) -> torch.dtype:
+    """`auto` -> bfloat16 where `device` multiplies it natively, else float32; names -> dtypes."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in COMPUTE_DTYPES:
+        raise SlimtuneError(
+            f"compute_dtype: unknown value {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    dtype = COMPUTE_DTYPES[name]
+    if dtype is None:
+        return torch.bfloat16 if device_has_native_bf16(device) else torch.float32
+    return dtype
+
+
+def blas_name() -> str:
+    """The BLAS torch multiplies with on the CPU (MKL, OpenBLAS, ...), from torch's build config."""
+    config = torch.__config__.show()
+    for name in ("mkl", "openblas", "blis", "accelerate"):
+        if f"blas_info={name}" in config.lower() or f"use_{name}=on" in config.lower():
+            return name
+    return "unknown"
+
+
+def machine_record() -> dict[str, Any]:
+    """What a benchmark must record so that figures from different machines are never mixed."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": {flag: flag in flags for flag in NOTABLE_FLAGS},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "blas": blas_name(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def machine_summary() -> str:
+    """One line for the top of a report: model, the notable flags it has, threads, BLAS."""
+    record = machine_record()
+    have = [flag for flag, present in record["cpu_flags"].items() if present]
+    return (
+        f"{record['cpu']} ({', '.join(have) or 'no notable flags'}; torch capability "
+        f"{record['cpu_capability']}), {record['torch_threads']} threads, BLAS {record['blas']}"
+    )
