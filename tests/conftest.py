@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from oracles import EMULATE_AVX512, install_avx512_emulation  # noqa: E402
+
+if EMULATE_AVX512:
+    install_avx512_emulation()
+
 # tests/gpu needs a CUDA device, which CI does not have: `make test-gpu` runs it.
 collect_ignore = [] if os.environ.get("SLIMTUNE_TEST_GPU") == "1" else ["gpu"]
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import copy
 import json
 
+import bitsandbytes as bnb  # a required oracle: missing, the suite fails
 import pytest
 import torch
 from torch import nn
 
 from slimtune.quant import Linear4bit, QuantConfig
-
-bnb = pytest.importorskip("bitsandbytes")
-
 
 # Small tensors: on one thread (see the one_thread fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")

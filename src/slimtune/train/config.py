@@ -47,7 +47,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     batch_size: int = Field(4, gt=0, description="rows per micro-batch (per process)")
-    grad_accum: int = Field(4, gt=0, description="micro-batches per optimizer step")
+    # 1, as transformers' Trainer and axolotl: accumulating by default starves small data sets of
+    # optimizer steps.
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
     lr: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"

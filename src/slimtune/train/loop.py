@@ -142,6 +142,7 @@ def train(
 
     # --- 2. the steps ------------------------------------------------------------------
     bar = _progress_bar(total, start, enabled=progress and info.is_main)
+    bar.write(_describe_plan(plan, len(data.train)))
     evals: list[dict[str, Any]] = [r for r in metrics.records if "eval_loss" in r]
     loss_value = float("nan")
     for step in range(start, total):
@@ -284,6 +285,28 @@ def _eval_record(step: int, epoch: float, result: EvalResult) -> dict[str, Any]:
         eval_perplexity=result.perplexity,
         eval_accuracy=result.exact_match,
     )
+
+
+# Below this many optimizer steps a run rarely learns a task; the user hears it before training.
+FEW_OPTIMIZER_STEPS = 30
+
+
+def _describe_plan(plan: StepPlan, n_rows: int) -> str:
+    rows_per_step = plan.rows_per_micro * plan.grad_accum
+    text = (
+        f"{plan.total_steps} optimizer steps: {n_rows} rows x {plan.epochs} epoch(s), "
+        f"{rows_per_step} rows a step ({plan.rows_per_micro} a micro-batch x grad_accum "
+        f"{plan.grad_accum})"
+    )
+    chosen = plan.max_steps is not None and plan.max_steps == plan.total_steps
+    if chosen:
+        text += f", stopping at --max-steps {plan.max_steps}"
+    elif plan.total_steps < FEW_OPTIMIZER_STEPS:
+        text += (
+            f". Warning: only {plan.total_steps} optimizer steps, too few for most tasks to be "
+            "learnt; a smaller --batch-size or --grad-accum, or more --epochs, gives more"
+        )
+    return text
 
 
 def _describe_eval(record: dict[str, Any]) -> str:
