@@ -57,8 +57,11 @@ def _run_alone(engine, tokenizer, **kwargs) -> list[list[int]]:
 
 def _run_together(engine, tokenizer, **kwargs) -> list[list[int]]:
     requests = [_request(tokenizer, p, a, **kwargs) for p, a in zip(PROMPTS, ADAPTERS, strict=True)]
-    for request in requests:
-        engine.submit(request)
+    # Queued while the engine cannot take any: they meet in one prefill however slowly this
+    # thread runs (the engine's condition is re-entrant, so submit() takes it again here).
+    with engine._cond:
+        for request in requests:
+            engine.submit(request)
     return [r.result(120).token_ids for r in requests]
 
 

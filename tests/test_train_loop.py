@@ -154,24 +154,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 KILLED_RUN = textwrap.dedent(
     """
-    import sys, time, torch
+    import os, sys, time, torch
     sys.path[:0] = {paths!r}
     from test_train_loop import DATA, tiny_config, tiny_lora_model
     from slimtune.train import train
     torch.set_num_threads(1)
     model = tiny_lora_model()
-    # Slow each step down so the parent can kill us mid-run.
-    model.get_base_model().model.norm.register_forward_hook(lambda *a: time.sleep({sleep}))
+    if {hold}:
+        # Once step 4's checkpoint is written, hang in step 5 until the parent kills us: the
+        # kill lands mid-run however slow the machine is.
+        checkpoint = os.path.join(sys.argv[1], "checkpoints", "step-000004")
+        def hang(*args):
+            if os.path.exists(checkpoint):
+                time.sleep(3600)
+        model.get_base_model().model.norm.register_forward_hook(hang)
     train(tiny_config(sys.argv[1], epochs=2, save_every=1, keep_checkpoints=3, resume={resume}),
           model=model, data=DATA, progress=False)
     """
 )
 
 
-def _script(tmp_path, sleep: float, resume: bool) -> Path:
+def _script(tmp_path, hold: bool, resume: bool) -> Path:
     paths = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")]
     script = tmp_path / f"run_{resume}.py"
-    script.write_text(KILLED_RUN.format(paths=paths, sleep=sleep, resume=resume))
+    script.write_text(KILLED_RUN.format(paths=paths, hold=hold, resume=resume))
     return script
 
 
@@ -180,8 +186,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     train(tiny_config(reference, epochs=2), model=tiny_lora_model(), data=DATA, progress=False)
 
     output = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, _script(tmp_path, 0.15, False), output])
-    deadline = time.time() + 120
+    proc = subprocess.Popen([sys.executable, _script(tmp_path, True, False), output])
+    deadline = time.time() + 600
     while not (output / "checkpoints/step-000004").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
@@ -189,7 +195,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     proc.wait()
     assert not (output / "adapter_model.safetensors").exists()
 
-    subprocess.run([sys.executable, _script(tmp_path, 0.0, True), output], check=True)
+    subprocess.run([sys.executable, _script(tmp_path, False, True), output], check=True)
     a, b = adapter_tensors(reference), adapter_tensors(output)
     for name in a:
         assert torch.equal(a[name], b[name]), name
