@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from slimtune.hardware import machine_record
+
 SHAPE = dict(
     vocab_size=32000,
     hidden_size=4096,
@@ -309,6 +311,7 @@ def main() -> int:
     result = run_peer(args) if args.peer else run_slimtune(args)
     result["predicted"] = prediction(args)
     result["heap"] = args.heap
+    result["machine"] = machine_record()
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slimtune.hardware import machine_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 2
 LAYOUTS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process)
@@ -98,6 +100,7 @@ def main() -> int:
                       f"wall {run['wall_s']:.0f} s, load average {run['load']:.1f}", flush=True)  # fmt: skip
 
     model = args.model or "SmolLM2-135M"
+    print(f"\nMachine: {machine_summary()}")
     print(f"\n{model} QLoRA r{args.rank}, global batch {args.global_batch} rows, "
           f"{args.steps} steps (median of steps {WARMUP_STEPS + 1}..{args.steps})\n")  # fmt: skip
     print("| processes x threads | tokens/s (median) | runs | wall s (incl. load) |")

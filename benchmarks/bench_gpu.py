@@ -24,6 +24,8 @@ import tempfile
 
 import torch
 
+from slimtune.hardware import machine_record
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -197,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
-    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=[])
+    results = dict(device=torch.cuda.get_device_name(), machine=machine_record(), rows=[])
     for part in (bench_dequantize, bench_linear):
         for row in part():
             print(json.dumps(row), flush=True)

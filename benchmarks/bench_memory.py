@@ -9,6 +9,12 @@ the loader's business and are not counted).
 
     .venv/bin/python benchmarks/bench_memory.py            # all cases, a markdown table
     .venv/bin/python benchmarks/bench_memory.py --cases smollm2 --json
+    .venv/bin/python benchmarks/bench_memory.py --validate --json   # out of sample, see below
+
+The planner's constants were fitted on the default cases (rank 16, AdamW, each case's batch and
+length). `--validate` runs a disjoint set (other ranks, batch sizes, lengths and optimizers,
+checkpointing on and off) and reports the planner's error on it: the band `slimtune estimate`
+prints.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ CASES = {
 }  # fmt: skip
 
 SETTINGS = [(m, c) for m in ("lora", "qlora") for c in (False, True)]
+
+# Out of sample: none of these (rank, optimizer, batch, length) was used to fit the planner.
+# (case, method, checkpointing, rank, optimizer, batch, length)
+VALIDATION = [
+    ("small", "qlora", False, 8, "adamw8bit", 2, 1024),
+    ("small", "lora", True, 64, "paged_adamw", 8, 256),
+    ("small", "qlora", True, 32, "paged_adamw8bit", 8, 128),
+    ("small", "lora", False, 4, "adamw", 1, 2048),
+    ("smollm2", "qlora", False, 64, "adamw8bit", 2, 256),
+    ("smollm2", "qlora", True, 8, "adamw", 4, 512),
+    ("smollm2", "lora", False, 32, "paged_adamw8bit", 1, 1024),
+    ("smollm2", "lora", True, 16, "adamw8bit", 2, 768),
+]
 
 
 def _llama_config(case: str):
@@ -65,7 +84,10 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: str, steps: int):
+def measure(
+    case: str, method: str, checkpointing: bool, rank: int, optimizer: str, steps: int,
+    batch: int | None = None, length: int | None = None,
+):  # fmt: skip
     """Run one case in this process; return the measured figures."""
     import torch
     from transformers import LlamaForCausalLM
@@ -76,7 +98,8 @@ def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: s
     from slimtune.train.forward import summed_loss
 
     torch.set_num_threads(2)
-    _, _, batch, length = CASES[case]
+    _, _, case_batch, case_length = CASES[case]
+    batch, length = batch or case_batch, length or case_length
     torch.manual_seed(0)
     model = LlamaForCausalLM(_llama_config(case))
     model.config.use_cache = False
@@ -110,11 +133,15 @@ def measure(case: str, method: str, checkpointing: bool, rank: int, optimizer: s
     }  # fmt: skip
 
 
-def predict(case: str, method: str, checkpointing: bool, rank: int, optimizer: str) -> dict:
+def predict(
+    case: str, method: str, checkpointing: bool, rank: int, optimizer: str,
+    batch: int | None = None, length: int | None = None,
+) -> dict:  # fmt: skip
     from slimtune.memory import PlanSettings, estimate
     from slimtune.memory.architecture import architecture_from_config
 
-    _, _, batch, length = CASES[case]
+    _, _, case_batch, case_length = CASES[case]
+    batch, length = batch or case_batch, length or case_length
     arch = architecture_from_config(_llama_config(case).to_dict(), name=case)
     settings = PlanSettings(method=method, rank=rank, batch_size=batch, max_length=length,
                             gradient_checkpointing=checkpointing, optimizer=optimizer)  # fmt: skip
@@ -129,41 +156,52 @@ def main() -> int:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--batch", type=int, help="override the case's batch size")
+    parser.add_argument("--length", type=int, help="override the case's sequence length")
+    parser.add_argument("--validate", action="store_true", help="the out-of-sample set")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: case,method,ckpt
     args = parser.parse_args()
     if args.one:  # one case in this process (a fresh one: the caller's job), with the prediction
         case, method, ckpt = args.one.split(",")
-        row = measure(case, method, ckpt == "1", args.rank, args.optimizer, args.steps)
-        row["predicted"] = predict(case, method, ckpt == "1", args.rank, args.optimizer)
+        shape = dict(batch=args.batch, length=args.length)
+        row = measure(case, method, ckpt == "1", args.rank, args.optimizer, args.steps, **shape)
+        row["predicted"] = predict(case, method, ckpt == "1", args.rank, args.optimizer, **shape)
         row["error"] = row["predicted"]["total_bytes"] / row["peak_rss_bytes"] - 1
         print(json.dumps(row))
         return 0
+    from slimtune.hardware import machine_record
+
+    if args.validate:
+        runs = [(c, m, k, r, o, ["--batch", str(b), "--length", str(n)])
+                for c, m, k, r, o, b, n in VALIDATION]  # fmt: skip
+    else:
+        runs = [(case, method, ckpt, args.rank, args.optimizer, [])
+                for case in args.cases for method, ckpt in SETTINGS
+                if method in args.methods and args.checkpointing != ("off" if ckpt else "on")]  # fmt: skip
+    rows = [row for run in runs if (row := _run_one(*run, steps=args.steps, json_out=args.json))]
+    if args.json:
+        errors = [row["error"] for row in rows]
+        summary = {"min_error": min(errors), "max_error": max(errors)} if errors else {}
+        print(json.dumps({"machine": machine_record(), "rows": rows, **summary}, indent=1))
+    return 0
+
+
+def _run_one(case, method, ckpt, rank, optimizer, extra, *, steps, json_out) -> dict | None:
+    """One case in a fresh process, under the malloc settings `slimtune train` runs with."""
     from slimtune.memory.heap import lean_heap_environment
 
-    rows = []
-    for case in args.cases:
-        for method, ckpt in SETTINGS:
-            if method not in args.methods or args.checkpointing == ("off" if ckpt else "on"):
-                continue
-            cmd = [sys.executable, __file__, "--one", f"{case},{method},{int(ckpt)}",
-                   "--rank", str(args.rank), "--optimizer", args.optimizer,
-                   "--steps", str(args.steps)]  # fmt: skip
-            # Under the malloc settings `slimtune train` runs with (slimtune.memory.heap).
-            env = lean_heap_environment(dict(os.environ)) or dict(os.environ)
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                print(
-                    f"{case} {method} ckpt={ckpt}: failed\n{done.stderr[-2000:]}", file=sys.stderr
-                )
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            if not args.json:
-                print(_line(row), flush=True)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    return 0
+    cmd = [sys.executable, __file__, "--one", f"{case},{method},{int(ckpt)}", "--rank", str(rank),
+           "--optimizer", optimizer, "--steps", str(steps), *extra]  # fmt: skip
+    env = lean_heap_environment(dict(os.environ)) or dict(os.environ)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"{case} {method} ckpt={ckpt}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    if not json_out:
+        print(_line(row), flush=True)
+    return row
 
 
 def _line(row: dict) -> str:

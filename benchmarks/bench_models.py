@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from slimtune.hardware import machine_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 # Children import slimtune from this checkout even where it is not pip-installed.
 ENV = dict(
@@ -110,6 +112,7 @@ def main() -> int:
         "one run). Peak RSS is the process's ru_maxrss, including Python + torch + transformers",
         "(about 230 MiB before the load starts).",
         f"Load average (2 cores) at start / end of the run: {load_before:.1f} / {load_after:.1f}.",
+        f"Machine: {machine_summary()}.",
         "",
         "| case | load seconds | peak RSS MiB |",
         "|---|---:|---:|",

@@ -20,6 +20,8 @@ import time
 import torch
 from torch import nn
 
+from slimtune.hardware import machine_summary
+
 SHAPES = [(576, 1536), (4096, 4096)]  # (in_features, out_features)
 
 
@@ -111,6 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    print(f"Machine: {machine_summary()}")
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, "
         f"median of {args.repeats}, NF4 + double quantization, blocksize 64, "

@@ -19,6 +19,7 @@ import peft
 import torch
 from torch import nn
 
+from slimtune.hardware import machine_summary
 from slimtune.lora import LoraConfig, inject_adapter, set_active_adapters
 
 SHAPES = {"q_proj 576->576": (576, 576), "up_proj 576->1536": (576, 1536)}
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"Machine: {machine_summary()}")
     print(
         f"tokens {args.tokens}, r {args.r}, threads {args.threads}, "
         f"{args.rounds} interleaved rounds x {args.iters} steps, forward + backward"

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from slimtune.hardware import machine_summary
 from slimtune.lora.init import loftq
 from slimtune.models import load_model
 from slimtune.quant import QuantConfig, dequantize_4bit, quantize_4bit
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 5])
     args = parser.parse_args()
     torch.set_num_threads(2)
+    print(f"Machine: {machine_summary()}")
     model, _ = load_model()
     quant = QuantConfig()  # NF4, blocksize 64, double quantization: QLoRA's recipe
     rows = {p: {} for p in PROJECTIONS}
