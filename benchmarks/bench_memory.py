@@ -174,7 +174,7 @@ def main() -> int:
 
     if args.validate:
         runs = [(c, m, k, r, o, ["--batch", str(b), "--length", str(n)])
-                for c, m, k, r, o, b, n in VALIDATION]  # fmt: skip
+                for c, m, k, r, o, b, n in VALIDATION if c in args.cases]  # fmt: skip
     else:
         runs = [(case, method, ckpt, args.rank, args.optimizer, [])
                 for case in args.cases for method, ckpt in SETTINGS

@@ -201,6 +201,24 @@ def test_cli_device_memory_answers_and_suggests(capsys):
     assert "fits in" in capsys.readouterr().out
 
 
+def test_cli_states_the_error_band_on_cpu_and_no_calibration_on_cuda(capsys):
+    from slimtune.memory.planner import ERROR_BAND
+
+    low, high = ERROR_BAND["cpu"]
+    assert low <= 0 <= high  # measured both ways: the band brackets the estimate
+    assert cli_main(["estimate", "smollm2-135m", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated"] and out["error_band"] == [low, high]
+    likely = out["likely_peak_range"]
+    assert likely[0] <= out["total_bytes"] <= likely[1]
+    assert cli_main(["estimate", "smollm2-135m"]) == 0
+    assert f"off by {low:+.1%} to {high:+.1%}" in capsys.readouterr().out
+    assert cli_main(["estimate", "smollm2-135m", "--device", "cuda", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibrated"] is False
+    assert cli_main(["estimate", "smollm2-135m", "--device", "cuda"]) == 0
+    assert "not calibrated on cuda" in capsys.readouterr().out
+
+
 def test_cli_bad_model_exits_2(capsys):
     assert cli_main(["estimate", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err

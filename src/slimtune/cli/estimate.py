@@ -117,8 +117,25 @@ def _table(result) -> str:
         share = value / result.total if result.total else 0.0
         lines.append(f"  {name.replace('_', ' '):{width}s}{format_bytes(value):>11s}  {share:6.1%}")
     lines.append(f"  {'total':{width}s}{format_bytes(result.total):>11s}")
+    lines.append(_band(result))
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _band(result) -> str:
+    from slimtune.memory import format_bytes
+
+    if result.error_band is None:
+        return (
+            f"  not calibrated on {result.settings.device}: the analytic count (activations, an "
+            "assumed 1 GiB runtime), never measured against this device: a rough guide"
+        )
+    low, high = result.error_band
+    lo_bytes, hi_bytes = result.likely_range()
+    return (
+        f"  likely peak {format_bytes(lo_bytes)} to {format_bytes(hi_bytes)}: measured out of "
+        f"sample on a CPU, the planner was off by {low:+.1%} to {high:+.1%}"
+    )
 
 
 def _verdict(total: int, budget: int, steps, text: str) -> str:

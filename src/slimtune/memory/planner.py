@@ -39,6 +39,11 @@ RUNTIME_BYTES = {"cpu": 380 * 2**20, "cuda": 2**30}
 # for sparse LoRA dropout (slimtune.lora.sparse_dropout): measured 130 MiB of RSS on the tiny
 # case, where the weights are negligible.
 KERNEL_RUNTIME_BYTES = 130 * 2**20
+# The planner's error against measured peak RSS on a CPU, out of sample: predicted / measured - 1
+# over `benchmarks/bench_memory.py --validate`, runs whose ranks, batches, lengths and optimizers
+# were not used to fit the constants (table in benchmarks/reports/memory.md). No device but the
+# CPU has been measured: on CUDA the estimate is the analytic count alone.
+ERROR_BAND: dict[str, tuple[float, float]] = {"cpu": (-0.086, 0.0)}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -92,9 +97,25 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def error_band(self) -> tuple[float, float] | None:
+        """(lowest, highest) measured error of the planner on this device; None: uncalibrated."""
+        return ERROR_BAND.get(self.settings.device)
+
+    def likely_range(self) -> tuple[int, int] | None:
+        """The peak a run will likely measure, given the planner's measured error band."""
+        if self.error_band is None:
+            return None
+        low, high = self.error_band
+        return int(self.total / (1 + high)), int(self.total / (1 + low))
+
     def to_dict(self) -> dict:
         out: dict = {f"{name}_bytes": value for name, value in self.parts.items()}
         out["total_bytes"] = self.total
+        out["calibrated"] = self.error_band is not None
+        if self.error_band is not None:
+            out["error_band"] = list(self.error_band)
+            out["likely_peak_range"] = list(self.likely_range())
         out["trainable_params"] = self.trainable_params
         out["total_params"] = self.architecture.num_params()
         out["model"] = self.architecture.name
