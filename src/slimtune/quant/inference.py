@@ -1,0 +1,69 @@
+"""Run a model's 4-bit layers through the inference kernels for as long as a block runs.
+
+`inference_4bit(model)` gives every Linear4bit an inference forward (`slimtune.quant.gemv`): no
+autograd record, one fused decode + matrix-vector product per new token, banded decode + matmul
+for prompts. The layers stay what they are (same objects, buffers and state dict); only their
+`forward` is replaced inside the block, so LoRA wrappers, hooks and the training path are
+untouched. Layers fed the same input tensor (q/k/v, gate/up) build the input's table once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slimtune.quant.gemv import fused_usable, input_table, linear_4bit_inference
+from slimtune.quant.linear import Linear4bit
+
+
+class TableCache:
+    """The input table of the last one-row input, reused while the same tensor comes back."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._table: torch.Tensor | None = None
+        self._source: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor, quant_type: str) -> torch.Tensor:
+        key = (quant_type, x._version, tuple(x.shape))
+        if self._source is not x or self._key != key:
+            self._table = input_table(x, quant_type)
+            self._source, self._key = x, key
+        return self._table
+
+
+def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: TableCache):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        compute = dtype or layer.compute_dtype
+        state = layer.quant_state
+        table = None
+        if fused_usable(x.reshape(-1, layer.in_features), state):
+            table = tables.get(x, layer.quant_type)
+        with torch.no_grad():
+            y = linear_4bit_inference(x, layer.weight, state, layer.bias, compute, table)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def inference_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None) -> Iterator[int]:
+    """Inside the block every Linear4bit of `model` computes with the inference kernels, in
+    `compute_dtype` (default: each layer's own). Yields how many layers were switched. No
+    gradients flow through the switched layers: use it for generation and evaluation only."""
+    tables = TableCache()
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.forward = _inference_forward(layer, compute_dtype, tables)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def has_4bit_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, Linear4bit) for m in model.modules())
