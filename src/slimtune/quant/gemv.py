@@ -40,15 +40,16 @@ def _compiled():
     import numba
     import numpy as np
 
-    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    # One thread: the table is small (in_features * 128 values) and a parallel region's
+    # hand-off costs more than building it.
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
     def build_table(x, high, low, table):  # pragma: no cover - compiled, not traced
-        for j in numba.prange(x.shape[0] // 2):
+        for j in range(x.shape[0] // 2):
             x0, x1 = x[2 * j], x[2 * j + 1]
             row = j * 256
             for b in range(256):
                 table[row + b] = high[b] * x0 + low[b] * x1
 
-    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def gemv(
         table, words, absmax, absmax_codes, nested, offset, nested_code, double, out
     ):  # pragma: no cover - compiled, not traced
@@ -81,7 +82,11 @@ def _compiled():
                         scale = absmax[i]
                     out[r] += ((s0 + s1) + (s2 + s3)) * scale
 
-    return build_table, gemv
+    options = dict(cache=True, nogil=True, boundscheck=False)
+    # One thread runs the serial build: entering a parallel region costs more than small work.
+    serial = numba.njit(**options)(gemv)
+    parallel = numba.njit(parallel=True, **options)(gemv)
+    return build_table, serial, parallel
 
 
 def fused_usable(x2d: torch.Tensor, state: QuantState) -> bool:
@@ -109,7 +114,6 @@ def input_table(x: torch.Tensor, quant_type: str) -> torch.Tensor:
     x = x.reshape(-1).to(torch.float32).contiguous()
     table = torch.empty(x.numel() * 128, dtype=torch.float32)
     high, low = _high_low(quant_type)
-    kernels._set_threads(torch.get_num_threads())
     build_table(x.numpy(), high.numpy(), low.numpy(), table.numpy())
     return table
 
@@ -120,12 +124,14 @@ _EMPTY_U8 = torch.zeros(1, dtype=torch.uint8)
 
 def fused_gemv(table: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """W @ x as float32 (out_features,), from the table of x and the packed codes of W."""
-    gemv = _compiled()[1]
+    threads = torch.get_num_threads()
+    gemv = _compiled()[1 if threads == 1 else 2]
     out_features, in_features = state.shape
     words = packed.view(torch.uint8).view(out_features, in_features // 2)
     words = words.view(torch.int32).numpy().view("uint32")
     out = torch.empty(out_features, dtype=torch.float32)
-    kernels._set_threads(torch.get_num_threads())
+    if threads > 1:
+        kernels._set_threads(threads)
     if state.double_quant:
         gemv(
             table.numpy(),
