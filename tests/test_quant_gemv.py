@@ -112,3 +112,12 @@ def test_layers_sharing_an_input_share_its_table(monkeypatch, one_thread):
     for layer, y in zip(layers, outs, strict=True):
         _close(y, (x - 1.0) @ layer.dequantize().t() + layer.bias)
     _close(again, x @ layers[0].dequantize().t() + layers[0].bias)
+
+
+def test_inference_4bit_blocks_nest(one_thread):
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    with inference_4bit(layer) as outer:
+        with inference_4bit(layer) as inner:
+            assert (outer, inner) == (1, 0)
+        assert "forward" in layer.__dict__
+    assert "forward" not in layer.__dict__

@@ -52,10 +52,14 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
 @contextlib.contextmanager
 def inference_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None) -> Iterator[int]:
     """Inside the block every Linear4bit of `model` computes with the inference kernels, in
-    `compute_dtype` (default: each layer's own). Yields how many layers were switched. No
+    `compute_dtype` (default: each layer's own). Yields how many layers were switched (blocks
+    nest: an inner block leaves the layers an outer one switched as they are). No
     gradients flow through the switched layers: use it for generation and evaluation only."""
     tables = TableCache()
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    # Layers an enclosing block already switched stay as that block set them.
+    layers = [
+        m for m in model.modules() if isinstance(m, Linear4bit) and "forward" not in m.__dict__
+    ]
     for layer in layers:
         layer.forward = _inference_forward(layer, compute_dtype, tables)
     try:
