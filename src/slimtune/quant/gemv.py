@@ -89,17 +89,20 @@ def _compiled():
     return build_table, serial, parallel
 
 
-def fused_usable(x2d: torch.Tensor, state: QuantState) -> bool:
-    """Whether the fused kernel takes this call: one input row on a CPU, blocks within rows,
-    the nested blocksize bitsandbytes uses (256)."""
-    out_features, in_features = state.shape
+def fused_layout(state: QuantState) -> bool:
+    """Whether the fused kernel reads this weight: blocks within rows, the nested blocksize
+    bitsandbytes uses (256), numba present."""
+    in_features = state.shape[1]
     return (
-        x2d.shape[0] == 1
-        and x2d.device.type == "cpu"
-        and in_features % state.blocksize == 0
+        in_features % state.blocksize == 0
         and (not state.double_quant or state.nested_blocksize == 256)
         and _compiled() is not None
     )
+
+
+def fused_usable(x2d: torch.Tensor, state: QuantState) -> bool:
+    """Whether the fused kernel takes this call: one input row on a CPU, a weight it reads."""
+    return x2d.shape[0] == 1 and x2d.device.type == "cpu" and fused_layout(state)
 
 
 @cache
@@ -122,40 +125,44 @@ _EMPTY_F32 = torch.zeros(1)
 _EMPTY_U8 = torch.zeros(1, dtype=torch.uint8)
 
 
-def fused_gemv(table: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+class Prepared:
+    """The numpy views the fused kernel reads, made once per layer (they alias the buffers)."""
+
+    def __init__(self, packed: torch.Tensor, state: QuantState):
+        out_features, in_features = state.shape
+        words = packed.view(torch.uint8).view(out_features, in_features // 2)
+        self.words = words.view(torch.int32).numpy().view("uint32")
+        self.out_features = out_features
+        self.double = state.double_quant
+        if self.double:
+            self.absmax = _EMPTY_F32.numpy()
+            self.codes = state.absmax.numpy()
+            self.nested = state.nested_absmax.numpy()
+            self.offset = state.offset.reshape(1).numpy()[0]  # float32: the add stays float32
+            self.nested_code = state.nested_code.numpy()
+        else:
+            self.absmax = state.absmax.numpy()
+            self.codes = _EMPTY_U8.numpy()
+            self.nested = _EMPTY_F32.numpy()
+            self.offset = _EMPTY_F32.numpy()[0]
+            self.nested_code = _EMPTY_F32.numpy()
+
+
+def fused_gemv(
+    table: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    prepared: Prepared | None = None,
+) -> torch.Tensor:
     """W @ x as float32 (out_features,), from the table of x and the packed codes of W."""
     threads = torch.get_num_threads()
     gemv = _compiled()[1 if threads == 1 else 2]
-    out_features, in_features = state.shape
-    words = packed.view(torch.uint8).view(out_features, in_features // 2)
-    words = words.view(torch.int32).numpy().view("uint32")
-    out = torch.empty(out_features, dtype=torch.float32)
+    p = prepared or Prepared(packed, state)
+    out = torch.empty(p.out_features, dtype=torch.float32)
     if threads > 1:
         kernels._set_threads(threads)
-    if state.double_quant:
-        gemv(
-            table.numpy(),
-            words,
-            _EMPTY_F32.numpy(),
-            state.absmax.numpy(),
-            state.nested_absmax.numpy(),
-            state.offset.reshape(1).numpy()[0],
-            state.nested_code.numpy(),
-            True,
-            out.numpy(),
-        )
-    else:
-        gemv(
-            table.numpy(),
-            words,
-            state.absmax.numpy(),
-            _EMPTY_U8.numpy(),
-            _EMPTY_F32.numpy(),
-            _EMPTY_F32.numpy()[0],
-            _EMPTY_F32.numpy(),
-            False,
-            out.numpy(),
-        )
+    gemv(table.numpy(), p.words, p.absmax, p.codes, p.nested, p.offset, p.nested_code,
+         p.double, out.numpy())  # fmt: skip
     return out
 
 
@@ -196,15 +203,17 @@ def linear_4bit_inference(
     bias: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
     table: torch.Tensor | None = None,
+    prepared: Prepared | None = None,
 ) -> torch.Tensor:
     """x @ W.T + bias for a packed 4-bit W, x (..., in_features); the result is in `dtype`.
-    `table`: `input_table(x)` when the caller already has it (layers sharing an input)."""
+    `table`: `input_table(x)` when the caller already has it (layers sharing an input);
+    `prepared`: `Prepared(packed, state)` kept by a caller that calls again."""
     out_features, in_features = state.shape
     x2d = x.reshape(-1, in_features)
     if fused_usable(x2d, state):
         if table is None:
             table = input_table(x2d, state.quant_type)
-        y = fused_gemv(table, packed, state).view(1, out_features).to(dtype)
+        y = fused_gemv(table, packed, state, prepared).view(1, out_features).to(dtype)
     else:
         y = banded_linear(x2d.to(dtype), packed, state, dtype)
     if bias is not None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from slimtune.quant.gemv import fused_usable, input_table, linear_4bit_inference
+from slimtune.quant.gemv import Prepared, fused_layout, input_table, linear_4bit_inference
 from slimtune.quant.linear import Linear4bit
 
 
@@ -36,14 +36,19 @@ class TableCache:
 
 
 def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: TableCache):
+    # The buffers do not change inside the block: their state and numpy views are made once.
+    state = layer.quant_state
+    compute = dtype or layer.compute_dtype
+    prepared = None
+    if layer.weight.device.type == "cpu" and fused_layout(state):
+        prepared = Prepared(layer.weight, state)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        compute = dtype or layer.compute_dtype
-        state = layer.quant_state
         table = None
-        if fused_usable(x.reshape(-1, layer.in_features), state):
+        if prepared is not None and x.numel() == layer.in_features and x.device.type == "cpu":
             table = tables.get(x, layer.quant_type)
         with torch.no_grad():
-            y = linear_4bit_inference(x, layer.weight, state, layer.bias, compute, table)
+            y = linear_4bit_inference(x, layer.weight, state, layer.bias, compute, table, prepared)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     return forward
