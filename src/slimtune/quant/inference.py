@@ -28,7 +28,10 @@ class TableCache:
         self._source: torch.Tensor | None = None
 
     def get(self, x: torch.Tensor, quant_type: str) -> torch.Tensor:
-        key = (quant_type, x._version, tuple(x.shape))
+        # Inference-mode tensors keep no version counter; the layers sharing one (q/k/v of a
+        # block) are called back to back, with nothing writing into their input between them.
+        version = None if x.is_inference() else x._version
+        key = (quant_type, version, tuple(x.shape), x.data_ptr())
         if self._source is not x or self._key != key:
             self._table = input_table(x, quant_type)
             self._source, self._key = x, key
