@@ -36,11 +36,14 @@ def test_4bit_engine_mixed_batches_equal_alone_and_decoded_float(tmp_path, one_t
         engine, tokenizer, model = _engine(adapters, four_bit)
         try:
             alone = [  # the float engine's batch is compared with the 4-bit one's instead
-                engine.submit(_request(tokenizer, p, a)).result(120).token_ids
+                engine.submit(_request(tokenizer, p, a, max_tokens=4)).result(120).token_ids
                 for p, a in zip(PROMPTS, ADAPTERS, strict=True)
                 if four_bit
             ]
-            requests = [_request(tokenizer, p, a) for p, a in zip(PROMPTS, ADAPTERS, strict=True)]
+            requests = [
+                _request(tokenizer, p, a, max_tokens=4)
+                for p, a in zip(PROMPTS, ADAPTERS, strict=True)
+            ]
             for request in requests:
                 engine.submit(request)
             together = [r.result(120).token_ids for r in requests]
