@@ -121,3 +121,19 @@ def test_inference_4bit_blocks_nest(one_thread):
             assert (outer, inner) == (1, 0)
         assert "forward" in layer.__dict__
     assert "forward" not in layer.__dict__
+
+
+def test_parallel_kernel_equals_serial():
+    """Two threads take the parallel entry point; each row's sums are the same either way."""
+    w = torch.randn(200, 256)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(1, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear_4bit_inference(x, packed, state, None)
+        torch.set_num_threads(2)
+        two = linear_4bit_inference(x, packed, state, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

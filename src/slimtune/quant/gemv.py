@@ -35,7 +35,7 @@ _CHUNK_ROWS = 64
 
 @cache
 def _compiled():
-    """The compiled (build_table, gemv) pair, or None without numba."""
+    """The compiled (build_table, serial gemv, parallel gemv), or None without numba."""
     if kernels.kernel() is None:  # also sets numba's threading layer as the decode kernel does
         return None
     import numba
@@ -51,42 +51,58 @@ def _compiled():
             for b in range(256):
                 table[row + b] = high[b] * x0 + low[b] * x1
 
-    def gemv(
-        table, words, absmax, absmax_codes, nested, offset, nested_code, double, out
+    @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+    def rows_chunk(
+        table, words, absmax, absmax_codes, nested, offset, nested_code, double, out, chunk
     ):  # pragma: no cover - compiled, not traced
         # words: (rows, in // 8) uint32, four packed bytes each (little endian: byte 0 lowest).
         rows, width = words.shape
         blocks = absmax_codes.shape[0] // rows if double else absmax.shape[0] // rows
         per = width // blocks  # words per block
-        for chunk in numba.prange((rows + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-            r0 = chunk * _CHUNK_ROWS
-            r1 = min(rows, r0 + _CHUNK_ROWS)
+        r0 = chunk * _CHUNK_ROWS
+        r1 = min(rows, r0 + _CHUNK_ROWS)
+        for r in range(r0, r1):
+            out[r] = 0.0
+        for b in range(blocks):
             for r in range(r0, r1):
-                out[r] = 0.0
-            for b in range(blocks):
-                for r in range(r0, r1):
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    s2 = np.float32(0.0)
-                    s3 = np.float32(0.0)
-                    for q in range(b * per, (b + 1) * per):
-                        w = words[r, q]
-                        base = q * 1024
-                        s0 += table[base + (w & 255)]
-                        s1 += table[base + 256 + ((w >> 8) & 255)]
-                        s2 += table[base + 512 + ((w >> 16) & 255)]
-                        s3 += table[base + 768 + (w >> 24)]
-                    i = r * blocks + b
-                    if double:  # the block's absmax from its 8-bit code, as decode_absmax does
-                        scale = nested_code[absmax_codes[i]] * nested[i >> 8] + offset
-                    else:
-                        scale = absmax[i]
-                    out[r] += ((s0 + s1) + (s2 + s3)) * scale
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                for q in range(b * per, (b + 1) * per):
+                    w = words[r, q]
+                    base = q * 1024
+                    s0 += table[base + (w & 255)]
+                    s1 += table[base + 256 + ((w >> 8) & 255)]
+                    s2 += table[base + 512 + ((w >> 16) & 255)]
+                    s3 += table[base + 768 + (w >> 24)]
+                i = r * blocks + b
+                if double:  # the block's absmax from its 8-bit code, as decode_absmax does
+                    scale = nested_code[absmax_codes[i]] * nested[i >> 8] + offset
+                else:
+                    scale = absmax[i]
+                out[r] += ((s0 + s1) + (s2 + s3)) * scale
 
-    options = dict(cache=True, nogil=True, boundscheck=False)
-    # One thread runs the serial build: entering a parallel region costs more than small work.
-    serial = numba.njit(**options)(gemv)
-    parallel = numba.njit(parallel=True, **options)(gemv)
+    # Two entry points (distinct functions, so numba's on-disk cache keeps both): one thread
+    # runs the serial loop, since entering a parallel region costs more than small work.
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def serial(
+        table, words, absmax, absmax_codes, nested, offset, nested_code, double, out
+    ):  # pragma: no cover - compiled, not traced
+        chunks = (words.shape[0] + _CHUNK_ROWS - 1) // _CHUNK_ROWS
+        for chunk in range(chunks):
+            rows_chunk(table, words, absmax, absmax_codes, nested, offset, nested_code, double,
+                       out, chunk)  # fmt: skip
+
+    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def parallel(
+        table, words, absmax, absmax_codes, nested, offset, nested_code, double, out
+    ):  # pragma: no cover - compiled, not traced
+        chunks = (words.shape[0] + _CHUNK_ROWS - 1) // _CHUNK_ROWS
+        for chunk in numba.prange(chunks):
+            rows_chunk(table, words, absmax, absmax_codes, nested, offset, nested_code, double,
+                       out, chunk)  # fmt: skip
+
     return build_table, serial, parallel
 
 
