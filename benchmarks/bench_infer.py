@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -136,15 +135,33 @@ def load_engines(engines: list[str]) -> dict:
     return {name: loaded[name] for name in engines}
 
 
+def _child_peak(command: list[str], env: dict) -> tuple[int, str]:
+    """(peak RSS in bytes of that child alone, its stdout): wait4 reads its own rusage."""
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)  # fmt: skip
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {child.returncode}")
+    return usage.ru_maxrss * 1024, out
+
+
 def generate_peak_rss(threads: int) -> dict:
-    """Peak RSS of the `slimtune generate` command (4-bit base, 128 tokens) in a child."""
+    """Peak RSS of the `slimtune generate` command (4-bit base, 128 tokens) in a child, and of a
+    child that only imports what it runs on (the runtime constant: Python, torch,
+    transformers, numba, slimtune)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "slimtune", "generate", PROMPT, "--quant", "nf4",
                "--max-new-tokens", str(NEW_TOKENS), "--json"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"peak_rss_bytes": peak, "generate_json": result}
+    peak, out = _child_peak(command, env)
+    imports = "import torch, transformers, numba, slimtune.infer, slimtune.models, slimtune.cli"
+    baseline, _ = _child_peak([sys.executable, "-c", imports], env)
+    return {
+        "peak_rss_bytes": peak,
+        "imports_peak_rss_bytes": baseline,
+        "generate_json": json.loads(out.strip().splitlines()[-1]),
+    }
 
 
 def main() -> int:
@@ -157,12 +174,28 @@ def main() -> int:
         help="comma-separated subset",
     )
     parser.add_argument("--no-rss", action="store_true", help="skip the generate child")
+    parser.add_argument(
+        "--rss-only", type=Path, default=None, help="only the generate child; JSON to this file"
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="(fewer: smoke tests)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/reports/infer.json")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/infer.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     globals()["NEW_TOKENS"] = args.new_tokens
+    if args.rss_only:
+        from slimtune.hardware import machine_record
+        from slimtune.models import load_model
+        from slimtune.quant import QuantConfig, storage_report
+
+        record = generate_peak_rss(args.threads)
+        record["four_bit_model_bytes"] = storage_report(
+            load_model(quant=QuantConfig())[0]
+        ).total_bytes
+        record["machine"] = machine_record()
+        args.rss_only.write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1))
+        return 0
 
     from slimtune.hardware import machine_record, machine_summary
     from slimtune.models import load_model
@@ -253,10 +286,12 @@ def write_report(args, record: dict, machine: str) -> None:
             lines.append(f"slimtune nf4 / transformers+bnb nf4: **{mine / peer:.2f}x**.")
     if "generate" in record:
         rss = record["generate"]["peak_rss_bytes"] / 2**20
+        base = record["generate"]["imports_peak_rss_bytes"] / 2**20
         size = record["four_bit_model_bytes"] / 2**20
         lines.append(
             f"Peak RSS of `slimtune generate --quant nf4` (128 tokens): **{rss:.0f} MiB**; "
-            f"the NF4 model (4-bit layers, float embedding and head) holds {size:.0f} MiB."
+            f"the NF4 model (4-bit layers, float embedding and head) holds {size:.0f} MiB; "
+            f"importing the runtime alone peaks at {base:.0f} MiB."
         )
     if "greedy_tokens_equal_slimtune_nf4_and_bnb_nf4" in record:
         lines.append(
