@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import sys
 import tempfile
@@ -111,6 +110,12 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads (1 is faster on a crowded machine)"
     )
+    parser.add_argument(
+        "--qlora",
+        action="store_true",
+        help="base in NF4, computing from the packed codes (as `slimtune serve --qlora`)",
+    )
+    parser.add_argument("--modes", default="mixed,single", help="mixed, single or both")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/serve.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,10 +124,22 @@ def main() -> int:
     from slimtune.serve import AdapterRegistry, Engine, create_app
     from slimtune.serve.server import BackgroundServer
 
-    model, tokenizer = load_model()
+    quant = None
+    if args.qlora:
+        from slimtune.quant import QuantConfig
+
+        quant = QuantConfig()
+    model, tokenizer = load_model(quant=quant)
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     paths = make_adapters(model, folder)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1024).start()
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1024)
+    if args.qlora:
+        from slimtune.infer import inference_context
+
+        context = inference_context(model)
+        context.__enter__()
+        engine.on_stop.append(lambda: context.__exit__(None, None, None))
+    engine.start()
     registry = AdapterRegistry("base", folder)
     for name, path in paths.items():
         engine.load_adapter(name, path).result()
@@ -131,7 +148,8 @@ def main() -> int:
     with BackgroundServer(create_app(engine, registry)) as server:
         asyncio.run(load(server.url, 32, args.concurrency, args.max_tokens, 300))  # warm-up
         for repeat in range(args.repeats):
-            for mixed in (True, False):
+            modes = [m == "mixed" for m in args.modes.split(",")]
+            for mixed in modes:
                 engine.mixed_batches = mixed
                 steps = engine.steps
                 result = asyncio.run(
@@ -153,14 +171,17 @@ def main() -> int:
 
 
 def write_report(args, rows: list[dict]) -> None:
+    from slimtune.hardware import machine_summary
+
     command = "PYTHONPATH=src .venv/bin/python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
     lines = [
         "# Serving benchmark: many adapters on one model",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, shared with "
+        f"Machine: {machine_summary()}, shared with "
         "other jobs (noisy: compare the two modes of one run, not runs of different days).  ",
-        f"Model: SmolLM2-135M-Instruct fp32; 3 adapters r=16 on all linear layers; "
+        f"Model: SmolLM2-135M-Instruct {'NF4 (4-bit kernels)' if args.qlora else 'fp32'}; "
+        "3 adapters r=16 on all linear layers; "
         f"{args.requests} requests of {args.max_tokens} new tokens each (greedy, `ignore_eos`) "
         f"at concurrency "
         f"{args.concurrency}, round-robin over the adapters; --max-batch-size "

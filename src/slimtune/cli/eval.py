@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimtune.cli._inference import add_inference_arguments, compute_dtype
+
 HELP = "loss, perplexity and exact-match accuracy on a data file"
 
 
@@ -17,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=None, help="score only the first N rows")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.train.evaluate import evaluate
     from slimtune.train.generation import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    dtype = compute_dtype(args)
+    model, tokenizer = load_for_inference(
+        args.model, args.adapter, quant=args.quant, compute_dtype=dtype
+    )
     splits = load_dataset(args.data, tokenizer, max_length=args.max_length)
     examples, rows = splits.train, splits.train_rows
     if args.max_rows:
@@ -40,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         pad_token_id=pad_token_id(tokenizer),
+        four_bit=args.four_bit,
+        compute_dtype=dtype,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

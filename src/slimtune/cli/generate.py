@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.cli._inference import add_inference_arguments, compute_dtype
+
 HELP = "generate text from a prompt (chat template for chat models), streamed"
 
 
@@ -17,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="a system message (chat models)")
     parser.add_argument("--raw", action="store_true", help="no chat template")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, tokens, seconds, tokens/s"
+    )
+    add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,10 +30,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SlimtuneError("--temperature must be >= 0 and --top-p in (0, 1]")
-    from slimtune.train.generation import generate, load_for_inference
+    import json
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
-    generate(
+    from slimtune.train.generation import generate_result, load_for_inference
+
+    dtype = compute_dtype(args)
+    model, tokenizer = load_for_inference(
+        args.model, args.adapter, quant=args.quant, compute_dtype=dtype
+    )
+    result = generate_result(
         model,
         tokenizer,
         args.prompt,
@@ -35,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        stream=True,
+        stream=not args.json,
         chat=False if args.raw else None,
         system=args.system,
+        four_bit=args.four_bit,
+        compute_dtype=dtype,
     )
+    if args.json:
+        print(json.dumps(result.to_dict() | {"compute_dtype": str(dtype).removeprefix("torch.")}))
     return 0

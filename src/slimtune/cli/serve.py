@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not mix adapters in a batch (a baseline for benchmarks)",
     )
+    from slimtune.cli._inference import add_inference_arguments
+
+    add_inference_arguments(parser, quant=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,9 +61,13 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-batch-size must be >= 1 and --max-queue >= 0")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
+    from slimtune.cli._inference import compute_dtype
+
     engine, registry = build_engine(
         args.model,
         qlora=args.qlora,
+        four_bit=args.four_bit,
+        compute_dtype=compute_dtype(args),
         adapters=[parse_adapter_flag(value) for value in args.adapter],
         adapter_dir=args.adapter_dir,
         base_name=args.served_model_name,

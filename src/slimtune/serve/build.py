@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
@@ -25,21 +26,37 @@ def build_engine(
     adapters: list[tuple[str, Path]] = (),
     adapter_dir: Path | None = None,
     base_name: str | None = None,
+    four_bit: bool = True,
+    compute_dtype=None,
     **engine_options,
 ) -> tuple[Engine, AdapterRegistry]:
-    """A started Engine with `adapters` loaded, and the registry of the names clients use."""
+    """A started Engine with `adapters` loaded, and the registry of the names clients use.
+
+    A 4-bit base (`qlora`, or a 4-bit model folder) computes from its packed codes for the
+    engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead."""
     from slimtune.models import load_model
 
     quant = None
     if qlora:
         from slimtune.quant import QuantConfig
 
-        quant = QuantConfig()
+        quant = QuantConfig() if compute_dtype is None else QuantConfig(compute_dtype=compute_dtype)
     network, tokenizer = load_model(model, quant=quant)
+    stack = contextlib.ExitStack()
+    if four_bit:
+        from slimtune.infer import inference_context
+
+        stack.enter_context(inference_context(network, True, compute_dtype))
+    else:
+        from slimtune.train.generation import decoded_weights
+
+        stack.enter_context(decoded_weights(network))
     registry = AdapterRegistry(base_name or base_model_name(model), adapter_dir)
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise SlimtuneError(f"--adapter-dir {adapter_dir} is not a folder")
-    engine = Engine(network, tokenizer, **engine_options).start()
+    engine = Engine(network, tokenizer, **engine_options)
+    engine.on_stop.append(stack.close)
+    engine.start()
     try:
         for name, path in adapters:
             check_name(name, registry.base_name)

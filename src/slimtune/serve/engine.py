@@ -127,6 +127,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.on_stop: list[Callable[[], object]] = []  # run once the engine thread has ended
 
     # -- public API (any thread) -------------------------------------------------------------
 
@@ -141,6 +142,8 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        while self.on_stop:
+            self.on_stop.pop()()
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         """Queue a request; raises QueueFull when `max_queue` requests already wait."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from slimtune.data import Collator
@@ -46,13 +47,22 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     pad_token_id: int | None = None,
+    four_bit: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Loss/perplexity over tokenized `examples` ({"input_ids", "labels"}) and exact match
-    over `pairs` of (prompt as the model sees it, reference answer)."""
+    over `pairs` of (prompt as the model sees it, reference answer).
+
+    4-bit layers compute from their packed codes (`slimtune.quant.inference`), so a 4-bit model
+    is evaluated in the memory it trained in; `four_bit=False` decodes them into float copies
+    for the time of the evaluation instead."""
+    from slimtune.infer import inference_context
+
     was_training = model.training
     model.eval()
+    weights = inference_context(model, True, compute_dtype) if four_bit else decoded_weights(model)
     try:
-        with decoded_weights(model):
+        with weights, torch.no_grad():
             loss, perplexity, n = float("nan"), float("nan"), 0
             if examples:
                 pad = pad_token_id if pad_token_id is not None else default_pad_id(tokenizer)
@@ -68,7 +78,14 @@ def evaluate(
             accuracy, samples = None, []
             if pairs:
                 prompts = [p for p, _ in pairs]
-                answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+                answers = greedy_answers(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=max_new_tokens,
+                    four_bit=four_bit,
+                    compute_dtype=compute_dtype,
+                )
                 for (prompt, reference), answer in zip(pairs, answers, strict=True):
                     samples.append(
                         dict(

@@ -1,25 +1,27 @@
-"""Text generation: one prompt (optionally streamed, sampled) or many prompts greedily."""
+"""Text generation: one prompt (optionally streamed, sampled) or many prompts greedily, through
+slimtune's decode loop (`slimtune.infer`); 4-bit models compute from their packed codes."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from slimtune.data import pad_token_id
-from slimtune.models.device import device_of, to_device
 
 
 @contextlib.contextmanager
 def decoded_weights(model: nn.Module) -> Iterator[None]:
     """Decode every 4-bit base layer once, for as long as the block runs (no gradients).
 
-    A 4-bit layer decodes its weight at each call. In training that cost is shared by all the
-    tokens of a batch, but generation calls each layer once per new token, so decoding the
-    whole model per token dominates. Inside this block the 4-bit layers are swapped for plain
-    nn.Linear copies (float weights: 4 bytes a parameter for the time being) and put back after.
+    The float alternative to the 4-bit inference kernels (`four_bit=False`): inside this block
+    the 4-bit layers are swapped for plain nn.Linear copies (float weights: 4 bytes a parameter
+    for the time being) and put back after. Also the float reference the kernels are tested
+    against.
     """
     swapped = []
     with torch.no_grad():
@@ -71,8 +73,65 @@ def _encode(tokenizer, texts: list[str], formatted: bool = False) -> dict[str, t
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
 
 
+@dataclass
+class GenerationResult:
+    """One prompt's continuation and how fast it came."""
+
+    text: str
+    tokens: int  # new tokens (the end token not counted)
+    seconds: float  # prompt + new tokens
+    prefill_seconds: float
+    engine: str  # "lean" (slimtune's decode loop) or "transformers"
+    four_bit: bool  # whether 4-bit layers computed from their packed codes
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "engine": self.engine,
+            "four_bit": self.four_bit,
+        }
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The tokens that end an answer: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    generation = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(generation, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class _Printer:
+    """Prints the text of new tokens as they come (whole characters only)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the rest
+        print(text[len(self.shown) :], end="", flush=True)
+        self.shown = text
+
+    def close(self) -> None:
+        print(flush=True)
+
+
 @torch.no_grad()
-def generate(
+def generate_result(
     model: nn.Module,
     tokenizer,
     prompt: str,
@@ -84,37 +143,48 @@ def generate(
     stream: bool = False,
     chat: bool | None = None,
     system: str | None = None,
-) -> str:
+    four_bit: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> GenerationResult:
     """The model's continuation of `prompt` (chat template applied for chat models, with an
-    optional system message).
+    optional system message), with its token count and timing.
 
-    temperature 0 is greedy decoding; stream prints tokens to stdout as they come.
+    temperature 0 is greedy decoding; stream prints tokens to stdout as they come. 4-bit layers
+    compute from their packed codes; `four_bit=False` decodes them into float copies first.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
-    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
-    inputs = to_device(inputs, device_of(model))
-    sampling = temperature > 0
-    options = dict(
-        max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_token_id(tokenizer)
-    )
-    if sampling:
-        options.update(temperature=temperature, top_p=top_p)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
-    if stream:
-        from transformers import TextStreamer
+    from slimtune.infer import decode
 
-        options["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with decoded_weights(model):
-            out = model.generate(**inputs, use_cache=True, **options)
-    finally:
-        model.train(was_training)
-    new = out[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
+    printer = _Printer(tokenizer) if stream else None
+    weights = contextlib.nullcontext() if four_bit else decoded_weights(model)
+    with weights:
+        out = decode(
+            model,
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids(model, tokenizer),
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+            on_token=printer,
+            four_bit=four_bit,
+            compute_dtype=compute_dtype,
+            pad_token_id=pad_token_id(tokenizer),
+        )
+    if printer is not None:
+        printer.close()
+    text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+    uses_4bit = four_bit and any(_is_4bit(m) for m in model.modules())
+    return GenerationResult(
+        text, len(out.tokens[0]), out.seconds, out.prefill_seconds, out.engine, uses_4bit
+    )
+
+
+def generate(model: nn.Module, tokenizer, prompt: str, **options) -> str:
+    """The model's continuation of `prompt`; options as `generate_result`."""
+    return generate_result(model, tokenizer, prompt, **options).text
 
 
 @torch.no_grad()
@@ -125,44 +195,93 @@ def greedy_answers(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    four_bit: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Greedy answers to prompts formatted as the model sees them (special tokens included,
     as `slimtune.data.split_prompt_answer` gives them), batched with left padding."""
+    from slimtune.infer import decode
+
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
+    stop = eos_ids(model, tokenizer)
     try:
-        with decoded_weights(model):
-            for start in range(0, len(prompts), batch_size):
-                inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
-                inputs = to_device(inputs, device_of(model))
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad_token_id(tokenizer),
-                    use_cache=True,
-                )
-                new = out[:, inputs["input_ids"].shape[1] :]
-                answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+        for start in range(0, len(prompts), batch_size):
+            inputs = _encode(tokenizer, prompts[start : start + batch_size], formatted=True)
+            out = decode(
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                eos_ids=stop,
+                four_bit=four_bit,
+                compute_dtype=compute_dtype,
+                pad_token_id=pad_token_id(tokenizer),
+            )
+            answers += tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return answers
 
 
-def load_for_inference(model: str | None, adapter: str | None):
-    """(model, tokenizer) in float, with the LoRA adapter folder `adapter` loaded if given."""
-    from slimtune.models import load_model
+QUANT_CHOICES = ("auto", "nf4", "fp4", "int4", "none")
 
-    network, tokenizer = load_model(model)
+
+def trained_quant(adapter: str | None) -> tuple[str, bool] | None:
+    """(quant_type, double_quant) of the base an adapter was trained on with QLoRA, read from
+    the config.yaml `slimtune train` writes next to it; None for LoRA, full or unknown."""
+    if not adapter:
+        return None
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(adapter) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    if not isinstance(config, dict) or config.get("method", "qlora") != "qlora":
+        return None
+    return str(config.get("quant_type", "nf4")), bool(config.get("double_quant", True))
+
+
+def load_for_inference(
+    model: str | None,
+    adapter: str | None,
+    *,
+    quant: str = "auto",
+    compute_dtype: torch.dtype | None = None,
+):
+    """(model, tokenizer) with the LoRA adapter folder `adapter` loaded if given.
+
+    quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (double quantization);
+    "auto" does so when the adapter was trained with QLoRA (as it was trained), and a 4-bit
+    model folder always loads as stored; "none" loads it in float (in `compute_dtype` when that
+    is bfloat16 or float16).
+    """
+    from slimtune.errors import SlimtuneError
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    if quant not in QUANT_CHOICES:
+        raise SlimtuneError(f"quant: unknown value {quant!r}; expected {', '.join(QUANT_CHOICES)}")
+    config = None
+    if quant == "auto":
+        trained = trained_quant(adapter)
+        if trained is not None:
+            config = QuantConfig(quant_type=trained[0], double_quant=trained[1])
+    elif quant != "none":
+        config = QuantConfig(quant_type=quant, double_quant=True)
+    if config is not None and compute_dtype is not None:
+        config = dataclasses.replace(config, compute_dtype=compute_dtype)
+    float_dtype = compute_dtype if config is None and compute_dtype is not None else torch.float32
+    network, tokenizer = load_model(model, quant=config, dtype=float_dtype)
     if adapter:
         from slimtune.lora import load_adapter
 

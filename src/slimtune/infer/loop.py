@@ -1,0 +1,181 @@
+"""The decode loop: prefill the prompts once, then one new token per row per step, KV cached.
+
+Rows are left-padded to a common length (the attention mask marks padding; positions come from
+it, so a padded row computes what it would alone) and leave the batch when they finish. Models
+the lean forward does not cover run through transformers' `generate` instead. 4-bit layers
+compute from their packed codes (`slimtune.quant.inference`) unless `four_bit=False`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
+from slimtune.quant.inference import has_4bit_layers, inference_4bit
+
+
+@dataclass
+class Decoded:
+    """New tokens of every row (without the end-of-sequence token) and the time it took."""
+
+    tokens: list[list[int]]
+    seconds: float
+    prefill_seconds: float = 0.0
+    engine: str = "lean"  # "lean" (our loop) or "transformers" (its generate)
+    finish: list[str] = field(default_factory=list)  # "stop" or "length" per row
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of float32 logits: argmax at temperature 0, else top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs[before >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def inference_context(model: nn.Module, four_bit: bool = True, compute_dtype=None):
+    """The 4-bit inference kernels for a model with 4-bit layers (a no-op otherwise)."""
+    if four_bit and has_4bit_layers(model):
+        return inference_4bit(model, compute_dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask_: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 128,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    four_bit: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    pad_token_id: int = 0,
+) -> Decoded:
+    """Continue every row of `input_ids` (batch, T; left-padded where `attention_mask_` is 0)
+    by up to `max_new_tokens` tokens, stopping a row at any of `eos_ids`. `on_token(row,
+    token)` is called for every new token as it comes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_context(model, four_bit, compute_dtype):
+            if supports(model):
+                return _lean(
+                    model, input_ids, attention_mask_, max_new_tokens, eos_ids,
+                    temperature, top_p, generator, on_token,
+                )  # fmt: skip
+            return _transformers(
+                model, input_ids, attention_mask_, max_new_tokens, eos_ids,
+                temperature, top_p, on_token, pad_token_id,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def _lean(model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, generator, on_token):
+    start = time.perf_counter()
+    batch, width = input_ids.shape
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    finish = ["length"] * batch
+    if max_new_tokens <= 0:
+        return Decoded(tokens, 0.0, 0.0, "lean", finish)
+    dtype = model.model.embed_tokens.weight.dtype
+    capacity = width + max_new_tokens
+    cache = KVCache.empty(model, batch, capacity, dtype)
+    rotary = Rotary(model, capacity, dtype)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    logits = lean_forward(
+        model, input_ids, positions, cache, rotary, attention_mask(valid, 0, width)
+    )
+    prefill = time.perf_counter() - start
+    rows = list(range(batch))  # which original row each batch row is
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        chosen = next_token(logits, temperature, top_p, generator).tolist()
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if token in eos_ids:
+                finish[row] = "stop"
+                continue
+            tokens[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            keep.append(i)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            valid, position = valid[index], position[index]
+            rows = [rows[i] for i in keep]
+            chosen = [chosen[i] for i in keep]
+        valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
+        position = position + 1
+        ids = torch.tensor(chosen, device=device)[:, None]
+        mask_now = attention_mask(valid, cache.length, 1)
+        logits = lean_forward(model, ids, position, cache, rotary, mask_now)
+    return Decoded(tokens, time.perf_counter() - start, prefill, "lean", finish)
+
+
+def _transformers(
+    model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, on_token, pad_token_id
+):
+    """transformers' generate, for architectures the lean forward does not cover."""
+    from slimtune.models.device import device_of
+
+    start = time.perf_counter()
+    device = device_of(model)
+    inputs = {"input_ids": input_ids.to(device)}
+    if mask is not None:
+        inputs["attention_mask"] = mask.to(device)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        pad_token_id=pad_token_id,
+        eos_token_id=sorted(eos_ids) or None,
+        use_cache=True,
+    )
+    if temperature > 0:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**inputs, **options)[:, input_ids.shape[1] :].tolist()
+    tokens, finish = [], []
+    for row, new in enumerate(out):
+        kept = []
+        for token in new:
+            if token in eos_ids:
+                break
+            kept.append(token)
+            if on_token is not None:
+                on_token(row, token)
+        tokens.append(kept)
+        finish.append("stop" if len(kept) < len(new) else "length")
+    return Decoded(tokens, time.perf_counter() - start, 0.0, "transformers", finish)

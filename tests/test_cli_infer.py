@@ -1,0 +1,69 @@
+"""`generate`, `eval`: an adapter trained with QLoRA runs on a 4-bit base by default, from the
+packed codes; --float and --quant none give float; --json reports tokens and speed."""
+
+import json
+
+import pytest
+import torch
+from test_cli_train import char_tokenizer, sums, write_jsonl
+
+from slimtune.cli import main
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    """A tiny model folder and an adapter folder marked as trained with QLoRA (config.yaml)."""
+    from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+
+    root = tmp_path_factory.mktemp("qlora-run")
+    model = make_tiny_llama(
+        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_adapter(model, root / "adapter")
+    (root / "adapter" / "config.yaml").write_text(
+        "method: qlora\nquant_type: fp4\ndouble_quant: true\n"
+    )
+    return root / "model", root / "adapter"
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _generate(run, capsys, *flags) -> dict:
+    model, adapter = run
+    args = ["generate", "1+2=", "--model", str(model), "--adapter", str(adapter), "--raw"]
+    assert main([*args, "--max-new-tokens", "6", "--json", *flags]) == 0
+    return _json(capsys)
+
+
+def test_generate_json_runs_qlora_adapters_in_4_bits(qlora_run, capsys):
+    fast = _generate(qlora_run, capsys)
+    assert fast["four_bit"] is True and fast["engine"] == "lean"
+    assert 0 < fast["tokens"] <= 6 and fast["seconds"] > 0 and fast["tokens_per_s"] > 0
+    assert fast["compute_dtype"] == "float32"
+    decoded = _generate(qlora_run, capsys, "--float")
+    assert decoded["four_bit"] is False
+    assert decoded["text"] == fast["text"]  # the same 4-bit weights, decoded first
+    plain = _generate(qlora_run, capsys, "--quant", "none")
+    assert plain["four_bit"] is False
+
+
+def test_eval_in_4_bits_equals_eval_of_decoded_weights(qlora_run, tmp_path, capsys):
+    model, adapter = qlora_run
+    data = write_jsonl(tmp_path / "test.jsonl", sums(8))
+    args = ["eval", "--model", str(model), "--adapter", str(adapter), "--data", str(data)]
+    assert main([*args, "--json", "--max-new-tokens", "3"]) == 0
+    fast = _json(capsys)
+    assert main([*args, "--json", "--max-new-tokens", "3", "--float"]) == 0
+    decoded = _json(capsys)
+    assert fast["loss"] == pytest.approx(decoded["loss"], rel=1e-5)
+    assert fast["exact_match"] == decoded["exact_match"] and fast["n"] == 8

@@ -1,0 +1,139 @@
+"""The 4-bit inference kernels equal decode-then-matmul (to float rounding), for every format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, quantize_4bit
+from slimtune.quant.gemv import banded_linear, fused_usable, linear_4bit_inference
+from slimtune.quant.inference import inference_4bit
+
+# (out, in, blocksize): blocks within rows; rows not a multiple of the chunk; blocks that
+# span rows (in_features not a multiple of the blocksize); more rows than one band.
+SHAPES = [(96, 128, 64), (70, 256, 32), (24, 40, 64), (5, 96, 32), (300, 512, 128)]
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # float32 sums in another order: a few ulps of the largest partial sum
+    scale = ref.abs().max().clamp(min=1.0)
+    assert (y - ref).abs().max() <= 2e-5 * scale, float((y - ref).abs().max() / scale)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_equals_decode_then_matmul(quant_type, double_quant, shape, rows, one_thread):
+    out_features, in_features, blocksize = shape
+    generator = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, in_features, generator=generator)
+    packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
+    x = torch.randn(rows, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    ref = x @ dequantize_4bit(packed, state, torch.float32).t() + bias
+    y = linear_4bit_inference(x, packed, state, bias)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    _close(y, ref)
+
+
+def test_one_row_takes_the_fused_kernel_where_blocks_stay_in_rows():
+    w = torch.randn(64, 128)
+    _, state = quantize_4bit(w, "nf4", 64, True)
+    assert fused_usable(torch.zeros(1, 128), state)
+    assert not fused_usable(torch.zeros(2, 128), state)  # prompts: banded
+    _, odd = quantize_4bit(torch.randn(24, 40), "nf4", 64)
+    assert not fused_usable(torch.zeros(1, 40), odd)  # blocks span rows: banded
+
+
+def test_bands_never_decode_the_whole_weight(monkeypatch):
+    import slimtune.quant.gemv as gemv
+
+    monkeypatch.setattr(gemv, "BAND_VALUES", 1024)
+    sizes = []
+    real = gemv.decode_blocks
+
+    def spy(codes, *args, **kwargs):
+        sizes.append(codes.numel() * 2)
+        return real(codes, *args, **kwargs)
+
+    monkeypatch.setattr(gemv, "decode_blocks", spy)
+    w = torch.randn(100, 128)
+    packed, state = quantize_4bit(w, "nf4", 64, False)
+    x = torch.randn(4, 128)
+    y = banded_linear(x, packed, state, torch.float32)
+    _close(y, x @ dequantize_4bit(packed, state, torch.float32).t())
+    assert max(sizes) <= 1024 and sum(sizes) == w.numel()
+
+
+def test_bfloat16_compute():
+    w = torch.randn(64, 128)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(5, 128)
+    y = linear_4bit_inference(x, packed, state, None, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    ref = x @ dequantize_4bit(packed, state, torch.float32).t()
+    assert torch.allclose(y.float(), ref, rtol=2e-2, atol=5e-2 * ref.abs().max().item())
+
+
+def test_inference_4bit_switches_forward_and_back(one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    config = QuantConfig(double_quant=True)
+    model[0] = Linear4bit.from_linear(model[0], config)
+    model[2] = Linear4bit.from_linear(model[2], config)
+    x = torch.randn(1, 128)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+    with inference_4bit(model) as switched:
+        assert switched == 2
+        y = model(x)
+        assert not y.requires_grad
+    _close(y, ref)
+    assert "forward" not in model[0].__dict__  # the class forward again
+    assert list(model.state_dict()) == keys
+
+
+def test_layers_sharing_an_input_share_its_table(monkeypatch, one_thread):
+    import slimtune.quant.inference as inference
+
+    built = []
+    real = inference.input_table
+    monkeypatch.setattr(inference, "input_table", lambda x, q: built.append(1) or real(x, q))
+    layers = nn.ModuleList(Linear4bit.from_linear(nn.Linear(64, 32)) for _ in range(3))
+    x = torch.randn(1, 64)
+    with inference_4bit(layers):
+        outs = [layer(x) for layer in layers]
+        x.add_(1.0)  # modified in place: a new table
+        again = layers[0](x)
+    assert len(built) == 2
+    for layer, y in zip(layers, outs, strict=True):
+        _close(y, (x - 1.0) @ layer.dequantize().t() + layer.bias)
+    _close(again, x @ layers[0].dequantize().t() + layers[0].bias)
+
+
+def test_inference_4bit_blocks_nest(one_thread):
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    with inference_4bit(layer) as outer:
+        with inference_4bit(layer) as inner:
+            assert (outer, inner) == (1, 0)
+        assert "forward" in layer.__dict__
+    assert "forward" not in layer.__dict__
+
+
+def test_parallel_kernel_equals_serial():
+    """Two threads take the parallel entry point; each row's sums are the same either way."""
+    w = torch.randn(200, 256)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(1, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear_4bit_inference(x, packed, state, None)
+        torch.set_num_threads(2)
+        two = linear_4bit_inference(x, packed, state, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
