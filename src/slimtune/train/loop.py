@@ -33,6 +33,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
+from slimtune.lora.fused import fuse_shared_inputs
 from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
@@ -41,6 +42,12 @@ from slimtune.train.config import TrainConfig
 from slimtune.train.evaluate import EvalResult, evaluate
 from slimtune.train.forward import count_trained_tokens, summed_loss
 from slimtune.train.metrics import MetricsLog, plot_losses
+from slimtune.train.precision import (
+    cast_frozen,
+    describe_compute_dtype,
+    dtype_name,
+    training_dtype,
+)
 from slimtune.train.schedule import lr_at, warmup_steps
 
 
@@ -102,8 +109,13 @@ def train(
     if not data.train:
         raise SlimtuneError(f"no training rows in {config.data}")
     model.to(info.device)  # this rank's GPU under torchrun with CUDA; a no-op on the CPU
+    compute_dtype = training_dtype(config.compute_dtype, config.method, info.device)
+    cast_frozen(model, compute_dtype)  # the frozen base computes in it, the adapter in float32
+    if info.is_main:
+        print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
     use_lean_mlp(model)  # same values, half the MLP activations
+    fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -186,6 +198,7 @@ def train(
             lr=lr,
             grad_norm=grad_norm,
             tokens_per_s=input_tokens / elapsed,
+            compute_dtype=dtype_name(compute_dtype),
         )
         if info.is_main and (step + 1) % config.log_every == 0:
             metrics.log(record)
