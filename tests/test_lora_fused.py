@@ -165,3 +165,12 @@ def test_dense_fallback_gives_each_adapter_its_own_mask(monkeypatch):
     assert fused_module.fusable(lora_llama().model.layers[0].self_attn.q_proj)
     monkeypatch.setattr(LoraLinear, "sparse_dropout", False)  # PEFT-exact masks: layer by layer
     assert not fused_module.fusable(lora_llama().model.layers[0].self_attn.q_proj.train())
+
+
+def test_fused_under_gradient_checkpointing():
+    plain = lora_llama()
+    fused = copy.deepcopy(plain)
+    fuse_shared_inputs(fused)
+    for model in (plain, fused):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same(output_and_grads(fused, seed=8), output_and_grads(plain, seed=8))

@@ -101,16 +101,12 @@ class _DownProjection(torch.autograd.Function):
         x2d, stacked, *positions = ctx.saved_tensors
         x32 = x2d.float().contiguous()
         g = g_low.contiguous()
-        spans = _spans(ctx.ranks)
-        dropped = (
-            []
-            if not positions
-            else [
-                (span, p, pos)
-                for span, p, pos in zip(spans, ctx.ps, positions, strict=True)
-                if p > 0
-            ]
-        )
+        # (column span, p, positions) of the adapters that dropped anything
+        dropped = []
+        if positions:
+            for span, p, pos in zip(_spans(ctx.ranks), ctx.ps, positions, strict=True):
+                if p > 0:
+                    dropped.append((span, p, pos))
         if dropped:
             g = g.clone()
             for (start, stop), p, _ in dropped:
