@@ -130,3 +130,24 @@ def test_train_in_bfloat16_prints_and_records_the_dtype(tmp_path, capsys):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
     assert result.steps == len(steps)
+
+
+def test_loss_with_a_bfloat16_head_takes_the_softmax_in_float32():
+    from slimtune.train.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    head = nn.Linear(32, 100, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(2, 9, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 100, (2, 9))
+    labels[0, :3] = -100
+    loss = causal_lm_loss(hidden, head, labels, chunk_size=4)  # several chunks, one buffer
+    assert loss.dtype == torch.float32
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = head(ref_hidden).float()  # the bf16 product, widened: the softmax in float32
+    expected = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=2e-2, atol=1e-3)
