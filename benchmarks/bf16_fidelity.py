@@ -10,7 +10,8 @@ fallback (measured ~50x slower than float32), so there `--emulate` (the default 
 runs every bfloat16 matmul as float32 on the bfloat16 operands with the product rounded to
 bfloat16: what a native bf16 GEMM computes (bf16 inputs, float32 accumulation, one rounding),
 up to the order of its float32 sums. Everything else (norms, attention, activations, the 4-bit
-decode, the LoRA path) runs as it does natively. The report says which was used.
+decode, the LoRA path) runs as it does natively. The report says which was used. The exact
+match after training is measured as the demo measures it (evaluation computes in float32).
 
     .venv/bin/python benchmarks/bf16_fidelity.py --max-steps 30 --eval-every 10
 """

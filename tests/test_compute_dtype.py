@@ -85,17 +85,16 @@ def _loss_and_grads(model, seed: int = 3):
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 0.03), (torch.float16, 0.005)])
 def test_gradients_match_a_float32_run_within_the_dtype_tolerance(dtype, tolerance):
     reference = _qlora_model()
     low = copy.deepcopy(reference)
     cast_frozen(low, dtype)
     fuse_shared_inputs(low)
-    # The base is in the compute dtype; the adapter (the master weights) is not.
-    frozen = {p.dtype for p in low.parameters() if not p.requires_grad}
-    assert frozen == {dtype}
+    # The 4-bit base multiplies in the compute dtype; the rest (the residual stream, norms, the
+    # output layer) and the adapter (the master weights) stay float32.
     assert {m.compute_dtype for m in low.modules() if isinstance(m, Linear4bit)} == {dtype}
-    assert {p.dtype for p in low.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in low.parameters() if p.is_floating_point()} == {torch.float32}
 
     ref_loss, ref_grads = _loss_and_grads(reference)
     loss, grads = _loss_and_grads(low)
@@ -109,27 +108,50 @@ def test_gradients_match_a_float32_run_within_the_dtype_tolerance(dtype, toleran
         assert cosine > 0.999, name
 
 
-def test_train_in_bfloat16_prints_and_records_the_dtype(tmp_path, capsys):
+def test_train_in_bfloat16_prints_records_and_evaluates(tmp_path, capsys):
     from test_train_loop import task_rows, tiny_config
 
     from slimtune.train import TrainData, train
 
     model = make_tiny_llama(initializer_range=0.3)
+    quantize_model(model, QuantConfig())
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=8, alpha=16, dropout=0.1, target_modules="all-linear"))
     config = tiny_config(tmp_path, compute_dtype="bfloat16", epochs=2)
-    result = train(config, model=model, data=TrainData(train=task_rows(32)), progress=False)
+    data = TrainData(train=task_rows(32), eval=task_rows(8, seed=1))
+    result = train(config, model=model, data=data, progress=False)
     assert "compute dtype: bfloat16" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert {r["compute_dtype"] for r in steps} == {"bfloat16"}
     assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]  # it learns
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert len(result.evals) == 2 and result.evals[-1]["eval_loss"] < steps[0]["loss"]
+    # The returned model computes in float32 again, as evaluation and generation expect.
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)} == {
+        torch.float32
+    }
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
-    assert result.steps == len(steps)
+
+
+def test_a_float_base_multiplies_in_the_compute_dtype():
+    model = make_tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids).logits
+    assert cast_frozen(model, torch.bfloat16) == 14  # 7 LoRA layers in each of 2 blocks
+    base = model.model.layers[0].mlp.down_proj.base_layer
+    assert base.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the stream stays float32
+    got = model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.02)
+    assert not torch.equal(got, expected)  # it did compute in bfloat16
+    cast_frozen(model, torch.float32)
+    assert base.weight.dtype == torch.float32
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_loss_with_a_bfloat16_head_takes_the_softmax_in_float32():

@@ -46,6 +46,7 @@ from slimtune.train.precision import (
     cast_frozen,
     describe_compute_dtype,
     dtype_name,
+    float32_compute,
     training_dtype,
 )
 from slimtune.train.schedule import lr_at, warmup_steps
@@ -110,7 +111,7 @@ def train(
         raise SlimtuneError(f"no training rows in {config.data}")
     model.to(info.device)  # this rank's GPU under torchrun with CUDA; a no-op on the CPU
     compute_dtype = training_dtype(config.compute_dtype, config.method, info.device)
-    cast_frozen(model, compute_dtype)  # the frozen base computes in it, the adapter in float32
+    cast_frozen(model, compute_dtype)  # the frozen base multiplies in it, the rest in float32
     if info.is_main:
         print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
@@ -217,6 +218,9 @@ def train(
                 checkpoints, step + 1, model, optimizer, trainer_state, config.keep_checkpoints
             )
     bar.close()
+    # The returned model computes in float32 again, as every caller (evaluation, generation)
+    # expects; the adapter was float32 throughout.
+    cast_frozen(model, torch.float32)
 
     # --- 3. the results ----------------------------------------------------------------
     if info.is_main:
@@ -278,15 +282,16 @@ def _due(step: int, every: int | None) -> bool:
 
 def _evaluate(model, tokenizer, data: TrainData, config: TrainConfig) -> EvalResult:
     pairs = data.eval_pairs[: config.eval_max_rows] if config.eval_max_rows else data.eval_pairs
-    return evaluate(
-        model,
-        tokenizer,
-        examples=data.eval,
-        pairs=pairs,
-        batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens,
-        pad_token_id=data.pad_token_id,
-    )
+    with float32_compute(model):  # evaluation decodes 4-bit layers into float32 copies
+        return evaluate(
+            model,
+            tokenizer,
+            examples=data.eval,
+            pairs=pairs,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens,
+            pad_token_id=data.pad_token_id,
+        )
 
 
 def _eval_record(step: int, epoch: float, result: EvalResult) -> dict[str, Any]:
