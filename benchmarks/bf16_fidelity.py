@@ -97,11 +97,19 @@ def main() -> None:
         help="bf16 matmuls as float32 with rounded products (default: on CPUs without bf16)",
     )
     parser.add_argument("--out", default="", help="write the results JSON here")
+    parser.add_argument(
+        "--fp32-from", default="", help="take the float32 run from this earlier --out JSON"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [run(dtype, args, Path(tmp) / dtype) for dtype in ("float32", "bfloat16")]
-    fp32, bf16 = runs
+        if args.fp32_from:  # the same settings, run earlier: float32 results do not change
+            fp32 = json.loads(Path(args.fp32_from).read_text())["runs"][0]
+            fp32["eval_loss"] = {int(k): v for k, v in fp32["eval_loss"].items()}
+        else:
+            fp32 = run("float32", args, Path(tmp) / "float32")
+        bf16 = run("bfloat16", args, Path(tmp) / "bfloat16")
+    runs = [fp32, bf16]
     steps = sorted(fp32["eval_loss"])
     worst = max(abs(bf16["eval_loss"][s] / fp32["eval_loss"][s] - 1) for s in steps)
     points = 100 * abs(bf16["exact_match_after"] - fp32["exact_match_after"])
