@@ -13,6 +13,15 @@ files, same recipe: prepare_model_for_kbit_training for QLoRA, model(labels=) lo
 
 The "floor" entry bounds what any implementation could reach here: the step's own matmuls, each
 at the best speed this CPU reaches on its shape, and nothing else (see matmul_floor).
+
+Compute dtypes: `+bf16` runs slimtune with compute_dtype bfloat16 (the frozen base in bf16, LoRA
+in fp32) and the peer with bitsandbytes' compute dtype bfloat16 (the QLoRA recipe: model loaded
+in bf16, prepare_model_for_kbit_training); without it both compute in float32. `+nofuse` runs
+slimtune without the shared-input LoRA product (lora/fused.py), to show what it gains. Every
+result carries `slimtune.hardware.machine_record()`: the CPU, its flags (avx512_bf16, amx_bf16
+decide whether bf16 is fast), threads and BLAS.
+
+    .venv/bin/python benchmarks/bench_train.py --only slimtune-qlora,slimtune-qlora+bf16,peer-qlora,peer-qlora+bf16
 """
 
 from __future__ import annotations
@@ -37,9 +46,17 @@ VARIANTS = [
     "peer-lora+ckpt",
     "peer-qlora+ckpt",
 ]
+# The compute-dtype pair: on a CPU with native bf16 the peer's bf16 mode is its fastest.
+VARIANTS += ["slimtune-qlora+bf16", "peer-qlora+bf16"]
 # Not in the default set: the peer under slimtune's lean-heap malloc settings, to show how much of
-# the memory gap is the allocator setting alone.
-EXTRA_VARIANTS = ["peer-lora+lean", "peer-qlora+lean", "peer-qlora+ckpt+lean"]
+# the memory gap is the allocator setting alone; slimtune without the shared-input LoRA product.
+EXTRA_VARIANTS = [
+    "peer-lora+lean",
+    "peer-qlora+lean",
+    "peer-qlora+ckpt+lean",
+    "slimtune-qlora+nofuse",
+    "slimtune-qlora+bf16+nofuse",
+]
 FLOOR = "floor"  # the fastest a QLoRA step could be on this CPU (see matmul_floor)
 
 
@@ -57,9 +74,11 @@ def batches(tokenizer, n: int, batch: int, seq: int):
     return torch.tensor(ids, dtype=torch.long).view(n, batch, seq)
 
 
-def slimtune_model(method: str, ckpt: bool, args):
+def slimtune_model(method: str, ckpt: bool, args, bf16: bool = False, fuse: bool = True):
+    from slimtune.lora import fuse_shared_inputs
     from slimtune.models.lean_mlp import use_lean_mlp
     from slimtune.train import TrainConfig
+    from slimtune.train.precision import cast_frozen, training_dtype
     from slimtune.train.setup import build_model
 
     config = TrainConfig(
@@ -69,15 +88,20 @@ def slimtune_model(method: str, ckpt: bool, args):
         dropout=0.05,
         targets=TARGETS,
         gradient_checkpointing=ckpt,
+        compute_dtype="bfloat16" if bf16 else "float32",
     )
     model, tokenizer = build_model(config)
-    use_lean_mlp(model)  # as slimtune.train.train does
+    # As slimtune.train.train does: the compute dtype, the lean MLP, the shared-input product.
+    cast_frozen(model, training_dtype(config.compute_dtype, method))
+    use_lean_mlp(model)
+    if fuse:
+        fuse_shared_inputs(model)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
-def peer_model(method: str, ckpt: bool, args):
+def peer_model(method: str, ckpt: bool, args, bf16: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -86,13 +110,14 @@ def peer_model(method: str, ckpt: bool, args):
     from slimtune.models.paths import default_model_file
 
     folder = cached_folder(default_model_file())
-    options = dict(dtype=torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    options = dict(dtype=dtype)
     if method == "qlora":
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
         options["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, **options)
@@ -122,10 +147,12 @@ def run_one(variant: str, args) -> dict:
     torch.manual_seed(0)
     stack, rest = variant.split("-", 1)
     method, *flags = rest.split("+")
-    ckpt = "ckpt" in flags
+    ckpt, bf16 = "ckpt" in flags, "bf16" in flags
     t0 = time.perf_counter()
-    build = slimtune_model if stack == "slimtune" else peer_model
-    model, tokenizer = build(method, ckpt, args)
+    if stack == "slimtune":
+        model, tokenizer = slimtune_model(method, ckpt, args, bf16, fuse="nofuse" not in flags)
+    else:
+        model, tokenizer = peer_model(method, ckpt, args, bf16)
     load_s = time.perf_counter() - t0
     model.train()
     data = batches(tokenizer, args.warmup + args.steps, args.batch, args.seq)
@@ -165,7 +192,14 @@ def run_one(variant: str, args) -> dict:
         trainable=sum(p.numel() for p in params),
         threads=torch.get_num_threads(),
         loadavg=[round(v, 1) for v in os.getloadavg()],
+        machine=machine_record(),
     )
+
+
+def machine_record() -> dict:
+    from slimtune.hardware import machine_record as record
+
+    return record()
 
 
 def matmul_floor(args) -> dict:
@@ -289,6 +323,7 @@ def table(results: list[dict]) -> str:
                 f"{r['peak_rss_mb']} | {r['loadavg'][0]} |"
             )
     by = {r["variant"]: r for r in results if "failed" not in r}
+    rows += dtype_rows(by)
     for suffix in ("", "+ckpt"):
         q, pq, lo = (
             by.get(f"{s}{suffix}") for s in ("slimtune-qlora", "peer-qlora", "slimtune-lora")
@@ -318,6 +353,38 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def dtype_rows(by: dict) -> list[str]:
+    """slimtune's best mode against the peer's best and the peer's fp32, with the targets that
+    apply to this CPU (bf16 in hardware: >= 3x the peer's best; AVX2 only: >= 1.6x its fp32)."""
+    ours = [by[v] for v in ("slimtune-qlora", "slimtune-qlora+bf16") if v in by]
+    peers = [by[v] for v in ("peer-qlora", "peer-qlora+bf16") if v in by]
+    if not ours or not peers:
+        return []
+    best = max(ours, key=lambda r: r["tokens_per_s"])
+    peer_best = max(peers, key=lambda r: r["tokens_per_s"])
+    native = any(best["machine"]["cpu_flags"].get(f) for f in ("avx512_bf16", "amx_bf16"))
+    rows = [
+        f"\nslimtune's best QLoRA mode ({best['variant']}) / the peer's best "
+        f"({peer_best['variant']}): {best['tokens_per_s'] / peer_best['tokens_per_s']:.2f}x"
+        + (" (target on a CPU with bf16: >= 3)" if native else "")
+    ]
+    if "peer-qlora" in by:
+        target = "" if native else " (target on an AVX2-only CPU: >= 1.6)"
+        rows.append(
+            f"slimtune's best QLoRA mode / the peer's fp32: "
+            f"{best['tokens_per_s'] / by['peer-qlora']['tokens_per_s']:.2f}x{target}"
+        )
+    pairs = [("slimtune-qlora", "slimtune-qlora+nofuse")]
+    pairs.append(("slimtune-qlora+bf16", "slimtune-qlora+bf16+nofuse"))
+    for fused, plain in pairs:
+        if fused in by and plain in by:
+            rows.append(
+                f"{fused}: shared-input LoRA product {by[plain]['s_per_step']} -> "
+                f"{by[fused]['s_per_step']} s/step"
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -343,7 +410,10 @@ def main() -> None:
     results = run_all(args)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(dict(machine=machine_record(), results=results), f, indent=1)
+    from slimtune.hardware import machine_summary
+
+    print(machine_summary())
     print(table(results))
 
 

@@ -9,6 +9,7 @@ from slimtune.lora.adapters import (
 )
 from slimtune.lora.combine import combine_adapters
 from slimtune.lora.config import LoraConfig
+from slimtune.lora.fused import fuse_shared_inputs
 from slimtune.lora.inject import find_targets, inject_adapter, lora_configs, lora_layers
 from slimtune.lora.io import load_adapter, save_adapter
 from slimtune.lora.layer import LoraLinear
@@ -25,6 +26,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "find_targets",
+    "fuse_shared_inputs",
     "inject_adapter",
     "load_adapter",
     "lora_configs",

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from slimtune.errors import SlimtuneError
+from slimtune.lora import fused
 from slimtune.lora import init as inits
 from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
@@ -25,6 +26,8 @@ class LoraLinear(nn.Module):
     # Training-mode dropout through SparseDropoutLora (fast, keeps no dropped copy). False: draw
     # the masks with nn.Dropout, exactly as PEFT does (same seed, same masks).
     sparse_dropout = True
+    # The SharedInput group of sibling layers reading the same input (see lora/fused.py), if any.
+    shared = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -142,6 +145,8 @@ class LoraLinear(nn.Module):
             return result
         if self.sample_groups is not None:
             return self._forward_per_sample(x, result)
+        if self.shared is not None and fused.fusable(self):
+            return self.shared.add(self, x, result)  # one A product for q/k/v (or gate/up)
         for name in self._live:
             result = self._add_adapter(name, x, result)
         return result
@@ -150,8 +155,12 @@ class LoraLinear(nn.Module):
         """result + what adapter `name` adds. Plain LoRA: one addmm does the second matmul, the
         scaling and the add (no separate pass over the wide output)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if name in self.lora_magnitude_vector or result.dtype != A.dtype:
+        if name in self.lora_magnitude_vector:
             return result + self._delta(name, x, result)
+        if result.dtype != A.dtype:  # a bfloat16/float16 base: A(x) in float32, B in its dtype
+            p = fused.dropout_p(self, name)
+            low = fused.down_products(x, [A], [p], sparse=self.sparse_dropout)
+            return fused.add_up(result, low, B, self.scaling[name])
         dropout = self.lora_dropout[name]
         # On a GPU dropout's own kernel is fast and the positions would have to be copied over.
         sparse = self.sparse_dropout and self.training and x.dtype == A.dtype and not x.is_cuda

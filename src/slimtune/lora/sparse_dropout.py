@@ -88,7 +88,21 @@ def _kernels():
         for f in positions:
             flat[f] = 0.0
 
-    return remove_from_low, remove_from_grad_a_t, zero_at
+    @numba.njit(cache=True, nogil=True)
+    def remove_from_grad_x(grad_x, g_low, a_t, positions):  # pragma: no cover - compiled
+        # grad_x[i, j] -= g_low[i] . A[:, j]: what a dropped value would have received
+        width, i, row_start = grad_x.shape[1], 0, 0
+        for f in positions:
+            while f >= row_start + width:
+                i += 1
+                row_start += width
+            j = f - row_start
+            total = 0.0
+            for k in range(g_low.shape[1]):
+                total += g_low[i, k] * a_t[j, k]
+            grad_x[i, j] -= total
+
+    return remove_from_low, remove_from_grad_a_t, zero_at, remove_from_grad_x
 
 
 def _in_place(x: Tensor, A: Tensor) -> bool:

@@ -193,14 +193,16 @@ def decode_blocks(
 ) -> torch.Tensor:
     """float32 values of `codes` (rows of whole blocks, 1-D or 2-D, any strides) given the
     float32 absmax of those blocks (same order). Returns (or fills) a flat tensor of
-    2 * codes.numel() values."""
+    2 * codes.numel() values; a bfloat16 `out` is filled directly on the CPU (see kernels)."""
     rows = codes.reshape(-1, blocksize // 2) if codes.dim() == 1 else codes
     scales = absmax.reshape(rows.shape[0], -1)
     if out is None:
         out = empty_large((codes.numel() * 2,), torch.float32, codes.device)
-    if kernels.usable(codes):
+    if kernels.usable(codes) and out.dtype in kernels.OUT_DTYPES:
         kernels.decode_rows(rows, scales, pair_table(quant_type), out.view(rows.shape[0], -1))
         return out
+    if out.dtype != torch.float32:
+        return out.copy_(decode_blocks(codes, absmax, blocksize, quant_type))
     # Elsewhere (a GPU): one gather through a byte -> (high, low) pair table, then the scales.
     index = rows.to(torch.int32).view(-1)  # also gathers a strided band into one array
     table = pair_lookup(quant_type, codes.device)
@@ -226,6 +228,10 @@ def dequantize_4bit(
     absmax = state.block_absmax()
     if dtype == torch.float32:
         return decode_blocks(codes, absmax, state.blocksize, state.quant_type).view(state.shape)
+    if dtype in kernels.OUT_DTYPES and kernels.usable(codes):  # straight into bfloat16
+        out = empty_large(state.shape, dtype, codes.device)
+        decode_blocks(codes, absmax, state.blocksize, state.quant_type, out.view(-1))
+        return out
     out = empty_large(state.shape, dtype, codes.device).view(-1)
     step = max(CHUNK_BYTES, state.blocksize // 2)
     scratch = torch.empty(2 * min(step, codes.numel()), device=codes.device)

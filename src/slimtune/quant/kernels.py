@@ -1,10 +1,14 @@
-"""The CPU decode kernel: packed 4-bit codes -> float32 values, in one pass, compiled by numba.
+"""The CPU decode kernel: packed 4-bit codes -> float32 or bfloat16 values, in one pass, by numba.
 
 With torch ops a decode takes three passes over memory (bytes -> int32 index, gather through a
 byte -> pair table, scale by the block's absmax); this loop reads each byte once and writes its
 two values once, which is what bitsandbytes' C kernel does. The result is bit for bit the same
 (float32 code value times float32 absmax). Without numba (an unsupported platform) `kernel()`
 returns None and callers use the torch ops.
+
+bfloat16 is written straight from the float32 product (rounded to nearest even, as torch's
+`.to(torch.bfloat16)` does), so a bfloat16 compute dtype costs one pass writing half the bytes,
+not a float32 pass and a conversion pass.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ def kernel():
     """The compiled (decode, decode_scales) functions, or None when numba is not importable."""
     try:
         import numba
+        import numpy as np
     except ImportError:
         return None
     # OpenMP first: numba's "workqueue" pool measured twice as slow per call here (0.54 vs
@@ -38,6 +43,24 @@ def kernel():
                     out[r, 2 * j] = pairs[byte, 0] * scale
                     out[r, 2 * j + 1] = pairs[byte, 1] * scale
 
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def decode_bf16(codes, absmax, pairs, out):  # pragma: no cover - compiled
+        # out: the bfloat16 result's bits (uint16). Each float32 product is rounded to nearest
+        # even on its top 16 bits (no NaN or inf can occur here). Written out twice rather than
+        # through a helper: numba does not cache a function that calls a closure.
+        rows, width = codes.shape
+        blocks = absmax.shape[1]
+        per_block = width // blocks
+        for r in numba.prange(rows):
+            for b in range(blocks):
+                scale = absmax[r, b]
+                for j in range(b * per_block, (b + 1) * per_block):
+                    byte = codes[r, j]
+                    hi = np.int64(np.float32(pairs[byte, 0] * scale).view(np.uint32))
+                    lo = np.int64(np.float32(pairs[byte, 1] * scale).view(np.uint32))
+                    out[r, 2 * j] = np.uint16((hi + 0x7FFF + ((hi >> 16) & 1)) >> 16)
+                    out[r, 2 * j + 1] = np.uint16((lo + 0x7FFF + ((lo >> 16) & 1)) >> 16)
+
     @numba.njit(cache=True, nogil=True)
     def decode_scales(codes, code, nested, per_nested, offset, out):  # pragma: no cover
         n = codes.shape[0]
@@ -46,7 +69,7 @@ def kernel():
             for i in range(g * per_nested, min(n, (g + 1) * per_nested)):
                 out[i] = code[codes[i]] * scale + offset
 
-    return decode, decode_scales
+    return decode, decode_scales, decode_bf16
 
 
 def usable(tensor: torch.Tensor) -> bool:
@@ -54,13 +77,18 @@ def usable(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and kernel() is not None
 
 
+OUT_DTYPES = (torch.float32, torch.bfloat16)  # what decode_rows writes directly
+
+
 def decode_rows(codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor):
-    """Fill `out` (rows, 2 * width) float32 from `codes` (rows, width) uint8, any strides, whose
-    blocks along each row share the float32 `absmax` (rows, blocks); `pairs` (256, 2) float32
-    holds each byte's (high nibble, low nibble) code values. CPU tensors only."""
-    decode = kernel()[0]
+    """Fill `out` (rows, 2 * width), float32 or bfloat16, from `codes` (rows, width) uint8, any
+    strides, whose blocks along each row share the float32 `absmax` (rows, blocks); `pairs`
+    (256, 2) float32 holds each byte's (high nibble, low nibble) code values. CPU tensors only."""
     _set_threads(torch.get_num_threads())
-    decode(codes.numpy(), absmax.numpy(), pairs.numpy(), out.numpy())
+    if out.dtype == torch.bfloat16:  # numpy has no bfloat16: the kernel writes its bits
+        kernel()[2](codes.numpy(), absmax.numpy(), pairs.numpy(), out.view(torch.uint16).numpy())
+    else:
+        kernel()[0](codes.numpy(), absmax.numpy(), pairs.numpy(), out.numpy())
     return out
 
 

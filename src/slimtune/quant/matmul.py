@@ -5,6 +5,9 @@ A 4096 x 4096 float32 weight is 64 MiB: decoding it whole costs a fresh allocati
 into one scratch buffer that malloc recycles, and each band feeds its matmul from cache. Forward
 takes bands of rows (contiguous in the packed layout); the input gradient takes bands of
 columns, so each band writes its own slice of the result and nothing is accumulated.
+
+Bands are decoded straight into the compute dtype where the kernel writes it (float32,
+bfloat16): a bfloat16 band is half the bytes and needs no conversion pass.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.quant import kernels
 from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit
 
 BAND_VALUES = 1 << 22
@@ -22,6 +26,12 @@ def _banded(packed: torch.Tensor, state: QuantState) -> bool:
     out_features, in_features = state.shape
     big = out_features * in_features > BAND_VALUES
     return packed.device.type == "cpu" and in_features % state.blocksize == 0 and big
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The band buffer: in the compute dtype when the kernel decodes into it, else float32."""
+    direct = dtype in kernels.OUT_DTYPES and kernels.usable(torch.empty(0, device=device))
+    return torch.empty(numel, dtype=dtype if direct else torch.float32, device=device)
 
 
 def _layout(packed: torch.Tensor, state: QuantState):
@@ -46,7 +56,7 @@ def linear_4bit(
     x2d = x.reshape(-1, in_features)
     y = torch.empty(x2d.shape[0], out_features, dtype=dtype, device=x.device)
     rows = max(1, BAND_VALUES // in_features)
-    scratch = torch.empty(rows * in_features, device=x.device)
+    scratch = _scratch(rows * in_features, dtype, x.device)
     for r0 in range(0, out_features, rows):
         r1 = min(out_features, r0 + rows)
         band = decode_blocks(
@@ -76,7 +86,7 @@ def input_grad_4bit(
     grad_x = torch.empty(g2d.shape[0], in_features, dtype=dtype, device=grad_out.device)
     bs = state.blocksize
     cols = max(bs, BAND_VALUES // out_features // bs * bs)
-    scratch = torch.empty(out_features * cols, device=grad_out.device)
+    scratch = _scratch(out_features * cols, dtype, grad_out.device)
     for c0 in range(0, in_features, cols):
         c1 = min(in_features, c0 + cols)
         band = decode_blocks(

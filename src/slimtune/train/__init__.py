@@ -19,6 +19,8 @@ _WHERE = {
     "TrainResult": "loop",
     "train": "loop",
     "causal_lm_loss": "loss",
+    "cast_frozen": "precision",
+    "training_dtype": "precision",
 }
 
 __all__ = sorted(_WHERE)

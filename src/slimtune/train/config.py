@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads (default: torch's)")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base's compute; auto: bfloat16 where native"
+    )
     # evaluation
     eval_every: int | None = Field(None, gt=0, description="steps between evals (and epoch ends)")
     eval_max_rows: int | None = Field(64, gt=0, description="rows scored by generation per eval")

@@ -33,6 +33,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
+from slimtune.lora.fused import fuse_shared_inputs
 from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
@@ -41,6 +42,13 @@ from slimtune.train.config import TrainConfig
 from slimtune.train.evaluate import EvalResult, evaluate
 from slimtune.train.forward import count_trained_tokens, summed_loss
 from slimtune.train.metrics import MetricsLog, plot_losses
+from slimtune.train.precision import (
+    cast_frozen,
+    describe_compute_dtype,
+    dtype_name,
+    float32_compute,
+    training_dtype,
+)
 from slimtune.train.schedule import lr_at, warmup_steps
 
 
@@ -102,8 +110,13 @@ def train(
     if not data.train:
         raise SlimtuneError(f"no training rows in {config.data}")
     model.to(info.device)  # this rank's GPU under torchrun with CUDA; a no-op on the CPU
+    compute_dtype = training_dtype(config.compute_dtype, config.method, info.device)
+    cast_frozen(model, compute_dtype)  # the frozen base multiplies in it, the rest in float32
+    if info.is_main:
+        print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
     use_lean_mlp(model)  # same values, half the MLP activations
+    fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -187,6 +200,7 @@ def train(
             lr=lr,
             grad_norm=grad_norm,
             tokens_per_s=input_tokens / elapsed,
+            compute_dtype=dtype_name(compute_dtype),
         )
         if info.is_main and (step + 1) % config.log_every == 0:
             metrics.log(record)
@@ -205,6 +219,9 @@ def train(
                 checkpoints, step + 1, model, optimizer, trainer_state, config.keep_checkpoints
             )
     bar.close()
+    # The returned model computes in float32 again, as every caller (evaluation, generation)
+    # expects; the adapter was float32 throughout.
+    cast_frozen(model, torch.float32)
 
     # --- 3. the results ----------------------------------------------------------------
     if info.is_main:
@@ -266,15 +283,16 @@ def _due(step: int, every: int | None) -> bool:
 
 def _evaluate(model, tokenizer, data: TrainData, config: TrainConfig) -> EvalResult:
     pairs = data.eval_pairs[: config.eval_max_rows] if config.eval_max_rows else data.eval_pairs
-    return evaluate(
-        model,
-        tokenizer,
-        examples=data.eval,
-        pairs=pairs,
-        batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens,
-        pad_token_id=data.pad_token_id,
-    )
+    with float32_compute(model):  # evaluation decodes 4-bit layers into float32 copies
+        return evaluate(
+            model,
+            tokenizer,
+            examples=data.eval,
+            pairs=pairs,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens,
+            pad_token_id=data.pad_token_id,
+        )
 
 
 def _eval_record(step: int, epoch: float, result: EvalResult) -> dict[str, Any]:

@@ -96,8 +96,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _logits_buffer(h: Tensor, weight: Tensor, chunk: int) -> Tensor | None:
     """One float32 (chunk x vocabulary) buffer that every chunk's logits reuse (on the CPU a
-    fresh 100 MB tensor per chunk costs its page faults again: ~50 ms for SmolLM2)."""
-    if h.dtype != torch.float32 or weight.dtype != torch.float32 or h.device.type != "cpu":
+    fresh 100 MB tensor per chunk costs its page faults again: ~50 ms for SmolLM2). With a
+    bfloat16/float16 head the product is taken in that dtype and widened into it."""
+    if h.device.type != "cpu":
         return None
     rows = min(chunk, h.shape[0])
     return empty_large((rows, weight.shape[0]), torch.float32, h.device)
@@ -107,6 +108,8 @@ def _chunk_logits(hc: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tenso
     if buffer is None:
         return F.linear(hc, weight, bias).float()
     out = buffer[: hc.shape[0]]
+    if hc.dtype != torch.float32 or weight.dtype != torch.float32:
+        return out.copy_(F.linear(hc, weight, bias))  # the softmax runs in float32
     if bias is None:
         return torch.mm(hc, weight.t(), out=out)
     return torch.addmm(bias, hc, weight.t(), out=out)

@@ -1,0 +1,117 @@
+"""The compute dtype of a training run: the frozen base's matmuls run in it, the rest in float32.
+
+What torch.autocast does for linear layers, set up once on the model instead of per op:
+
+- 4-bit layers decode NF4/FP4 straight into the compute dtype and multiply in it
+  (`Linear4bit.compute_dtype`); frozen float base layers under a LoRA adapter (`method: lora`)
+  are stored in it and multiply in it. Each takes its input to the compute dtype and gives its
+  output back in the input's dtype;
+- everything else stays float32: the residual stream, norms, attention, the output layer and
+  the loss (softmax included), and the adapter: LoRA A and B are the master weights the
+  optimizer updates (its state follows them), multiplied in float32.
+
+Measured on SmolLM2 (benchmarks/reports/train.md): a bfloat16 residual stream (the whole frozen
+model cast) moved the loss of the untrained model by 0.5%; bfloat16 matmuls with a float32
+stream by 0.003%. Buffers are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.hardware import resolve_compute_dtype
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def training_dtype(name: str, method: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a run computes in. Full fine-tuning trains every weight: it stays float32
+    (`auto`), and asking it for a low-precision dtype is an error (no master copies kept)."""
+    dtype = resolve_compute_dtype(name, device)
+    if method == "full" and dtype != torch.float32:
+        if name == "auto":
+            return torch.float32
+        raise SlimtuneError(
+            f"compute_dtype: {name} needs a frozen base (method lora or qlora); method full "
+            "trains every weight in float32"
+        )
+    return dtype
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Make the frozen base layers of `model` multiply in `dtype` (see the module doc); returns
+    how many layers. Idempotent; `dtype` float32 puts float bases back in float32."""
+    count = 0
+    for module in model.modules():
+        if _is_4bit(module):
+            module.compute_dtype = dtype
+            count += 1
+        elif _is_frozen_float_base(module):
+            base = module.base_layer
+            for param in base.parameters():
+                param.data = param.data.to(dtype)
+            if not getattr(base, "_slimtune_casts", False):
+                base.register_forward_pre_hook(_input_to_weight_dtype)
+                base.register_forward_hook(_output_to_input_dtype)
+                base._slimtune_casts = True
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module) -> Iterator[None]:
+    """4-bit layers compute in float32 inside the block (evaluation decodes them into float32
+    copies that take the float32 hidden states as they are), and go back after."""
+    layers = [m for m in model.modules() if _is_4bit(m)]
+    before = [m.compute_dtype for m in layers]
+    for layer in layers:
+        layer.compute_dtype = torch.float32
+    try:
+        yield
+    finally:
+        for layer, dtype in zip(layers, before, strict=True):
+            layer.compute_dtype = dtype
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return hasattr(module, "compute_dtype") and hasattr(module, "dequantize")
+
+
+def _is_frozen_float_base(module: nn.Module) -> bool:
+    """A LoRA layer's frozen nn.Linear base (method lora)."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear:
+        return False
+    return not any(p.requires_grad for p in base.parameters())
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple):
+    x = args[0]
+    module._slimtune_in_dtype = x.dtype
+    return (x.to(module.weight.dtype), *args[1:])
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor):
+    return output.to(module._slimtune_in_dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def describe_compute_dtype(name: str, dtype: torch.dtype, device: torch.device | str) -> str:
+    """The line a run prints before training: the dtype and, for `auto`, what decided it."""
+    from slimtune.hardware import cpu_model, device_has_native_bf16
+
+    text = f"compute dtype: {dtype_name(dtype)}"
+    if name != "auto":
+        return text
+    device = torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    native = "native" if device_has_native_bf16(device) else "no native"
+    return text + f" (auto; {where}: {native} bfloat16)"
