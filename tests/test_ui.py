@@ -100,7 +100,9 @@ def test_cli_makes_up_a_token_beyond_loopback(tmp_path, monkeypatch, capsys):
     from slimtune.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: seen.update(app=app, host=host))
+    monkeypatch.setattr(
+        uvicorn, "run", lambda app, host, port, **_: seen.update(app=app, host=host)
+    )
     monkeypatch.delenv("SLIMTUNE_UI_TOKEN", raising=False)
     assert main(["ui", "--host", "0.0.0.0", "--port", "9", "--allow", str(tmp_path)]) == 0
     printed = capsys.readouterr().err

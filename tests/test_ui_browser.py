@@ -1,5 +1,5 @@
 """`slimtune ui` end to end in a real browser (Debian's chromium, driven by Playwright): start a
-tiny run from the page, watch its progress and loss curve move, then ask the playground."""
+tiny run from the page, watch its progress and loss curve move, stop and resume it, then ask the playground."""
 
 import json
 import re
@@ -34,7 +34,7 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.wait_for_selector("#memory:has-text('fits in')")
         before = page.inner_text("#memory")
         settings = {"rank": "4", "lr": "0.01", "batch_size": "2", "grad_accum": "1",
-                    "epochs": "2", "eval_every": "20", "save_every": "20",
+                    "epochs": "4", "eval_every": "20", "save_every": "10",
                     "max_new_tokens": "3", "threads": "1"}  # fmt: skip
         for key, value in settings.items():
             page.fill(f"[data-key={key}]", value)
@@ -47,9 +47,9 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.wait_for_selector("#run-title:text('tiny-run')")
         page.wait_for_function(
             """() => {
-              const m = document.getElementById('run-step').innerText.match(/^(\\d+) \\/ 40$/);
+              const m = document.getElementById('run-step').innerText.match(/^(\\d+) \\/ 80$/);
               const badge = document.getElementById('run-state-badge');
-              return m && +m[1] > 0 && +m[1] < 40 && badge.innerText == 'running';
+              return m && +m[1] >= 12 && +m[1] < 80 && badge.innerText == 'running';
             }""",
             timeout=60_000,
         )
@@ -57,11 +57,22 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         assert re.fullmatch(r"\d+", page.inner_text("#run-tps"))
         assert page.inner_text("#run-eta") != "–"
         assert page.inner_text("#run-loss") != "–"
+
+        # Stop it (Ctrl-C to the training process), then resume from its last checkpoint.
+        page.click("#run-stop")
+        page.wait_for_selector("#run-state-badge:text('stopped')")
+        stopped_at = int(page.inner_text("#run-step").split()[0])
+        assert 12 <= stopped_at < 80
+        page.wait_for_selector("#run-resume:enabled")
+        page.click("#run-resume")
         page.wait_for_selector("#run-state-badge:text('finished')", timeout=60_000)
-        assert page.inner_text("#run-step") == "40 / 40"
+        assert page.inner_text("#run-step") == "80 / 80"
         evals = page.locator("#eval-table tr")
-        assert evals.count() == 3  # header + steps 20 and 40
-        assert evals.nth(2).inner_text().startswith("40")
+        assert evals.count() == 5  # header + steps 20, 40, 60, 80
+        assert evals.nth(4).inner_text().startswith("80")
+        records = (tmp_path / "runs" / "tiny-run" / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(r)["step"] for r in records if "loss" in json.loads(r)]
+        assert steps == list(range(1, 81))  # the resumed run took over at its checkpoint
 
         # The playground: the base and the adapter side by side, then a chat turn.
         page.click("#tab-play")

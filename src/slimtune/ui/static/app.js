@@ -257,7 +257,7 @@ function survivalTable(result) {
     if (name.includes("error")) continue;
     const kept = result.gain_kept[name];
     t.append(el("tr", {}, el("td", {}, name), el("td", {}, (100 * acc).toFixed(1) + "%"),
-      el("td", { class: "muted" }, kept == null ? "" : typeof kept === "number" ? `keeps ${(100 * kept).toFixed(0)}% of the gain` : "no gain to keep")));
+      el("td", { class: "muted" }, !(name in result.gain_kept) ? "" : typeof kept === "number" ? `keeps ${(100 * kept).toFixed(0)}% of the gain` : "no gain to measure")));
   }
   return el("div", {}, t, el("div", { class: "muted small" }, `exact match on ${result.n} eval rows`));
 }
