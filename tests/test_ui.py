@@ -225,3 +225,31 @@ def test_a_crashed_run_says_why_and_resumes_only_from_a_checkpoint(tmp_path):
     assert response.status_code == 400 and "no checkpoint" in response.json()["error"]
     (tmp_path / "runs" / "c" / "checkpoints" / "step-000001").mkdir(parents=True)
     assert api.get("/api/run", params={"path": "runs/c"}).json()["can_resume"]
+
+
+def test_playground_and_export_refuse_what_they_cannot_do(tmp_path):
+    for name, model in [("a", "m1"), ("b", "m2")]:
+        fake_run(tmp_path / "runs" / name, [], config={"model": str(tmp_path / model)})
+    api = client(tmp_path)
+    body = {"runs": ["runs/a", "runs/b"], "messages": [{"role": "user", "content": "hi"}]}
+    response = api.post("/api/playground", json=body, headers=POST)
+    assert response.status_code == 400 and "different base models" in response.json()["error"]
+    body = {"runs": ["runs/a"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}
+    assert api.post("/api/playground", json=body, headers=POST).status_code == 422
+    response = api.post("/api/export", json={"path": "runs/a", "kind": "merged"}, headers=POST)
+    assert response.status_code == 400 and "no adapter yet" in response.json()["error"]
+    response = api.post("/api/export", json={"path": "runs/a", "kind": "exe"}, headers=POST)
+    assert response.status_code == 400 and "unknown export" in response.json()["error"]
+    status = api.get("/api/export", params={"path": "runs/a"}).json()
+    assert {item["state"] for item in status.values()} == {"none"}
+
+
+def test_the_gain_kept_is_read_from_the_end_of_the_survival_log(tmp_path):
+    from slimtune.ui.exports import _json_at_end
+
+    result = {"accuracy": {"base fp32": 0.1, "base + adapter": 0.9}, "gain_kept": {"x": 1.0}}
+    log = tmp_path / "export-survival.log"
+    log.write_text("Loading weights: 100%\n{not this}\n" + json.dumps(result, indent=2) + "\n")
+    assert _json_at_end(log) == result
+    log.write_text("Traceback ...\n")
+    assert _json_at_end(log) is None
