@@ -7,7 +7,7 @@ import re
 import torch
 from conftest import make_tiny_llama
 from test_cli_train import char_tokenizer, sums
-from ui_browser import CHART_HAS_LINE, browser_page, served
+from ui_browser import CHART_LINE_PIXELS, browser_page, served
 
 
 def test_train_watch_and_ask_from_the_browser(tmp_path):
@@ -53,7 +53,8 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
             }""",
             timeout=60_000,
         )
-        page.wait_for_function(CHART_HAS_LINE)
+        page.wait_for_function(f"({CHART_LINE_PIXELS})() > 40")
+        early_curve = page.evaluate(CHART_LINE_PIXELS)
         assert re.fullmatch(r"\d+", page.inner_text("#run-tps"))
         assert page.inner_text("#run-eta") != "–"
         assert page.inner_text("#run-loss") != "–"
@@ -67,6 +68,7 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.click("#run-resume")
         page.wait_for_selector("#run-state-badge:text('finished')", timeout=60_000)
         assert page.inner_text("#run-step") == "80 / 80"
+        assert page.evaluate(CHART_LINE_PIXELS) > early_curve  # the curve grew
         evals = page.locator("#eval-table tr")
         assert evals.count() == 5  # header + steps 20, 40, 60, 80
         assert evals.nth(4).inner_text().startswith("80")

@@ -50,12 +50,14 @@ def browser_page(width: int = 1280, height: int = 860):
             browser.close()
 
 
-# The chart's train-loss colour (#2f6fde): the line is drawn once some step is logged.
-CHART_HAS_LINE = """() => {
+# Pixels of the chart's train-loss colour (#2f6fde) below the legend: none before a step is
+# logged, more as the curve grows.
+CHART_LINE_PIXELS = """() => {
   const c = document.getElementById('loss-chart');
-  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const top = Math.ceil(24 * (window.devicePixelRatio || 1));
+  const d = c.getContext('2d').getImageData(0, top, c.width, c.height - top).data;
   let n = 0;
   for (let i = 0; i < d.length; i += 4)
     if (Math.abs(d[i] - 47) < 30 && Math.abs(d[i + 1] - 111) < 30 && Math.abs(d[i + 2] - 222) < 30) n++;
-  return n > 200;
+  return n;
 }"""

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ui_browser import CHART_HAS_LINE, browser_page, served
+from ui_browser import CHART_LINE_PIXELS, browser_page, served
 
 from slimtune.data import demo_data_path
 
@@ -45,7 +45,7 @@ def main(out: Path) -> None:
         page.wait_for_function(
             "() => (document.getElementById('run-step').innerText.match(/^(\\d+) \\//) || [0, 0])[1] >= 14"
         )
-        page.wait_for_function(CHART_HAS_LINE)
+        page.wait_for_function(f"({CHART_LINE_PIXELS})() > 40")
         page.screenshot(path=out / "ui-runs.png", full_page=True)
         page.wait_for_selector("#run-state-badge:text('finished')")
         page.wait_for_timeout(1200)

@@ -158,7 +158,7 @@ async function refreshRun() {
   $("run-tps").textContent = r.tokens_per_s == null ? "–" : Math.round(r.tokens_per_s).toString();
   $("run-eta").textContent = r.state === "running" ? fmtTime(r.eta_s) : "–";
   $("run-bar").style.width = (r.total_steps ? Math.min(100, 100 * r.step / r.total_steps) : 0) + "%";
-  drawLossChart($("loss-chart"), r.losses, r.evals.map(e => [e.step, e.eval_loss]).filter(p => typeof p[1] === "number"));
+  drawLossChart($("loss-chart"), r.losses, r.evals.map(e => [e.step, e.eval_loss]).filter(p => typeof p[1] === "number"), r.total_steps);
   const table = $("eval-table");
   table.replaceChildren();
   if (r.evals.length) {
@@ -201,7 +201,9 @@ async function playSend() {
   if (!prompt) return;
   $("play-error").textContent = ""; $("play-status").textContent = "generating…"; $("play-send").disabled = true;
   const chat = $("play-mode").value === "chat";
-  const messages = chat ? state.chat.concat([{ role: "user", content: prompt }]) : [{ role: "user", content: prompt }];
+  const system = $("play-system").value.trim();
+  const turns = (chat ? state.chat : []).map(({ role, content }) => ({ role, content })).concat([{ role: "user", content: prompt }]);
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(turns);
   const adapters = chosenAdapters();
   try {
     const r = await api("/api/playground", {
@@ -209,7 +211,7 @@ async function playSend() {
       include_base: chat ? !adapters.length : $("play-base").checked, max_tokens: Number($("play-max").value) || 48,
     });
     if (chat) {
-      state.chat = messages.concat([{ role: "assistant", content: r.answers[0].text, label: r.answers[0].label }]);
+      state.chat = state.chat.concat([{ role: "user", content: prompt }, { role: "assistant", content: r.answers[0].text, label: r.answers[0].label }]);
       $("play-prompt").value = "";
       drawChat();
     } else {

@@ -1,7 +1,8 @@
-// A small line chart on a canvas: train loss per step (line) and eval loss (dots).
+// A small line chart on a canvas: train loss per step (line) and eval loss (dots), over the
+// run's total steps when known, so the curve grows across the chart as the run trains.
 "use strict";
 
-function drawLossChart(canvas, losses, evals) {
+function drawLossChart(canvas, losses, evals, totalSteps) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
   canvas.width = w * ratio; canvas.height = h * ratio;
@@ -16,7 +17,7 @@ function drawLossChart(canvas, losses, evals) {
     ctx.fillText("no steps logged yet", pad.l, h / 2);
     return;
   }
-  let xmax = Math.max(...points.map(p => p[0]), 1);
+  const xmax = Math.max(...points.map(p => p[0]), totalSteps || 1, 1);  // the whole run's width
   let ymin = Math.min(...points.map(p => p[1])), ymax = Math.max(...points.map(p => p[1]));
   if (ymax - ymin < 1e-9) { ymin -= 0.5; ymax += 0.5; }
   const span = ymax - ymin; ymin -= span * 0.05; ymax += span * 0.05;
