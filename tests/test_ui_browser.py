@@ -26,8 +26,10 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.set_default_timeout(20_000)
         page.goto(url)
         page.select_option("#model-select", "models/tiny")
-        page.select_option("#data-select", "data/train.jsonl")
+        assert page.locator("#data-select option[value='data/train.jsonl']").count() == 1
+        page.set_input_files("#data-upload", str(data / "train.jsonl"))  # saved under uploads/
         page.wait_for_selector("#preview-format:text('completion')")
+        assert page.input_value("#data-path") == "uploads/train.jsonl"
         assert "40 rows" in page.inner_text("#preview")
         page.fill("#eval-path", "data/test.jsonl")
 

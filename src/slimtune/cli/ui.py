@@ -14,7 +14,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port (7860; 0: any free port)")
+    parser.add_argument("--port", type=int, default=7860, help="port (7860)")
     parser.add_argument(
         "--allow",
         action="append",
