@@ -253,3 +253,26 @@ def test_the_gain_kept_is_read_from_the_end_of_the_survival_log(tmp_path):
     assert _json_at_end(log) == result
     log.write_text("Traceback ...\n")
     assert _json_at_end(log) is None
+
+
+def test_a_new_run_is_its_config_and_a_slimtune_train_process(tmp_path, monkeypatch):
+    import yaml
+
+    from slimtune.ui import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start", lambda command, record, log, cwd, **_: started.append(
+        (command, record, log, cwd)))  # fmt: skip
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    settings = {"data": "d.jsonl", "rank": 8, "targets": "q_proj, v_proj", "max_steps": None}
+    api = client(tmp_path)
+    response = api.post("/api/runs", json={"name": "r1", "settings": settings}, headers=POST)
+    assert response.json() == {"path": "runs/r1"}
+    folder = tmp_path / "runs" / "r1"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["rank"] == 8 and config["targets"] == ["q_proj", "v_proj"]
+    assert config["data"] == str(tmp_path / "d.jsonl") and config["output"] == str(folder)
+    assert started == [(["slimtune", "train", str(folder / "config.yaml")],
+                        folder / "ui-job.json", folder / "train.log", tmp_path)]  # fmt: skip
+    again = api.post("/api/runs", json={"name": "r1", "settings": settings}, headers=POST)
+    assert again.status_code == 400 and "exists already" in again.json()["error"]

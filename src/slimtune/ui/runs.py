@@ -39,6 +39,8 @@ def start_run(allowed: Allowed, name: str, settings: dict[str, Any]) -> Path:
     for key in ("data", "eval_data"):
         if key in values:
             values[key] = str(allowed.resolve(values[key]))
+    if isinstance(values.get("targets"), str) and "," in values["targets"]:
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
     if values.get("model"):
         values["model"] = str(allowed.resolve(values["model"]))
     values["output"] = str(folder)
