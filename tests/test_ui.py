@@ -276,3 +276,22 @@ def test_a_new_run_is_its_config_and_a_slimtune_train_process(tmp_path, monkeypa
                         folder / "ui-job.json", folder / "train.log", tmp_path)]  # fmt: skip
     again = api.post("/api/runs", json={"name": "r1", "settings": settings}, headers=POST)
     assert again.status_code == 400 and "exists already" in again.json()["error"]
+
+
+def test_gguf_is_offered_only_where_slimtune_can_write_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    from slimtune.ui import exports
+
+    has_writer = importlib.util.find_spec(exports.GGUF_COMMAND) is not None
+    info = client(tmp_path).get("/api/info").json()["exports"]
+    assert info["gguf"] == has_writer and ("gguf" in info["kinds"]) == has_writer
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == exports.GGUF_COMMAND else real(name, *a))  # fmt: skip
+    fake_run(tmp_path / "runs" / "a", [], config={})
+    (tmp_path / "runs" / "a" / "adapter_config.json").write_text("{}")
+    response = client(tmp_path).post(
+        "/api/export", json={"path": "runs/a", "kind": "gguf"}, headers=POST
+    )
+    assert response.status_code == 400 and "unknown export 'gguf'" in response.json()["error"]

@@ -1,5 +1,6 @@
 """Export a finished run: merge its adapter into the base model (float, or re-quantized to NF4),
-and measure the share of the fine-tune's gain each export keeps (slimtune.export.survival).
+write it as GGUF (where slimtune has `slimtune export`), and measure the share of the
+fine-tune's gain each export keeps (slimtune.export.survival).
 
 Each export is a process of its own, like training: `python -m slimtune merge ...` writes
 `<run>/export-<kind>/`, and `python -m slimtune.export.survival` scores the exports on the
@@ -17,20 +18,27 @@ from slimtune.errors import SlimtuneError
 from slimtune.ui import jobs
 from slimtune.ui.runs import read_config
 
-# kind -> (title, extra `slimtune merge` flags). A GGUF export goes here once slimtune has a
-# GGUF writer: `available()` offers it when the module below exists.
-KINDS: dict[str, tuple[str, list[str]]] = {
-    "merged": ("merged model (fp32 safetensors)", []),
-    "nf4": ("merged, re-quantized to NF4 4 bits", ["--quantize", "nf4"]),
+# kind -> (title, slimtune subcommand, its extra flags, what it writes under the run folder).
+KINDS: dict[str, tuple[str, str, list[str], str]] = {
+    "merged": ("merged model (fp32 safetensors)", "merge", [], "export-merged"),
+    "nf4": ("merged, re-quantized to NF4 4 bits", "merge", ["--quantize", "nf4"], "export-nf4"),
+    # Offered where slimtune has its GGUF writer (`slimtune export`); given eval rows, it reports
+    # the share of the gain the GGUF file keeps itself (in its log).
+    "gguf": ("GGUF for llama.cpp and Ollama (f16)", "export", [], "export-gguf/model.gguf"),
 }
-GGUF_MODULE = "slimtune.export.gguf"
+GGUF_COMMAND = "slimtune.cli.export"
 SURVIVAL = "survival"
+
+
+def offered() -> list[str]:
+    has_gguf = importlib.util.find_spec(GGUF_COMMAND) is not None
+    return [k for k in KINDS if k != "gguf" or has_gguf]
 
 
 def available() -> dict[str, Any]:
     return {
-        "kinds": {k: title for k, (title, _) in KINDS.items()},
-        "gguf": importlib.util.find_spec(GGUF_MODULE) is not None,
+        "kinds": {k: KINDS[k][0] for k in offered()},
+        "gguf": "gguf" in offered(),
     }
 
 
@@ -39,18 +47,22 @@ def _record(run: Path, kind: str) -> Path:
 
 
 def start_export(run: Path, kind: str, cwd: Path) -> dict:
-    if kind not in KINDS:
-        raise SlimtuneError(f"unknown export {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in offered():
+        raise SlimtuneError(f"unknown export {kind!r}; expected one of {', '.join(offered())}")
     _check_ready(run, kind)
     config = read_config(run)
-    output = run / f"export-{kind}"
-    if output.exists() and any(output.iterdir()):
-        raise SlimtuneError(f"{output.name} exists already: delete it to export again")
-    command = ["slimtune", "merge", "--adapter", str(run), "--output", str(output)]
-    command += _base_flags(config) + KINDS[kind][1]
-    return jobs.start(
-        command, _record(run, kind), run / f"export-{kind}.log", cwd, output=str(output)
-    )
+    _, subcommand, extra, target = KINDS[kind]
+    output = run / target
+    folder = output.parent if output.suffix else output
+    if folder.exists() and any(folder.iterdir()):
+        raise SlimtuneError(f"{folder.name} exists already: delete it to export again")
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["slimtune", subcommand, "--adapter", str(run), "--output", str(output)]
+    command += _base_flags(config) + extra
+    if kind == "gguf" and config.get("eval_data"):
+        command += ["--eval", config["eval_data"], "--eval-limit", "64"]
+    log = run / f"export-{kind}.log"
+    return jobs.start(command, _record(run, kind), log, cwd, output=str(output))
 
 
 def start_survival(run: Path, cwd: Path, limit: int = 64) -> dict:
@@ -80,7 +92,7 @@ def _base_flags(config: dict) -> list[str]:
 
 def export_status(run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in [*KINDS, SURVIVAL]:
+    for kind in [*offered(), SURVIVAL]:
         info = jobs.poll(_record(run, kind))
         if info is None:
             out[kind] = {"state": "none"}

@@ -248,6 +248,7 @@ async function refreshExport() {
     let detail = item.output ? el("span", {}, item.output) : "";
     if (item.result) detail = survivalTable(item.result);
     else if (item.log && item.state === "failed") detail = el("pre", { class: "error" }, item.log);
+    else if (item.log && item.state === "done") detail = el("pre", {}, item.log.split("\n").slice(-3).join("\n"));
     table.append(el("tr", {}, el("td", {}, titles[kind] || kind), el("td", {}, el("span", { class: "badge " + (item.state === "done" ? "finished" : item.state) }, item.state)), el("td", {}, detail)));
   }
   box.replaceChildren(table);
@@ -279,8 +280,9 @@ async function init() {
   fillDefaults(state.info.defaults);
   $("run-name").value = defaultName();
   const gguf = $("export-gguf");
+  gguf.disabled = !state.info.exports.gguf;
   gguf.title = state.info.exports.gguf ? "" : "GGUF export is not part of this slimtune version yet";
-  gguf.textContent = state.info.exports.gguf ? "GGUF" : "GGUF (not available yet)";
+  gguf.textContent = state.info.exports.gguf ? "GGUF (f16)" : "GGUF (not available yet)";
 
   for (const tab of document.querySelectorAll(".tab")) tab.onclick = () => showTab(tab.dataset.tab);
   for (const input of document.querySelectorAll("#settings [data-key], #model-select, #model-path")) input.addEventListener("input", schedulePlan);
