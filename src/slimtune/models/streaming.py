@@ -9,6 +9,7 @@ copy is dropped, so at most one float layer is alive besides the parts that stay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.expert_keys import ExpertStacker, expert_part, renamed
 from slimtune.models.skeleton import build_skeleton, checkpoint_name, finish, set_tensor
 from slimtune.models.source import safetensors_files
 from slimtune.quant import Linear4bit, QuantConfig, select_linear_layers
@@ -33,16 +35,26 @@ def load_streaming_4bit(
     targets = {name: model.get_submodule(name) for name in select_linear_layers(model)}
     expected = set(model.state_dict().keys())
     pending: dict[str, dict[str, torch.Tensor]] = {}  # target name -> its tensors so far
+    experts = ExpertStacker(_fused_expert_shapes(model))
     quantized = 0
 
     for path in safetensors_files(folder):
         for key in _keys(path):
-            name = checkpoint_name(model, key, expected)
-            if name is None:
+            name = checkpoint_name(model, renamed(key), expected)
+            part = expert_part(key) if name is None else None
+            if name is None and part is None:
                 continue  # e.g. rotary caches some checkpoints carry
             tensor = _read(path, key)
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
+            if part is not None:
+                # One expert's projection: the fused parameter is set once all have arrived.
+                name = checkpoint_name(model, part.target, expected)
+                if name is None:
+                    continue
+                tensor = experts.add(dataclasses.replace(part, target=name), tensor)
+                if tensor is None:
+                    continue
             module_name, _, attr = name.rpartition(".")
             if module_name not in targets:
                 set_tensor(model, name, tensor)
@@ -58,8 +70,9 @@ def load_streaming_4bit(
                 if quantized % TRIM_EVERY == 0:
                     release_freed_memory()
 
-    if pending:
-        raise SlimtuneError(f"model folder {folder}: incomplete tensors for {sorted(pending)}")
+    if pending or experts.pending():
+        incomplete = sorted(pending) + experts.pending()
+        raise SlimtuneError(f"model folder {folder}: incomplete tensors for {incomplete}")
     release_freed_memory()
     return finish(model, folder)
 
@@ -73,6 +86,11 @@ def release_freed_memory() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _fused_expert_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    names = ("experts.gate_up_proj", "experts.down_proj")
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith(names)}
 
 
 def _keys(path: Path) -> list[str]:
