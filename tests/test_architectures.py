@@ -51,7 +51,9 @@ def test_4bit_load_holds_the_bytes_bitsandbytes_writes(arch, folders):
     # Every Linear of the blocks is 4-bit in both (the output layer stays in float).
     assert len(packed) == sum(isinstance(m, Linear4bit) for m in ours.modules()) > 0
     assert sorted(packed) == sorted(
-        k for k, v in theirs.state_dict().items() if k.endswith(".weight") and v.dtype == torch.uint8
+        k
+        for k, v in theirs.state_dict().items()
+        if k.endswith(".weight") and v.dtype == torch.uint8
     )
     for key in mine:
         if mine[key].dtype == torch.uint8 or key.endswith("absmax") or key.endswith("quant_map"):
@@ -83,7 +85,9 @@ MOE = ("mixtral", "qwen2_moe")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_outputs_and_gradients_match_peft(arch):
     targets = LINEAR_ONLY if arch in MOE else "all-linear"
-    _, theirs, ours = twins(lambda: make_tiny(arch), LoraConfig(r=4, alpha=8, target_modules=targets))
+    _, theirs, ours = twins(
+        lambda: make_tiny(arch), LoraConfig(r=4, alpha=8, target_modules=targets)
+    )
     theirs.train(), ours.train()
     x = ids()
     a, b = theirs(x).logits, ours(x).logits
@@ -168,7 +172,9 @@ def test_qlora_train_then_peft_merge_and_serve(arch, folders, tmp_path):
     engine = Engine(load_model(folder)[0], tokenizer).start()
     try:
         engine.load_adapter("sums", adapter).result(timeout=60)
-        with_adapter = engine.submit(GenerationRequest(prompt, "sums", max_tokens=8, ignore_eos=True))
+        with_adapter = engine.submit(
+            GenerationRequest(prompt, "sums", max_tokens=8, ignore_eos=True)
+        )
         plain = engine.submit(GenerationRequest(prompt, None, max_tokens=8, ignore_eos=True))
         assert with_adapter.result(120).token_ids == _greedy(reference, prompt)
         with reference.disable_adapter():

@@ -34,7 +34,9 @@ FUSED = {
 
 @dataclass(frozen=True)
 class ExpertPart:
-    target: str  # the fused parameter's name in the model, e.g. model.layers.0.mlp.experts.down_proj
+    target: (
+        str  # the fused parameter's name in the model, e.g. model.layers.0.mlp.experts.down_proj
+    )
     expert: int
     slot: int  # 0 = gate (or down), 1 = up
 

@@ -9,8 +9,8 @@ copy is dropped, so at most one float layer is alive besides the parts that stay
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 from pathlib import Path
 
 import torch
