@@ -5,8 +5,9 @@ transformers keeps the experts of Mixtral, Qwen2-MoE, Qwen3-MoE ... as two 3-D p
 `experts.gate_up_proj` (experts, 2 x intermediate, hidden: gate rows, then up rows) and
 `experts.down_proj` (experts, hidden, intermediate), but reads and writes checkpoints in the
 original per-expert layout (`experts.<e>.gate_proj.weight`, or Mixtral's `w1`/`w3`/`w2` under
-`block_sparse_moe`). Loading tensor by tensor, slimtune stacks the parts itself, the way
-transformers' own conversion does (tested against it).
+`block_sparse_moe`). slimtune loads them into an ExpertList (one layer per expert, see
+`slimtune.models.experts`): each expert's gate and up rows are concatenated as transformers'
+own conversion does (tested against it).
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ FUSED = {
 
 @dataclass(frozen=True)
 class ExpertPart:
-    target: (
-        str  # the fused parameter's name in the model, e.g. model.layers.0.mlp.experts.down_proj
-    )
-    expert: int
+    target: str  # the expert's layer weight, e.g. model.layers.0.mlp.experts.gate_up_proj.3.weight
     slot: int  # 0 = gate (or down), 1 = up
+    slots: int  # parts the layer's weight is made of: 2 for gate_up_proj, 1 for down_proj
 
 
 def renamed(key: str) -> str:
@@ -47,33 +46,36 @@ def renamed(key: str) -> str:
 
 
 def expert_part(key: str) -> ExpertPart | None:
-    """Where one per-expert checkpoint tensor goes, or None if `key` is not one."""
+    """Which expert layer (of an ExpertList) one per-expert checkpoint tensor belongs to."""
     match = EXPERT_KEY.match(key)
     if match is None:
         return None
     fused, slot = FUSED[match["proj"]]
-    target = f"{match['block']}.mlp.experts.{fused}"
-    return ExpertPart(target, int(match["expert"]), slot)
+    target = f"{match['block']}.mlp.experts.{fused}.{int(match['expert'])}.weight"
+    return ExpertPart(target, slot, 2 if fused == "gate_up_proj" else 1)
+
+
+def split_fused(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A fused (experts, out, in) checkpoint tensor as the weights of the ExpertList's layers."""
+    if not key.endswith((".experts.gate_up_proj", ".experts.down_proj")) or tensor.dim() != 3:
+        return None
+    return {f"{key}.{e}.weight": tensor[e] for e in range(tensor.shape[0])}
 
 
 class ExpertStacker:
-    """Collects per-expert tensors until a fused parameter is complete, then hands it out."""
+    """Collects the parts of an expert's gate_up weight (gate rows, then up rows)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = shapes  # fused parameter name -> its shape in the model
-        self.parts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[int, torch.Tensor]] = {}
 
     def add(self, part: ExpertPart, tensor: torch.Tensor) -> torch.Tensor | None:
-        """Store one part; returns the fused tensor once the last of its parts has arrived."""
+        """Store one part; returns the layer's weight once its last part has arrived."""
         parts = self.parts.setdefault(part.target, {})
-        parts[(part.expert, part.slot)] = tensor
-        experts = self.shapes[part.target][0]
-        slots = 2 if part.target.endswith("gate_up_proj") else 1
-        if len(parts) < experts * slots:
+        parts[part.slot] = tensor
+        if len(parts) < part.slots:
             return None
         del self.parts[part.target]
-        rows = [torch.cat([parts[(e, s)] for s in range(slots)]) for e in range(experts)]
-        return torch.stack(rows)
+        return torch.cat([parts[s] for s in range(part.slots)])
 
     def pending(self) -> list[str]:
         return sorted(self.parts)
