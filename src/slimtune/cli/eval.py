@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, gemma or a Jinja file (default: the adapter's, else the model's)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.data import load_dataset, pad_token_id, split_prompt_answer
@@ -25,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.train.generation import load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
+    from slimtune.models.chat_templates import set_chat_template
+
+    set_chat_template(tokenizer, args.chat_template)
     splits = load_dataset(args.data, tokenizer, max_length=args.max_length)
     examples, rows = splits.train, splits.train_rows
     if args.max_rows:

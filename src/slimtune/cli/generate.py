@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="a system message (chat models)")
     parser.add_argument("--raw", action="store_true", help="no chat template")
 
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, gemma or a Jinja file (default: the adapter's, else the model's)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.errors import SlimtuneError
@@ -27,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.train.generation import generate, load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
+    from slimtune.models.chat_templates import set_chat_template
+
+    set_chat_template(tokenizer, args.chat_template)
     generate(
         model,
         tokenizer,
