@@ -141,16 +141,23 @@ def serve_once(gguf: Path, adapter: Path, template: str | None) -> str:
         server.wait(30)
 
 
-def one_model(model: str, steps: int, work: Path) -> dict:
+def note(report: dict, key: str, value) -> None:
+    """Record one stage's result and print it at once (a long run keeps what it measured)."""
+    report[key] = value
+    print(json.dumps({"model": report["model"], key: value}, default=str), flush=True)
+
+
+def one_model(model: str, steps: int, work: Path, rows: int) -> dict:
     from slimtune.data.demo import demo_data_path
 
     gguf = fetch(model)
     train_data, test_data = demo_data_path("train"), demo_data_path("test")
     report: dict = {"model": model, "gguf": str(gguf), "sha256_checked": True}
+    print(json.dumps(report), flush=True)
     settings = ["--rank", "16", "--batch-size", "4", "--max-length", "128"]
     estimate, _, _ = run([*SLIMTUNE, "estimate", "--model", str(gguf), *settings, "--json"])
-    report["estimate"] = json.loads(estimate)
-    report["eval_before"] = eval_json(gguf, test_data, None, 32, CHAT_TEMPLATE[model])
+    note(report, "estimate", json.loads(estimate))
+    note(report, "eval_before", eval_json(gguf, test_data, None, rows, CHAT_TEMPLATE[model]))
     output = work / f"{model}-adapter"
     args = [*SLIMTUNE, "train", "--model", str(gguf), "--data", str(train_data), *settings,
             "--grad-accum", "1", "--max-steps", str(steps), "--lr", "5e-4",
@@ -158,16 +165,16 @@ def one_model(model: str, steps: int, work: Path) -> dict:
     if CHAT_TEMPLATE[model]:
         args += ["--chat-template", CHAT_TEMPLATE[model]]
     _, seconds, peak = run(args)
-    report["train"] = {"steps": steps, "seconds": seconds, "peak_rss_bytes": peak}
-    report["eval_after"] = eval_json(gguf, test_data, output, 32, None)  # the adapter's
+    note(report, "train", {"steps": steps, "seconds": seconds, "peak_rss_bytes": peak})
+    note(report, "eval_after", eval_json(gguf, test_data, output, rows, None))  # the adapter's
     generated, _, _ = run([*SLIMTUNE, "generate", "--model", str(gguf), "--adapter", str(output),
                            "--max-new-tokens", "8", "What is 12 + 7?"])  # fmt: skip
-    report["generate"] = generated.strip()[-200:]
-    report["serve"] = serve_once(gguf, output, CHAT_TEMPLATE[model])
+    note(report, "generate", generated.strip()[-200:])
+    note(report, "serve", serve_once(gguf, output, CHAT_TEMPLATE[model]))
     merged = work / f"{model}-merged"
     out, seconds, _ = run([*SLIMTUNE, "merge", "--model", str(gguf), "--adapter", str(output),
                            "--output", str(merged)])  # fmt: skip
-    report["merge"] = {"seconds": seconds, "files": sorted(p.name for p in merged.iterdir())}
+    note(report, "merge", {"seconds": seconds, "files": sorted(p.name for p in merged.iterdir())})
     return report
 
 
@@ -175,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["gemma3", "qwen2"])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=32, help="held-out rows scored")
     parser.add_argument("--out", default=None)
     parser.add_argument("--fetch-only", action="store_true")
     args = parser.parse_args()
@@ -186,9 +194,7 @@ def main() -> None:
             if args.fetch_only:
                 print(model, fetch(model))
                 continue
-            report = one_model(model, args.steps, Path(work))
-            results["models"].append(report)
-            print(json.dumps(report, indent=2, default=str), flush=True)
+            results["models"].append(one_model(model, args.steps, Path(work), args.rows))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
 
