@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -80,24 +79,26 @@ def fetch(model: str) -> Path:
     return target
 
 
-def run(args: list[str], **kwargs) -> tuple[str, float, int]:
-    """(stdout, seconds, peak RSS of the child in bytes)."""
-    start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run(args, capture_output=True, text=True, **kwargs)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest child so far: exact when this child set a new high.
-    return done.stdout, seconds, peak * 1024 if peak > before else -1
+def run(args: list[str]) -> tuple[str, float, int]:
+    """(stdout, seconds, peak RSS in bytes of this command's process, from wait4's rusage)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(args, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return stdout, seconds, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def eval_json(gguf: Path, data: Path, adapter: Path | None, rows: int, template) -> dict:
     args = [*SLIMTUNE, "eval", "--model", str(gguf), "--data", str(data), "--json"]
     if template:
         args += ["--chat-template", template]
-    args += ["--max-rows", str(rows), "--max-new-tokens", "8"]
+    args += ["--max-rows", str(rows), "--max-new-tokens", "16"]
     if adapter is not None:
         args += ["--adapter", str(adapter)]
     out, _, _ = run(args)
@@ -168,7 +169,7 @@ def one_model(model: str, steps: int, work: Path, rows: int) -> dict:
     note(report, "train", {"steps": steps, "seconds": seconds, "peak_rss_bytes": peak})
     note(report, "eval_after", eval_json(gguf, test_data, output, rows, None))  # the adapter's
     generated, _, _ = run([*SLIMTUNE, "generate", "--model", str(gguf), "--adapter", str(output),
-                           "--max-new-tokens", "8", "What is 12 + 7?"])  # fmt: skip
+                           "--max-new-tokens", "16", "What is 12 + 7?"])  # fmt: skip
     note(report, "generate", generated.strip()[-200:])
     note(report, "serve", serve_once(gguf, output, CHAT_TEMPLATE[model]))
     merged = work / f"{model}-merged"
