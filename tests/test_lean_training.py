@@ -11,7 +11,6 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from slimtune.lora import LoraConfig, inject_adapter
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
@@ -62,9 +61,11 @@ def test_sparse_dropout_lora_is_the_dense_formula_with_its_mask():
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
 
 
-def _trained_pair(dropout: float):
+def _trained_pair(dropout: float, arch: str = "llama"):
+    from architectures import make_tiny
+
     torch.manual_seed(0)
-    model = inject_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=dropout))
+    model = inject_adapter(make_tiny(arch), LoraConfig(r=4, alpha=8, dropout=dropout))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)  # B = 0 would hide mistakes in A's gradient
@@ -73,9 +74,11 @@ def _trained_pair(dropout: float):
     return model.train(), lean.train()
 
 
+# llama: SiLU-gated; gemma3: GELU-tanh-gated (gelu_pytorch_tanh)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lean_mlp_gives_the_same_outputs_and_gradients(dropout):
-    stock, lean = _trained_pair(dropout)
+def test_lean_mlp_gives_the_same_outputs_and_gradients(dropout, arch):
+    stock, lean = _trained_pair(dropout, arch)
     ids = torch.randint(0, 100, (2, 16))
     losses = []
     for model in (stock, lean):
@@ -121,3 +124,19 @@ def test_lean_mlp_leaves_gradient_checkpointing_alone():
     for (name, a), (_, b) in zip(stock.named_parameters(), lean.named_parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_lean_mlp_takes_only_activations_it_computes_exactly():
+    from architectures import make_tiny
+    from transformers.activations import ACT2FN, GELUTanh, NewGELUActivation
+
+    mlp = make_tiny("gemma3").model.layers[0].mlp
+    assert lean_mlp.gated_function(mlp) is lean_mlp.GeGLUTanh
+    mlp.act_fn = ACT2FN["gelu"]
+    assert lean_mlp.gated_function(mlp) is lean_mlp.GeGLU
+    mlp.act_fn = torch.nn.SiLU()
+    assert lean_mlp.gated_function(mlp) is lean_mlp.SwiGLU
+    # Python formulas of GELU round differently from torch's kernel: left to the stock forward.
+    for act in (GELUTanh(use_gelu_tanh_python=True), NewGELUActivation(), torch.nn.ReLU()):
+        mlp.act_fn = act
+        assert lean_mlp.gated_function(mlp) is None

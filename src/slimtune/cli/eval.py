@@ -21,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_inference_arguments(parser)
 
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, gemma or a Jinja file (default: the adapter's, else the model's)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.data import load_dataset, pad_token_id, split_prompt_answer
@@ -31,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(
         args.model, args.adapter, quant=args.quant, compute_dtype=dtype
     )
+    from slimtune.models.chat_templates import set_chat_template
+
+    set_chat_template(tokenizer, args.chat_template)
     splits = load_dataset(args.data, tokenizer, max_length=args.max_length)
     examples, rows = splits.train, splits.train_rows
     if args.max_rows:

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_inference_arguments(parser)
 
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, gemma or a Jinja file (default: the adapter's, else the model's)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.errors import SlimtuneError
@@ -38,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(
         args.model, args.adapter, quant=args.quant, compute_dtype=dtype
     )
+    from slimtune.models.chat_templates import set_chat_template
+
+    set_chat_template(tokenizer, args.chat_template)
     result = generate_result(
         model,
         tokenizer,

@@ -10,7 +10,7 @@ from typing import Any
 from slimtune.data.encode import encode, trained_tokens
 from slimtune.data.formats import check_format_name, detect_dataset_format, to_example
 from slimtune.data.reading import BadRow, Record, read_records
-from slimtune.data.render import render
+from slimtune.data.render import MissingChatTemplate, render
 from slimtune.errors import SlimtuneError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ def _encode_record(record: Record, tokenizer, fmt, max_length, train_on_prompt, 
         rendered = render(example, tokenizer, chat=chat, train_on_prompt=train_on_prompt)
     except BadRow as e:
         raise BadRow(f"{record.where}: {e}") from None
+    except MissingChatTemplate as e:
+        raise SlimtuneError(f"{record.where}: {e}") from None
     encoded = encode(rendered, tokenizer)
     truncated = len(encoded["input_ids"]) > max_length
     return {

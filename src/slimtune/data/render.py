@@ -30,6 +30,17 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
+class MissingChatTemplate(SlimtuneError):
+    """Chat rows met a tokenizer without a chat template."""
+
+    def __init__(self, fmt: str):
+        super().__init__(
+            f"{fmt} rows need a chat template, and the model's tokenizer has none: give one with "
+            "--chat-template NAME|FILE (chat_template: in a config; built in: chatml, llama3, "
+            "gemma), set tokenizer.chat_template, or use prompt/completion rows"
+        )
+
+
 @dataclass
 class Rendered:
     """The text to tokenize (without adding special tokens) and the trained character spans."""
@@ -52,10 +63,7 @@ def render(
     elif chat:
         rendered = _render_chat(example.chat_messages(), tokenizer)
     elif example.messages is not None:
-        raise SlimtuneError(
-            f"{example.fmt} rows need a chat template, and this tokenizer has none "
-            "(set tokenizer.chat_template, or use prompt/completion rows)"
-        )
+        raise MissingChatTemplate(example.fmt)
     else:
         prompt = _special_prefix(tokenizer) + _plain_prompt(example)
         text = prompt + example.answer + _eos(tokenizer)
@@ -84,7 +92,7 @@ def split_prompt_answer(
         prompt = _apply_template(tokenizer, messages[:last], add_generation_prompt=True)
         return prompt, messages[last]["content"]
     if example.messages is not None:
-        raise SlimtuneError(f"{example.fmt} rows need a chat template, and this tokenizer has none")
+        raise MissingChatTemplate(example.fmt)
     return _special_prefix(tokenizer) + _plain_prompt(example), example.answer
 
 

@@ -68,6 +68,9 @@ def merge_to_folder(
         save_quantized_model(network, tokenizer, output)
     else:
         dequantize_layers(network)
+        from slimtune.models.experts import fuse_experts
+
+        fuse_experts(network)  # a mixture of experts back in transformers' fused layout
         write_model_folder(network, tokenizer, output, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return ExportReport(Path(output), merged.layers, bool(quantize), error)
 

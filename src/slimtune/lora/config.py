@@ -33,6 +33,9 @@ class LoraConfig:
     init: str = "kaiming"
     loftq_iters: int = 1  # alternations of quantize and SVD for init="loftq"
     loftq_quant: Any = None  # slimtune.quant.QuantConfig for init="loftq"; None = QuantConfig()
+    # PEFT's: fused 3-D parameters, e.g. ["experts.gate_up_proj", "experts.down_proj"] (a mixture
+    # of experts); "all-linear" takes them too. Experts use `r` and `alpha`, and no dropout.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):

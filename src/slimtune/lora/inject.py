@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 
@@ -10,7 +11,9 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.lora.bases import is_supported_base
 from slimtune.lora.config import LoraConfig
+from slimtune.lora.experts import expert_layers, matches_parameter
 from slimtune.lora.layer import LoraLinear
+from slimtune.models.experts import unfuse_experts
 
 CONFIGS_ATTR = "lora_configs"  # model attribute: {adapter name: LoraConfig}
 
@@ -42,13 +45,26 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the layers `config.target_modules` selects, with PEFT's matching rules."""
+    """Paths of the layers `config.target_modules` (and, for the experts of a mixture of experts,
+    `config.target_parameters`) select, with PEFT's matching rules."""
     target = config.target_modules
     if target == "all-linear":
         head = _output_head(model)
         return [name for name, m in candidate_layers(model).items() if _unwrap(m) is not head]
     layers = candidate_layers(model)
-    matched = [name for name, _ in model.named_modules() if _matches(target, name)]
+    experts = expert_layers(model)
+    inside = tuple({f"{e.module}." for e in experts.values()})
+    # Expert layers are named by target_parameters (their fused parameter), never by module name.
+    matched = [
+        name
+        for name, _ in model.named_modules()
+        if _matches(target, name) and not (inside and name.startswith(inside))
+    ]
+    matched += [
+        path
+        for path, where in experts.items()
+        if matches_parameter(config.target_parameters, where.param_path)
+    ]
     for name in matched:
         if name not in layers:
             module = model.get_submodule(name)
@@ -87,6 +103,8 @@ def inject_adapter(
         raise SlimtuneError(f"adapter {adapter_name!r} already exists: delete it first")
     if not adapter_name or "." in adapter_name:
         raise SlimtuneError(f"adapter name must be non-empty without '.', got {adapter_name!r}")
+    if config.target_modules == "all-linear" or config.target_parameters:
+        unfuse_experts(model)  # one layer per expert, which LoRA then wraps like any other
     targets = find_targets(model, config)
     if not targets:
         raise SlimtuneError(
@@ -97,14 +115,21 @@ def inject_adapter(
         from slimtune.quant import QuantConfig
 
         loftq = (config.loftq_quant or QuantConfig(), config.loftq_iters)
+    experts = expert_layers(model)
+    if config.use_dora and any(name in experts for name in targets):
+        raise SlimtuneError(
+            "DoRA does not apply to the experts of a mixture of experts (nor in PEFT)"
+        )
     for name in targets:
         layer = _wrap(model, name)
+        # Experts take r and alpha (PEFT: one rank per fused parameter), and no dropout.
+        key = None if name in experts else name
         layer.add_adapter(
             adapter_name,
-            r=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            scaling=config.scaling_for(name),
-            dropout=config.dropout,
+            r=config.rank_for(key) if key else config.r,
+            alpha=config.alpha_for(key) if key else config.alpha,
+            scaling=config.scaling_for(key) if key else _scaling(config, config.r, config.alpha),
+            dropout=config.dropout if key else 0.0,
             use_dora=config.use_dora,
             init=config.init,
             loftq=loftq,
@@ -144,3 +169,12 @@ def adapter_parameters(layer: LoraLinear, name: str | None = None) -> list[nn.Pa
             if name is None or key == name:
                 params.extend(module.parameters())
     return params
+
+
+def _scaling(config: LoraConfig, r: int, alpha: float) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def rank_of(config: LoraConfig, name: str, experts: dict) -> int:
+    """The rank `inject_adapter` gives layer `name` (experts: `r`, whatever the patterns)."""
+    return config.r if name in experts else config.rank_for(name)

@@ -21,13 +21,16 @@ from slimtune.errors import SlimtuneError
 from slimtune.lora.adapters import _check_names, set_active_adapters
 from slimtune.lora.bases import features
 from slimtune.lora.config import LoraConfig
+from slimtune.lora.experts import expert_layers, from_peft, target_parameters_of, to_peft
 from slimtune.lora.inject import (
     candidate_layers,
     find_targets,
     inject_adapter,
     lora_configs,
     lora_layers,
+    rank_of,
 )
+from slimtune.models.experts import unfuse_experts
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,7 +42,6 @@ UNSUPPORTED = {
     "layers_to_transform": None,
     "layer_replication": None,
     "exclude_modules": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "lora_bias": False,
     "bias": "none",
@@ -66,8 +68,13 @@ def save_adapter(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     conv1d = False
+    experts = expert_layers(model)
+    expert_lora: dict[str, nn.Module] = {}
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
+            continue
+        if name in experts:
+            expert_lora[name] = layer
             continue
         key = PREFIX + name
         tensors[f"{key}.lora_A.weight"] = _to_save(layer.lora_A[adapter_name].weight)
@@ -77,9 +84,17 @@ def save_adapter(
             tensors[f"{key}.lora_magnitude_vector"] = _to_save(magnitude)
         ranks[name], alphas[name] = layer.r[adapter_name], layer.lora_alpha[adapter_name]
         conv1d |= layer.fan_in_fan_out
+    parameters = target_parameters_of(model, list(expert_lora))
+    for stem, parts in to_peft(model, adapter_name, expert_lora, parameters).items():
+        tensors[f"{PREFIX}{stem}.lora_A.weight"] = _to_save(parts["A"])
+        tensors[f"{PREFIX}{stem}.lora_B.weight"] = _to_save(parts["B"])
     folder = adapter_folder(path, adapter_name)
     folder.mkdir(parents=True, exist_ok=True)
     peft_config = _peft_config(model, config, ranks, alphas, conv1d, base_model_name_or_path)
+    if parameters:
+        peft_config["target_parameters"] = parameters
+        peft_config["target_modules"] = peft_config["target_modules"] or None
+        peft_config["lora_dropout"] = 0.0  # PEFT's fused experts refuse any (inference has none)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
@@ -147,6 +162,9 @@ def load_adapter(
     if not weights_file.is_file():
         raise SlimtuneError(f"{folder}: no {WEIGHTS_NAME} (slimtune reads only safetensors)")
     tensors = _parse_keys(weights_file, load_file(weights_file))
+    if config.target_parameters:
+        unfuse_experts(model)  # the experts as one layer each, as inject_adapter will wrap them
+        tensors = from_peft(model, tensors, config.target_parameters)
     _check_against_model(model, config, tensors, weights_file)
     inject_adapter(model, config, adapter_name, activate=False)
     with torch.no_grad():
@@ -184,12 +202,16 @@ def _read_config(file: Path) -> LoraConfig:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             raise SlimtuneError(f"{file}: missing key {key!r}")
+    parameters = raw.get("target_parameters") or None
+    if isinstance(parameters, str):
+        parameters = [parameters]
     try:
         return LoraConfig(
             r=raw["r"],
             alpha=raw["lora_alpha"],
             dropout=raw.get("lora_dropout") or 0.0,
-            target_modules=raw["target_modules"],
+            target_modules=raw["target_modules"] or ([] if parameters else None),
+            target_parameters=parameters,
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
             use_rslora=bool(raw.get("use_rslora", False)),
@@ -219,6 +241,7 @@ def _check_against_model(model, config: LoraConfig, tensors, file: Path) -> None
     """Every targeted layer has its tensors with the right shapes, and nothing else is there."""
     targets = set(find_targets(model, config))
     layers = candidate_layers(model)
+    experts = expert_layers(model)
     for module in tensors:
         if module not in targets:
             where = "is not a layer of the model" if module not in layers else "is not targeted"
@@ -229,7 +252,7 @@ def _check_against_model(model, config: LoraConfig, tensors, file: Path) -> None
         parts = tensors.get(module, {})
         base = layers[module]
         in_f, out_f = features(base.base_layer if hasattr(base, "base_layer") else base)
-        r = config.rank_for(module)
+        r = rank_of(config, module, experts)
         expected = {"A": (r, in_f), "B": (out_f, r)}
         if config.use_dora:
             expected["m"] = (out_f,)

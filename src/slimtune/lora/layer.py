@@ -199,6 +199,13 @@ class LoraLinear(nn.Module):
         return (h if h.dtype == dtype else h.to(dtype)), dropped
 
     def _forward_per_sample(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] != self.sample_batch and x.shape[0] % self.sample_batch == 0:
+            # Tokens flattened batch-major, (B x T, H), as mixture-of-experts blocks pass them.
+            rows = (self.sample_batch, -1)
+            out = self._forward_per_sample(
+                x.view(*rows, x.shape[-1]), result.view(*rows, result.shape[-1])
+            )
+            return out.view(result.shape)
         if x.shape[0] != self.sample_batch:
             raise SlimtuneError(
                 f"per_sample_adapters was given {self.sample_batch} adapter names but the batch "

@@ -43,7 +43,9 @@ RECOMPUTE_BLOCKS = 2
 
 GROUPS = {  # adapted layers that read the same input tensor
     "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out",
+    "qkv_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
+    "down_proj": "mlp_out", "shared_expert_gate": "mlp_in",
+    "experts.gate_up_proj": "expert_in", "experts.down_proj": "expert_out",
 }  # fmt: skip
 
 
@@ -51,18 +53,32 @@ def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> 
     """Bytes one block keeps for its backward pass."""
     from slimtune.memory.planner import lora_targets
 
-    h, i = arch.hidden_size, arch.intermediate_size
+    h, i = arch.hidden_size, arch.mlp_width()
     q = arch.num_heads * arch.head_size
     kv = arch.num_kv_heads * arch.head_size
-    kept = (2 * h + 2 * q + 2 * kv + 2 * i) * item
+    # gate and up outputs; without the lean MLP (Phi-3's fused gate_up, the experts' loop) also
+    # act(gate) and the product. The experts keep each token's gathered input per expert.
+    mlp = 2 * i if arch.gated_lean and not arch.num_experts else 4 * i
+    routed = arch.experts_per_token * h
+    kept = (2 * h + 2 * q + 2 * kv + mlp + routed) * item
     if s.method != "full":
         widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": 0}  # mlp_out: rebuilt
+        if not arch.gated_lean or arch.num_experts:
+            widths["mlp_out"] = i  # the product itself is kept
         targets = lora_targets(arch, s.targets)
         groups = {GROUPS.get(name, name) for name, _, _ in targets}
         kept += sum(widths.get(g, 0) for g in groups) * item
-        kept += sum(s.rank * item for _ in targets)
+        # An expert's layers see only its tokens: per token, experts_per_token of them.
+        share = arch.experts_per_token / arch.num_experts if arch.num_experts else 1.0
+        weight = [share if name.startswith("experts.") else 1.0 for name, _, _ in targets]
+        kept += int(sum(s.rank * item * w for w in weight))
         if s.dropout > 0:
-            kept += int(sum(n_in * s.dropout * 8 for _, n_in, _ in targets))
+            # experts take no dropout (slimtune.lora.experts)
+            kept += int(
+                sum(
+                    n * s.dropout * 8 for (name, n, _) in targets if not name.startswith("experts.")
+                )
+            )
     else:
         # Full fine-tuning: every linear keeps its input for the weight gradient (down's is
         # rebuilt from gate and up).
@@ -87,7 +103,7 @@ def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
         kept = int(HEAP_OVERHEAD * kept)
     chunk = min(LOSS_CHUNK, s.batch_size * (s.max_length - 1))
     loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
-    backward = BACKWARD_BUFFERS * tokens * arch.intermediate_size * item
+    backward = BACKWARD_BUFFERS * tokens * arch.mlp_width() * item
     if s.method == "qlora":
         # Linear4bit decodes its weight per call, straight into the compute dtype.
         largest = max(n_in * n_out for _, n_in, n_out in arch.block_linears())

@@ -1,8 +1,13 @@
 """The shapes the planner needs, from a built-in name, a config.json, a model folder or a GGUF file.
 
-Only decoder-only transformers of the LLaMA family (LLaMA 1/2/3, Mistral, Qwen2/2.5, SmolLM2):
-an embedding, `num_layers` blocks of attention (q, k, v, o) and a gated MLP (gate, up, down),
-a final norm and an output layer, tied to the embedding or not.
+Decoder-only transformers: an embedding, `num_layers` blocks of attention (q, k, v, o) and a
+gated MLP (gate, up, down), a final norm and an output layer, tied to the embedding or not. The
+LLaMA family (LLaMA 1/2/3, Mistral, Qwen2/2.5, SmolLM2) is the plain case; the variations are
+fields: Phi-3 fuses q/k/v and gate/up into one layer each, Gemma 3 adds q/k norms and two more
+norms per block, and a mixture of experts (Mixtral, Qwen2-MoE) has `num_experts` gated MLPs of
+`moe_intermediate_size` per block, `experts_per_token` of them per token, plus, for Qwen2-MoE, a
+shared expert with its sigmoid gate. slimtune holds each expert as its own layers
+(slimtune.models.experts), named here `experts.gate_up_proj` and `experts.down_proj`.
 """
 
 from __future__ import annotations
@@ -26,28 +31,57 @@ class Architecture:
     head_dim: int | None = None  # None: hidden_size // num_heads
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
+    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj
+    qk_norm: bool = False  # Gemma 3: RMSNorms of each query and key head
+    block_norms: int = 2  # Gemma 3: 4 (pre and post attention, pre and post MLP)
+    gated_lean: bool = True  # the lean MLP applies (gate_proj/up_proj with SiLU or GELU)
+    num_experts: int = 0  # a mixture of experts, from here on
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert (with a 1-output gate)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
     def block_linears(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of the linear layers of one block."""
+        """(name, in_features, out_features) of the linear layers of one block; an expert's
+        layers once per expert."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
-        return [
-            ("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
-            ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
-        ]  # fmt: skip
+        if self.fused:
+            attention = [("qkv_proj", h, q + 2 * kv), ("o_proj", q, h)]
+        else:
+            attention = [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)]
+        if self.num_experts:
+            m, s = self.moe_intermediate_size, self.shared_expert_size
+            mlp = [("experts.gate_up_proj", h, 2 * m), ("experts.down_proj", m, h)]
+            mlp *= self.num_experts
+            if s:
+                mlp += [("gate_proj", h, s), ("up_proj", h, s), ("down_proj", s, h)]
+                mlp += [("shared_expert_gate", h, 1)]
+        elif self.fused:
+            mlp = [("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
+        else:
+            mlp = [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+        return attention + mlp
 
     def block_linear_params(self) -> int:
         return sum(a * b for _, a, b in self.block_linears())
 
     def other_block_params(self) -> int:
-        """Norm weights and biases of one block (not quantized)."""
+        """Norm weights, biases and the router of one block (not quantized)."""
         kv = self.num_kv_heads * self.head_size
         bias = self.num_heads * self.head_size + 2 * kv if self.qkv_bias else 0
-        return 2 * self.hidden_size + bias
+        norms = self.block_norms * self.hidden_size + (2 * self.head_size if self.qk_norm else 0)
+        return norms + bias + self.num_experts * self.hidden_size
+
+    def mlp_width(self) -> int:
+        """Intermediate values per token in one block's MLP: the experts a token visits and
+        the shared expert, or the dense MLP."""
+        if self.num_experts:
+            return self.experts_per_token * self.moe_intermediate_size + self.shared_expert_size
+        return self.intermediate_size
 
     def embedding_params(self) -> int:
         """Input embedding, output layer (unless tied) and the final norm."""
@@ -91,8 +125,16 @@ BUILTIN: dict[str, Architecture] = {
         _a("smollm2-135m", 49152, 576, 1536, 30, 9, 3, tie=True),
         _a("smollm2-360m", 49152, 960, 2560, 32, 15, 5, tie=True),
         _a("smollm2-1.7b", 49152, 2048, 8192, 24, 32, 32, tie=True),
+        *[Architecture(n, 262144, h, i, layers, 4, 1, 256, True, qk_norm=True, block_norms=4)
+          for n, h, i, layers in [("gemma-3-270m", 640, 2048, 18), ("gemma-3-1b", 1152, 6912, 26)]],
+        Architecture("phi-3-mini", 32064, 3072, 8192, 32, 32, 32, fused=True, gated_lean=False),
+        Architecture("mixtral-8x7b", 32000, 4096, 14336, 32, 32, 8, num_experts=8,
+                     experts_per_token=2, moe_intermediate_size=14336),
+        Architecture("qwen1.5-moe-a2.7b", 151936, 2048, 5632, 24, 16, 16, qkv_bias=True,
+                     num_experts=60, experts_per_token=4, moe_intermediate_size=1408,
+                     shared_expert_size=5632),
     ]
-}
+}  # fmt: skip
 
 
 def builtin_architecture(name: str) -> Architecture:
@@ -121,6 +163,9 @@ def architecture_from_config(config: dict, name: str = "config") -> Architecture
             f"missing {', '.join(missing)}"
         )
     heads = int(config["num_attention_heads"])
+    kind = str(config.get("model_type", ""))
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    gemma = kind.startswith("gemma")
     return Architecture(
         name=name,
         vocab_size=int(config["vocab_size"]),
@@ -130,8 +175,20 @@ def architecture_from_config(config: dict, name: str = "config") -> Architecture
         num_heads=heads,
         num_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=config.get("head_dim"),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        tie_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+        qkv_bias=bool(config.get("attention_bias", kind in ("qwen2", "qwen2_moe"))),
+        fused=kind == "phi3",
+        qk_norm=kind.startswith(("gemma3", "qwen3")),
+        block_norms=4 if gemma else 2,
+        gated_lean=kind != "phi3",
+        num_experts=experts,
+        experts_per_token=int(config.get("num_experts_per_tok") or 0) if experts else 0,
+        moe_intermediate_size=int(
+            config.get("moe_intermediate_size") or config["intermediate_size"]
+        )
+        if experts
+        else 0,
+        shared_expert_size=int(config.get("shared_expert_intermediate_size") or 0),
     )
 
 
@@ -151,6 +208,12 @@ def architecture_from_gguf(path: Path) -> Architecture:
     heads = int(value(f"{arch}.attention.head_count"))
     kv = reader.fields.get(f"{arch}.attention.head_count_kv")
     names = {t.name for t in reader.tensors}
+
+    def optional(key: str) -> int:
+        field = reader.fields.get(f"{arch}.{key}")
+        return int(field.contents()) if field is not None else 0
+
+    experts = optional("expert_count")
     return Architecture(
         name=path.name,
         vocab_size=len(value("tokenizer.ggml.tokens")),
@@ -159,8 +222,17 @@ def architecture_from_gguf(path: Path) -> Architecture:
         num_layers=int(value(f"{arch}.block_count")),
         num_heads=heads,
         num_kv_heads=int(kv.contents()) if kv is not None else heads,
+        head_dim=optional("attention.key_length") or None,
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
+        fused="blk.0.attn_qkv.weight" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        block_norms=4 if "blk.0.post_ffw_norm.weight" in names else 2,
+        gated_lean=arch != "phi3",
+        num_experts=experts,
+        experts_per_token=optional("expert_used_count"),
+        moe_intermediate_size=optional("expert_feed_forward_length"),
+        shared_expert_size=optional("expert_shared_feed_forward_length"),
     )
 
 

@@ -136,7 +136,9 @@ def lora_targets(arch: Architecture, targets: str | list[str]) -> list[tuple[str
             if pattern.fullmatch(f"model.layers.0.x.{x[0]}") or pattern.search(x[0])
         ]
     else:
-        chosen = [x for x in linears if x[0] in targets]
+        # a list of names, and for experts PEFT's target_parameters names (experts.down_proj)
+        chosen = [x for x in linears if x[0] in targets or x[0].rpartition(".")[2] in targets
+                  and not x[0].startswith("experts.")]  # fmt: skip
     if not chosen:
         names = ", ".join(name for name, _, _ in linears)
         raise SlimtuneError(f"targets: {targets!r} matches none of this model's layers ({names})")

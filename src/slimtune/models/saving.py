@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.experts import ExpertList
 from slimtune.quant import Linear4bit, save_quantized_safetensors
 
 # bitsandbytes knows nf4 and fp4; slimtune's int4 has no transformers counterpart.
@@ -30,6 +31,12 @@ def save_quantized_model(model: nn.Module, tokenizer, output_dir: str | Path) ->
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise SlimtuneError("save_quantized_model: the model has no 4-bit layers to save")
+    if any(isinstance(m, ExpertList) for m in model.modules()):
+        # bitsandbytes' layout has no 4-bit fused experts that transformers would load back.
+        raise SlimtuneError(
+            "save_quantized_model: 4-bit experts of a mixture of experts cannot be written in "
+            "bitsandbytes' layout; write the model in float (e.g. merge without --quantize)"
+        )
     check_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,10 +18,13 @@ from safetensors import safe_open
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.expert_keys import ExpertStacker, expert_part, renamed, split_fused
+from slimtune.models.experts import unfuse_experts
 from slimtune.models.skeleton import build_skeleton, checkpoint_name, finish, set_tensor
 from slimtune.models.source import safetensors_files
 from slimtune.quant import Linear4bit, QuantConfig, select_linear_layers
 
+FUSED_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 TRIM_EVERY = 16  # layers between two malloc_trim calls (each takes about a millisecond)
 
 
@@ -29,37 +33,32 @@ def load_streaming_4bit(
 ) -> nn.Module:
     """Build `folder`'s model with its targeted Linear layers quantized to 4 bits."""
     model = build_skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # fused experts as one Linear per expert: quantized like the others
     # The same layers quantize_model picks: every Linear (or Conv1D) but the output layer.
     targets = {name: model.get_submodule(name) for name in select_linear_layers(model)}
-    expected = set(model.state_dict().keys())
     pending: dict[str, dict[str, torch.Tensor]] = {}  # target name -> its tensors so far
+    experts = ExpertStacker()
     quantized = 0
 
-    for path in safetensors_files(folder):
-        for key in _keys(path):
-            name = checkpoint_name(model, key, expected)
-            if name is None:
-                continue  # e.g. rotary caches some checkpoints carry
-            tensor = _read(path, key)
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            module_name, _, attr = name.rpartition(".")
-            if module_name not in targets:
-                set_tensor(model, name, tensor)
-                continue
-            parts = pending.setdefault(module_name, {})
-            parts[attr] = tensor
-            if _complete(targets[module_name], parts):
-                # pop: this dict must not keep the float layer alive once it is replaced.
-                skeleton = targets.pop(module_name)
-                _quantize_in_place(model, module_name, skeleton, parts, config)
-                del pending[module_name], parts, skeleton
-                quantized += 1
-                if quantized % TRIM_EVERY == 0:
-                    release_freed_memory()
+    for name, tensor in _model_tensors(model, folder, dtype, experts):
+        module_name, _, attr = name.rpartition(".")
+        if module_name not in targets:
+            set_tensor(model, name, tensor)
+            continue
+        parts = pending.setdefault(module_name, {})
+        parts[attr] = tensor
+        if _complete(targets[module_name], parts):
+            # pop: this dict must not keep the float layer alive once it is replaced.
+            skeleton = targets.pop(module_name)
+            _quantize_in_place(model, module_name, skeleton, parts, config)
+            del pending[module_name], parts, skeleton
+            quantized += 1
+            if quantized % TRIM_EVERY == 0:
+                release_freed_memory()
 
-    if pending:
-        raise SlimtuneError(f"model folder {folder}: incomplete tensors for {sorted(pending)}")
+    if pending or experts.pending():
+        incomplete = sorted(pending) + experts.pending()
+        raise SlimtuneError(f"model folder {folder}: incomplete tensors for {incomplete}")
     release_freed_memory()
     return finish(model, folder)
 
@@ -73,6 +72,36 @@ def release_freed_memory() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _model_tensors(
+    model: nn.Module, folder: Path, dtype: torch.dtype, experts: ExpertStacker
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model name, tensor) for each checkpoint tensor the model has a place for, one at a time;
+    per-expert and fused expert tensors go to the ExpertList layers."""
+    expected = set(model.state_dict().keys())
+    for path in safetensors_files(folder):
+        for key in _keys(path):
+            name = checkpoint_name(model, renamed(key), expected)
+            part = expert_part(key) if name is None else None
+            fused = name is None and key.endswith(FUSED_SUFFIXES)
+            if name is None and part is None and not fused:
+                continue  # e.g. rotary caches some checkpoints carry
+            tensor = _read(path, key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if part is not None:  # one expert's gate, up or down: its layer's weight when whole
+                name = checkpoint_name(model, part.target, expected)
+                tensor = experts.add(part, tensor) if name is not None else None
+                if tensor is not None:
+                    yield name, tensor
+            elif fused:
+                for piece_key, piece in (split_fused(renamed(key), tensor) or {}).items():
+                    piece_name = checkpoint_name(model, piece_key, expected)
+                    if piece_name is not None:
+                        yield piece_name, piece.clone()  # its own storage: quantized alone
+            else:
+                yield name, tensor
 
 
 def _keys(path: Path) -> list[str]:

@@ -13,7 +13,10 @@ from transformers.cache_utils import DynamicLayer
 
 
 def new_cache(config) -> DynamicCache:
-    return DynamicCache(config=config)
+    # Plain layers everywhere, sliding-window ones too (Gemma 3, Mistral): the attention mask, not
+    # the cache, keeps such a layer to its window, and every layer keeps one column per token.
+    del config
+    return DynamicCache()
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -43,6 +43,9 @@ class TrainConfig(BaseModel):
     max_length: int = Field(512, gt=1)
     packing: bool = False
     train_on_prompt: bool = False
+    chat_template: str | None = Field(
+        None, description="chat template for chat rows: chatml, llama3, gemma, or a Jinja file"
+    )
     # the optimisation
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")

@@ -286,5 +286,9 @@ def load_for_inference(
         from slimtune.lora import load_adapter
 
         load_adapter(network, adapter)
+        from slimtune.models.chat_templates import saved_chat_template
+
+        # The template the adapter was trained with (saved beside it) renders its prompts.
+        tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
     network.eval()
     return network, tokenizer

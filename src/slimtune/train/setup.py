@@ -24,6 +24,10 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
 
         quant = QuantConfig(quant_type=config.quant_type, double_quant=config.double_quant)
     model, tokenizer = load_model(config.model, quant=quant, dtype=torch.float32)
+    if config.chat_template is not None:
+        from slimtune.models.chat_templates import set_chat_template
+
+        set_chat_template(tokenizer, config.chat_template)  # saved with the adapter (save_final)
     model.config.use_cache = False
     if config.method == "full":
         for param in model.parameters():
