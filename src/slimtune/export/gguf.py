@@ -60,7 +60,9 @@ def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's rotary layout for q/k rows (`LlamaModel.permute` of its converter): within
     each head, the two rotated halves are interleaved."""
     shape = weight.shape
-    return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    return (
+        weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    )
 
 
 def permute_for_arch(arch: str, name: str, tensor: torch.Tensor, config) -> torch.Tensor:

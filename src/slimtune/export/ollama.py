@@ -41,7 +41,9 @@ class ChatPieces:
 
         def wrap(role: str) -> str:
             before, after = getattr(self, role)
-            return f'{{{{ if eq $m.Role "{role}" }}}}{before}{{{{ $m.Content }}}}{after}{{{{ end }}}}'
+            return (
+                f'{{{{ if eq $m.Role "{role}" }}}}{before}{{{{ $m.Content }}}}{after}{{{{ end }}}}'
+            )
 
         return (
             "{{ range $i, $m := .Messages }}"
