@@ -28,7 +28,7 @@ def random_adapter(model, folder: Path) -> Path:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.03)
     save_adapter(model, folder)
     delete_adapter(model, "default")
     return folder

@@ -288,3 +288,65 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(SlimtuneError, match="GGUF export supports model types llama, qwen2"):
         write_gguf(make_tiny_gpt2(), None, tmp_path / "g.gguf", "f16")
     assert not list(tmp_path.iterdir())
+
+
+def test_qwen2_gguf_reads_back(tmp_path, one_thread):
+    """Qwen2: q/k/v biases, no q/k permutation, tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slimtune.export import write_gguf
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):
+                param.normal_()  # zero biases would hide a misplaced one
+    write_gguf(model, make_bpe_tokenizer(), tmp_path / "q.gguf", "f32")
+    loaded = load_gguf_model(tmp_path / "q.gguf")
+    assert loaded.config.model_type == "qwen2"
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert "blk.0.attn_k.bias" in names and "output.weight" not in names
+
+
+@pytest.mark.slow
+def test_smollm2_merged_f16_gguf(smollm2, tmp_path):
+    """The real model: its GGUF tokenizer keys carried over, greedy tokens equal to slimtune's
+    merged model (weights rounded to f16 as the file stores them)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+
+    model, tokenizer = smollm2
+    lora = inject_adapter(copy.deepcopy(model), LoraConfig(r=8, alpha=16))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_adapter(lora, tmp_path / "lora")
+    del lora
+    export_merged_gguf(None, tmp_path / "lora", tmp_path / "m.gguf", "f16")
+    merged, _, _, _ = merged_model(None, tmp_path / "lora")
+    with torch.no_grad():
+        for param in merged.parameters():
+            param.copy_(param.half().float())
+    loaded = load_gguf_model(tmp_path / "m.gguf")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}],
+                                           tokenize=False, add_generation_prompt=True)  # fmt: skip
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        ours, theirs = merged.generate(ids, **kwargs), loaded.generate(ids, **kwargs)
+        assert ours.tolist() == theirs.tolist()
+        base = model.generate(ids, **kwargs)
+    assert base.tolist() != ours.tolist()  # the adapter changed the answer
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert read_back(prompt)["input_ids"] == ids[0].tolist()
+    assert read_back.chat_template == tokenizer.chat_template
