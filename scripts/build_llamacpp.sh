@@ -24,5 +24,7 @@ fi
 cmake -S "$CACHE/src" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=OFF
-nice -n 10 cmake --build "$CACHE/build" -j "$JOBS" --target $TARGETS
+for target in $TARGETS; do  # one at a time: the first is usable while the second builds
+    nice -n 10 cmake --build "$CACHE/build" -j "$JOBS" --target "$target"
+done
 ls "$CACHE/build/bin"
