@@ -91,3 +91,52 @@ def test_cli_merge_with_calibration(tmp_path, capsys):
     assert "re-quantized to NF4" in capsys.readouterr().out
     assert main([*args, str(tmp_path / "p"), "--calibration", str(data)]) == 2
     assert "needs --quantize nf4" in capsys.readouterr().err
+
+
+def test_gptq_q4_0_blocks_decode_with_gguf_and_beat_plain_rounding(one_thread):
+    import gguf
+    import numpy as np
+
+    from slimtune.export.gptq import gptq_q4_0
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256) * 0.05
+    x = _correlated_inputs(1500, 256, seed=1)
+    data = gptq_q4_0(weight, x.t() @ x)
+    Q4_0 = gguf.GGMLQuantizationType.Q4_0
+    reference = gguf.quants.quantize(weight.numpy(), Q4_0)
+    assert data.shape == reference.shape and data.dtype == np.uint8
+    # The f16 block scales are the reference quantizer's; only the 4-bit codes move.
+    np.testing.assert_array_equal(data.reshape(96, -1, 18)[..., :2],
+                                  reference.reshape(96, -1, 18)[..., :2])  # fmt: skip
+    held_out = _correlated_inputs(500, 256, seed=2)
+    target = held_out @ weight.t()
+
+    def error(blocks) -> float:
+        decoded = torch.from_numpy(np.asarray(gguf.quants.dequantize(blocks, Q4_0), np.float32))
+        return float((held_out @ decoded.t() - target).norm() / target.norm())
+
+    assert error(data) < 0.5 * error(reference)
+
+
+def test_q4_0_gguf_export_with_calibration(tmp_path, one_thread):
+    from test_export_gguf import make_bpe_tokenizer
+
+    from slimtune.export import export_merged_gguf
+    from slimtune.export.to_gguf import load_gguf_model, merged_model
+
+    folder = tmp_path / "tiny"
+    make_tiny_llama(vocab_size=300).save_pretrained(folder)
+    make_bpe_tokenizer().save_pretrained(folder)
+    adapter = make_peft_adapter(make_tiny_llama(vocab_size=300), tmp_path / "lora", seed=5)
+    plain = export_merged_gguf(folder, adapter, tmp_path / "plain.gguf", "q4_0")
+    gptq = export_merged_gguf(folder, adapter, tmp_path / "gptq.gguf", "q4_0", calibration=ROWS)
+    merged, tokenizer, _, _ = merged_model(folder, adapter)
+    ids = tokenizer("Add 30 and 31. It is 61.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = merged(ids).logits
+        errors = [float((load_gguf_model(r.files["model"])(ids).logits - reference).norm())
+                  for r in (plain, gptq)]  # fmt: skip
+    assert errors[1] < errors[0]
+    with pytest.raises(Exception, match="do not apply to q8_0"):
+        export_merged_gguf(folder, adapter, tmp_path / "x.gguf", "q8_0", calibration=ROWS)

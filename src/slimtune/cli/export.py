@@ -43,20 +43,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-limit", type=int, default=None, help="score the first N eval rows only"
     )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="with --type q4_0: training rows to round the merged weights with error "
+        "compensation (GPTQ), which keeps more of the fine-tune than plain rounding",
+    )
+    parser.add_argument(
+        "--calibration-rows", type=int, default=256, help="calibration rows to use (256)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from slimtune.data import read_rows
     from slimtune.errors import SlimtuneError
     from slimtune.export import export_adapter_gguf, export_merged_gguf
 
-    rows = None
-    if args.eval:
-        from slimtune.data import read_rows
-
-        rows = read_rows(args.eval)[: args.eval_limit]
+    rows = read_rows(args.eval)[: args.eval_limit] if args.eval else None
+    calibration = None
+    if args.calibration:
+        calibration = read_rows(args.calibration)[: args.calibration_rows]
     if args.as_adapter:
+        if calibration:
+            raise SlimtuneError("--calibration applies to a merged q4_0 export, not --as-adapter")
         if args.qlora:
             raise SlimtuneError("--as-adapter with --qlora: llama.cpp applies the adapter to a "
                                 "float base; merge it instead (drop --as-adapter)")  # fmt: skip
@@ -64,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.adapter, args.output, args.type, eval_rows=rows
         )
     else:
-        result = export_merged_gguf(
-            args.model, args.adapter, args.output, args.type, qlora=args.qlora, eval_rows=rows
-        )
+        result = export_merged_gguf(args.model, args.adapter, args.output, args.type,
+                                    qlora=args.qlora, eval_rows=rows, calibration=calibration)  # fmt: skip
     print(result)
     if result.survival is None:
         print("pass --eval ROWS to measure how much of the fine-tune's gain the export keeps")

@@ -149,7 +149,7 @@ def file_type(qtype: str):
 
 
 def model_tensors(model: nn.Module, arch: str):
-    """(llama.cpp name, float32 array) of every tensor, q/k permuted; a tied output is left
+    """(HF name, llama.cpp name, float32 array) of every tensor, q/k permuted; a tied output is left
     out (llama.cpp then reads the embedding, as for models converted by llama.cpp)."""
     from slimtune.export.folder import unique_state_dict
 
@@ -162,7 +162,7 @@ def model_tensors(model: nn.Module, arch: str):
         if "rotary_emb" in hf_name:
             continue
         tensor = permute_for_arch(arch, hf_name, tensor.detach().float(), config)
-        yield name_of(hf_name), np.ascontiguousarray(tensor.cpu().numpy())
+        yield hf_name, name_of(hf_name), np.ascontiguousarray(tensor.cpu().numpy())
 
 
 def write_gguf(
@@ -173,11 +173,14 @@ def write_gguf(
     *,
     source_gguf: str | Path | None = None,
     name: str | None = None,
+    hessians: dict | None = None,
 ) -> Path:
     """Write `model` (float weights, no LoRA wrappers) and `tokenizer` as a GGUF file.
 
     `source_gguf`: the GGUF the base model came from; its tokenizer keys are copied verbatim
     (what llama.cpp already reads for that model) instead of being rebuilt from `tokenizer`.
+    `hessians`: {Linear layer path: input Hessian}; with `qtype="q4_0"` those layers' Q4_0
+    blocks are rounded with error compensation (`slimtune.export.gptq`), same scales.
     """
     import gguf
 
@@ -196,9 +199,16 @@ def write_gguf(
         writer.add_file_type(file_type(qtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer, model.config, source_gguf)
-        for gguf_name, array in model_tensors(model, arch):
+        for hf_name, gguf_name, array in model_tensors(model, arch):
             ggml_type = tensor_type(gguf_name, array.shape, qtype)
-            writer.add_tensor(gguf_name, encode(array, ggml_type), raw_dtype=ggml_type)
+            hessian = (hessians or {}).get(hf_name.removesuffix(".weight"))
+            if hessian is not None and ggml_type == gguf.GGMLQuantizationType.Q4_0:
+                from slimtune.export.gptq import gptq_q4_0
+
+                data = gptq_q4_0(torch.from_numpy(array), hessian)
+            else:
+                data = encode(array, ggml_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -15,8 +15,9 @@ the high nibble, so `Linear4bit` and transformers + bitsandbytes load the result
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,21 +65,13 @@ def fixed_scales(weight: torch.Tensor, blocksize: int, double_quant: bool):
 
 
 @torch.no_grad()
-def gptq_codes(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scales: torch.Tensor,
-    blocksize: int = 64,
-    damp: float = 0.01,
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, round_column: Callable, damp: float = 0.01
 ) -> torch.Tensor:
-    """uint8 NF4 codes (out x in) of `weight` rounded column by column with error feedback.
-    `scales`: one float32 absmax per `blocksize` consecutive values of a row."""
-    from slimtune.quant import codebook
-    from slimtune.quant.blockwise import nearest_code
-
+    """uint8 codes (out x in) of `weight` rounded column by column with error feedback.
+    `round_column(w, j) -> (codes, values)` rounds column j (values: what the codes decode to)."""
     W = weight.detach().float().clone()
     rows, columns = W.shape
-    scale = scales.reshape(rows, columns // blocksize).clamp(min=1e-38)
     H = hessian.clone().double()
     dead = torch.diag(H) == 0  # inputs never seen: nothing to compensate, rounding alone
     H[dead, dead] = 1.0
@@ -86,7 +79,6 @@ def gptq_codes(
     # The upper Cholesky factor of H^-1: row i holds the updates for columns after i.
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Hinv = Hinv.float()
-    values = codebook("nf4")
     codes = torch.empty(rows, columns, dtype=torch.uint8)
     for start in range(0, columns, COLUMNS_PER_STEP):
         end = min(start + COLUMNS_PER_STEP, columns)
@@ -94,14 +86,60 @@ def gptq_codes(
         errors = torch.zeros_like(W1)
         H1 = Hinv[start:end, start:end]
         for i in range(end - start):
-            s = scale[:, (start + i) // blocksize]
-            q = nearest_code((W1[:, i] / s).clamp_(-1, 1), "nf4")
-            codes[:, start + i] = q
-            error = (W1[:, i] - values[q.long()] * s) / H1[i, i]
+            codes[:, start + i], values = round_column(W1[:, i], start + i)
+            error = (W1[:, i] - values) / H1[i, i]
             W1[:, i:].sub_(error[:, None] * H1[i, i:][None, :])
             errors[:, i] = error
         W[:, end:].sub_(errors @ Hinv[start:end, end:])
     return codes
+
+
+def gptq_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scales: torch.Tensor,
+    blocksize: int = 64,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """NF4 codes of `weight`; `scales`: one float32 absmax per `blocksize` values of a row."""
+    from slimtune.quant import codebook
+    from slimtune.quant.blockwise import nearest_code
+
+    rows, columns = weight.shape
+    scale = scales.reshape(rows, columns // blocksize).clamp(min=1e-38)
+    values = codebook("nf4")
+
+    def round_column(w: torch.Tensor, j: int):
+        s = scale[:, j // blocksize]
+        q = nearest_code((w / s).clamp_(-1, 1), "nf4")
+        return q, values[q.long()] * s
+
+    return gptq_round(weight, hessian, round_column, damp)
+
+
+Q4_0_BLOCK = 32
+
+
+def gptq_q4_0(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> np.ndarray:
+    """GGUF Q4_0 blocks (uint8, rows x columns / 32 * 18) of `weight`, GPTQ-rounded. The block
+    scales are those of the `gguf` reference quantizer (d = the block's largest-magnitude value
+    / -8, stored as f16); codes are trunc(w / d + 8.5) clipped to 0..15, decoded (q - 8) * d."""
+    rows, columns = weight.shape
+    blocks = weight.detach().float().reshape(rows, columns // Q4_0_BLOCK, Q4_0_BLOCK)
+    pick = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = (blocks.gather(-1, pick).squeeze(-1) / -8).half()
+    scale = d.float()
+    inverse = torch.where(scale == 0, 0.0, 1.0 / scale)
+
+    def round_column(w: torch.Tensor, j: int):
+        block = j // Q4_0_BLOCK
+        q = torch.trunc(w * inverse[:, block] + 8.5).clamp_(0, 15)
+        return q.to(torch.uint8), (q - 8) * scale[:, block]
+
+    codes = gptq_round(weight, hessian, round_column, damp).reshape(rows, -1, Q4_0_BLOCK)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)  # element j low, j + 16 high nibble
+    scale_bytes = d.numpy().view(np.uint8).reshape(rows, -1, 2)
+    return np.concatenate([scale_bytes, packed.numpy()], axis=-1).reshape(rows, -1)
 
 
 def gptq_linear4bit(linear: nn.Linear, hessian: torch.Tensor, config=None):

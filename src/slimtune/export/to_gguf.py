@@ -67,6 +67,16 @@ def merged_model(
     return network, tokenizer, merged.layers, scores
 
 
+def calibration_hessians(network, tokenizer, rows: list[dict]) -> dict:
+    """Input Hessians of every block Linear layer on `rows` (see `slimtune.export.gptq`)."""
+    from slimtune.export.gptq import input_hessians
+    from slimtune.export.merge import calibration_batches
+    from slimtune.quant import select_linear_layers
+
+    paths = select_linear_layers(network)
+    return input_hessians(network, paths, calibration_batches(tokenizer, rows))
+
+
 def load_gguf_model(path: str | Path):
     """A GGUF file as a float transformers model, read by transformers' own GGUF reader (an
     implementation independent of the writer here)."""
@@ -84,16 +94,23 @@ def export_merged_gguf(
     *,
     qlora: bool = False,
     eval_rows: list[dict] | None = None,
+    calibration: list[dict] | None = None,
 ) -> GGUFExport:
     """Merge `adapter` into `model` and write one GGUF file `output` of type `qtype`; with
-    `eval_rows`, measure how much of the fine-tune's gain the written file keeps."""
+    `eval_rows`, measure how much of the fine-tune's gain the written file keeps; with
+    `calibration` rows (training data) and `qtype="q4_0"`, round with error compensation."""
     from slimtune.export.gguf import write_gguf
 
     output = _check_output(output)
+    if calibration and qtype != "q4_0":
+        raise SlimtuneError(f"calibration rows round to Q4_0: they do not apply to {qtype}")
     network, tokenizer, layers, scores = merged_model(
         model, adapter, qlora=qlora, eval_rows=eval_rows
     )
-    write_gguf(network, tokenizer, output, qtype, source_gguf=source_gguf(model))
+    hessians = calibration_hessians(network, tokenizer, calibration) if calibration else None
+    write_gguf(network, tokenizer, output, qtype, source_gguf=source_gguf(model),
+               hessians=hessians)  # fmt: skip
+    del hessians
     result = GGUFExport({"model": output}, qtype, layers)
     if scores is not None:
         del network
