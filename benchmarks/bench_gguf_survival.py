@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_gguf_survival.py --adapter slimtune-demo [--qlora]
         [--test ROWS] [--limit 40] [--types f16,q8_0,q4_0] [--threads 2]
+        [--calibration-rows 256 [--train ROWS]]
 
 Exact match of greedy answers (the demo's measure) for the base, the fine-tune (base + adapter
 as trained), and every merged GGUF type read back by transformers' GGUF reader; the adapter
@@ -24,7 +25,12 @@ def main() -> int:
     from slimtune.data import demo_data_path, read_rows
     from slimtune.export import export_adapter_gguf, gain_kept, write_gguf
     from slimtune.export.survival import exact_match
-    from slimtune.export.to_gguf import load_gguf_model, merged_model, source_gguf
+    from slimtune.export.to_gguf import (
+        calibration_hessians,
+        load_gguf_model,
+        merged_model,
+        source_gguf,
+    )
     from slimtune.hardware import machine_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,6 +41,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--types", default="f16,q8_0,q4_0")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train", default=None, help="calibration rows (default: demo train)")
+    parser.add_argument("--calibration-rows", type=int, default=0,
+                        help="also score q4_0 rounded by GPTQ on this many training rows")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = read_rows(args.test or demo_data_path("test"))[: args.limit]
@@ -48,6 +57,14 @@ def main() -> int:
         path = write_gguf(network, tokenizer, work / f"merged-{qtype}.gguf", qtype,
                           source_gguf=source_gguf(args.model))  # fmt: skip
         scores[f"merged GGUF {qtype}"] = exact_match(load_gguf_model(path), tokenizer, rows)
+        path.unlink()
+    if args.calibration_rows:
+        calibration = read_rows(args.train or demo_data_path("train"))[: args.calibration_rows]
+        hessians = calibration_hessians(network, tokenizer, calibration)
+        path = write_gguf(network, tokenizer, work / "merged-q4_0-gptq.gguf", "q4_0",
+                          source_gguf=source_gguf(args.model), hessians=hessians)  # fmt: skip
+        del hessians
+        scores["merged GGUF q4_0, GPTQ"] = exact_match(load_gguf_model(path), tokenizer, rows)
         path.unlink()
     del network
     kept = {name: gain_kept(base, tuned, value) for name, value in scores.items()}
