@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
@@ -21,14 +21,13 @@ class GGUFExport:
     files: dict[str, Path]  # role ("model", "base", "adapter", "modelfile") -> path
     qtype: str
     merged_layers: int = 0
-    notes: list[str] = field(default_factory=list)
     survival: Survival | None = None  # the gain kept on the eval rows, when given
 
     def __str__(self) -> str:
         lines = [f"wrote {role}: {path}" for role, path in self.files.items()]
         if self.survival is not None:
             lines.append(str(self.survival))
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines)
 
 
 def source_gguf(model: str | Path | None) -> Path | None:
