@@ -51,4 +51,4 @@ llamacpp: setup
 
 # GGUF exports run by llama.cpp itself: its greedy answers must equal slimtune's.
 test-gguf: llamacpp
-	$(PY) scripts/test_gguf_llamacpp.py --bin $(LLAMACPP_DIR)/build/bin
+	$(PY) scripts/test_gguf_llamacpp.py --bin $(LLAMACPP_DIR)/build/bin --src $(LLAMACPP_DIR)/src

@@ -61,6 +61,40 @@ def llamacpp_answers(binary: Path, model: Path, prompts, n: int, lora: Path | No
     return answers
 
 
+def converter_check(source: Path, work: Path, qtype: str = "f16") -> bool:
+    """llama.cpp's own `convert_hf_to_gguf.py` on the base model's folder, against slimtune's
+    export of the same weights: every tensor must be byte-identical, with the same type."""
+    import os
+
+    import gguf
+    import numpy as np
+
+    from slimtune.export import write_gguf
+    from slimtune.models import default_model_file, load_model
+    from slimtune.models.source import resolve_model
+
+    reference = work / f"llamacpp-{qtype}.gguf"
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(resolve_model(None)),
+                    "--outtype", qtype, "--outfile", str(reference)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    model, tokenizer = load_model()
+    ours = write_gguf(model, tokenizer, work / f"slimtune-{qtype}.gguf", qtype,
+                      source_gguf=default_model_file())  # fmt: skip
+    theirs = {t.name: t for t in gguf.GGUFReader(str(reference)).tensors}
+    mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    same = set(theirs) == set(mine) and all(
+        theirs[n].tensor_type == mine[n].tensor_type
+        and np.array_equal(
+            np.asarray(theirs[n].data).view(np.uint8), np.asarray(mine[n].data).view(np.uint8)
+        )  # fmt: skip
+        for n in theirs
+    )
+    print(f"{qtype} export vs llama.cpp's converter: {len(theirs)} tensors, "
+          f"{'all byte-identical' if same else 'DIFFERENT'}")  # fmt: skip
+    return same
+
+
 def main() -> int:
     from slimtune.data import demo_data_path, read_rows, split_prompt_answer
     from slimtune.export import export_adapter_gguf, export_merged_gguf
@@ -72,10 +106,15 @@ def main() -> int:
     parser.add_argument("--adapter", default=None, help="adapter folder (default: a random one)")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--src", type=Path, default=None,
+                        help="llama.cpp source (convert_hf_to_gguf.py): compare with its output")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
     binary = args.bin / "llama-completion"
     work = Path(tempfile.mkdtemp(prefix="slimtune-gguf-"))
+    converter_ok = True
+    if args.src is not None:
+        converter_ok = all(converter_check(args.src, work, qtype) for qtype in ("f16", "q8_0"))
     model, tokenizer = load_model()
     adapter = args.adapter or random_adapter(model, work / "adapter")
     rows = read_rows(demo_data_path("test"))[: args.prompts]
@@ -96,7 +135,7 @@ def main() -> int:
         ),
         "merged q8_0": llamacpp_answers(binary, merged_q8, prompts, args.tokens),
     }
-    failed = False
+    failed = not converter_ok
     for name, answers in runs.items():
         same = sum(a == b for a, b in zip(answers, expected, strict=True))
         print(f"{name}: {same}/{len(prompts)} greedy answers equal slimtune's")
