@@ -42,7 +42,8 @@ def slimtune_answers(model, tokenizer, prompts: list[str], n: int) -> list[str]:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                  do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answers.append(text.rstrip())
     return answers
 
 
@@ -57,7 +58,7 @@ def llamacpp_answers(binary: Path, model: Path, prompts, n: int, lora: Path | No
         run = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             sys.exit(f"llama-completion failed ({run.returncode}):\n{run.stderr[-3000:]}")
-        answers.append(run.stdout.removesuffix("\n").removesuffix(" [end of text]"))
+        answers.append(run.stdout.rstrip().removesuffix("[end of text]").rstrip())
     return answers
 
 
