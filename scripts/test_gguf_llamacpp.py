@@ -100,7 +100,8 @@ def main() -> int:
     from slimtune.data import demo_data_path, read_rows, split_prompt_answer
     from slimtune.export import export_adapter_gguf, export_merged_gguf
     from slimtune.lora import load_adapter
-    from slimtune.models import default_model_file, load_model
+    from slimtune.models import load_model
+    from slimtune.models.source import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bin", required=True, type=Path, help="folder with llama-completion")
@@ -128,11 +129,14 @@ def main() -> int:
           f" of {len(prompts)} answers")  # fmt: skip
     merged = export_merged_gguf(None, adapter, work / "merged-f32.gguf", "f32").files["model"]
     merged_q8 = export_merged_gguf(None, adapter, work / "merged-q8_0.gguf", "q8_0").files["model"]
-    pair = export_adapter_gguf(None, adapter, work / "adapter-gguf", "f32").files
+    # An F32 base (written from the float folder, tokenizer rebuilt from tokenizer.json): with a
+    # quantized base llama.cpp rounds activations to 8 bits and near-ties can flip.
+    pair = export_adapter_gguf(resolve_model(None), adapter, work / "adapter-gguf", "f32",
+                               base_qtype="f32").files  # fmt: skip
     runs = {
         "merged f32": llamacpp_answers(binary, merged, prompts, args.tokens),
-        "base GGUF + adapter GGUF f32": llamacpp_answers(
-            binary, default_model_file(), prompts, args.tokens, pair["adapter"]
+        "base GGUF f32 + adapter GGUF f32": llamacpp_answers(
+            binary, pair["base"], prompts, args.tokens, pair["adapter"]
         ),
         "merged q8_0": llamacpp_answers(binary, merged_q8, prompts, args.tokens),
     }
