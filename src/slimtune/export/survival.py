@@ -7,14 +7,56 @@ Exact-match accuracy on a test set (default: the bundled demo test set) of
 The gain of an export is (its accuracy - base) / (fine-tune - base): 100% means nothing was lost.
 
     python -m slimtune.export.survival --adapter DIR [--model M] [--qlora] [--limit N]
+
+`Survival` and `gain_kept` are the library side: every `slimtune export` given eval rows
+reports the share of the gain its output keeps, and warns below `WARN_BELOW`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+WARN_BELOW = 0.9  # an export that loses more than 10% of the fine-tune's gain is flagged
+
+
+def gain_kept(base: float, tuned: float, exported: float) -> float:
+    """(exported - base) / (tuned - base); NaN when the fine-tune gained nothing."""
+    gain = tuned - base
+    return (exported - base) / gain if gain > 0 else float("nan")
+
+
+@dataclass
+class Survival:
+    """Exact-match accuracies of the base, the fine-tune and one export on the same rows."""
+
+    base: float
+    tuned: float
+    exported: float
+    n: int
+    what: str = "export"
+
+    @property
+    def kept(self) -> float:
+        return gain_kept(self.base, self.tuned, self.exported)
+
+    @property
+    def lost_too_much(self) -> bool:
+        return not math.isnan(self.kept) and self.kept < WARN_BELOW
+
+    def __str__(self) -> str:
+        scores = (f"base {self.base:.1%}, fine-tune {self.tuned:.1%}, {self.what} "
+                  f"{self.exported:.1%} exact match on {self.n} rows")  # fmt: skip
+        if math.isnan(self.kept):
+            return f"fine-tune gain kept: n/a, the fine-tune gained nothing ({scores})"
+        text = f"fine-tune gain kept by the {self.what}: {self.kept:.1%} ({scores})"
+        if self.lost_too_much:
+            text += f"\nWARNING: the {self.what} lost {1 - self.kept:.1%} of the fine-tune's gain"
+        return text
 
 
 def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
@@ -61,9 +103,8 @@ def measure(
         if report.requant_rel_error is not None:
             scores["re-quantization relative weight error"] = report.requant_rel_error
         del network
-    gain = scores["base + adapter"] - scores["base fp32"]
     kept = {
-        name: (scores[name] - scores["base fp32"]) / gain if gain > 0 else float("nan")
+        name: gain_kept(scores["base fp32"], scores["base + adapter"], scores[name])
         for name in ("merged fp32", "merged, re-quantized nf4")
     }
     return {"accuracy": scores, "gain_kept": kept, "n": len(rows), "qlora": qlora}

@@ -1,0 +1,89 @@
+"""How much of a fine-tune's gain each GGUF export type keeps, side by side on the same rows.
+
+    .venv/bin/python benchmarks/bench_gguf_survival.py --adapter slimtune-demo [--qlora]
+        [--test ROWS] [--limit 40] [--types f16,q8_0,q4_0] [--threads 2]
+        [--calibration-rows 256 [--train ROWS]]
+
+Exact match of greedy answers (the demo's measure) for the base, the fine-tune (base + adapter
+as trained), and every merged GGUF type read back by transformers' GGUF reader; the adapter
+GGUF (f16) is scored as the float base plus the adapter's f16-rounded weights. Prints JSON with
+the machine record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    from slimtune.data import demo_data_path, read_rows
+    from slimtune.export import export_adapter_gguf, gain_kept, write_gguf
+    from slimtune.export.survival import exact_match
+    from slimtune.export.to_gguf import (
+        calibration_hessians,
+        load_gguf_model,
+        merged_model,
+        source_gguf,
+    )
+    from slimtune.hardware import machine_record
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--qlora", action="store_true", help="the adapter was trained on NF4")
+    parser.add_argument("--test", default=None, help="rows to score (default: demo test set)")
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--types", default="f16,q8_0,q4_0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train", default=None, help="calibration rows (default: demo train)")
+    parser.add_argument("--calibration-rows", type=int, default=0,
+                        help="also score q4_0 rounded by GPTQ on this many training rows")  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = read_rows(args.test or demo_data_path("test"))[: args.limit]
+    work = Path(tempfile.mkdtemp(prefix="slimtune-gguf-survival-"))
+    start = time.perf_counter()
+    network, tokenizer, _, (base, tuned) = merged_model(
+        args.model, args.adapter, qlora=args.qlora, eval_rows=rows
+    )
+    scores = {"base": base, "fine-tune (base + adapter)": tuned}
+    for qtype in args.types.split(","):
+        path = write_gguf(network, tokenizer, work / f"merged-{qtype}.gguf", qtype,
+                          source_gguf=source_gguf(args.model))  # fmt: skip
+        scores[f"merged GGUF {qtype}"] = exact_match(load_gguf_model(path), tokenizer, rows)
+        path.unlink()
+    if args.calibration_rows:
+        calibration = read_rows(args.train or demo_data_path("train"))[: args.calibration_rows]
+        hessians = calibration_hessians(network, tokenizer, calibration)
+        path = write_gguf(network, tokenizer, work / "merged-q4_0-gptq.gguf", "q4_0",
+                          source_gguf=source_gguf(args.model), hessians=hessians)  # fmt: skip
+        del hessians
+        scores["merged GGUF q4_0, GPTQ"] = exact_match(load_gguf_model(path), tokenizer, rows)
+        path.unlink()
+    del network
+    kept = {name: gain_kept(base, tuned, value) for name, value in scores.items()}
+    # llama.cpp applies an adapter GGUF to the float base GGUF it is given (never NF4): scored
+    # against that base with the adapter, whatever the adapter was trained on.
+    survival = export_adapter_gguf(args.model, args.adapter, work / "adapter", "f16",
+                                   eval_rows=rows).survival  # fmt: skip
+    adapter_gguf = {
+        "float base": survival.base,
+        "float base + adapter": survival.tuned,
+        "float base + adapter GGUF f16": survival.exported,
+        "gain_kept": survival.kept,
+    }
+    print(json.dumps({"machine": machine_record(), "adapter": args.adapter, "qlora": args.qlora,
+                      "rows": len(rows), "accuracy": scores, "gain_kept": kept,
+                      "adapter_gguf": adapter_gguf,
+                      "seconds": round(time.perf_counter() - start)}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

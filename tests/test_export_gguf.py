@@ -1,0 +1,352 @@
+"""`slimtune export`: GGUF files checked with transformers' own GGUF reader (an independent
+implementation) and the `gguf` package's reader and reference quantizers."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_llama
+from test_serve_support import CHAT_TEMPLATE, make_peft_adapter
+
+from slimtune.cli import main
+from slimtune.errors import SlimtuneError
+from slimtune.export import Survival, export_adapter_gguf, export_merged_gguf, gain_kept
+from slimtune.export.ollama import chat_pieces, modelfile_text
+from slimtune.export.to_gguf import load_gguf_model, merged_model
+
+VOCAB = 300
+TEXTS = ["What is the answer?", "the lazy dog\njumps  over 42 foxes.", "<|im_start|>user\nhi"]
+
+
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on a few sentences, with
+    ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog. What is 2+2?"] * 9, trainer
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    model = make_tiny_llama(vocab_size=VOCAB)
+    tokenizer = make_bpe_tokenizer()
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    adapter = make_peft_adapter(make_tiny_llama(vocab_size=VOCAB), folder.parent / "lora", seed=5)
+    merged, _, _, _ = merged_model(folder, adapter)
+    return folder, adapter, merged
+
+
+IDS = torch.tensor([[5, 40, 70, 6, 81, 69, 266, 79, 166, 7, 20, 33]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def _greedy(model, n: int = 12) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    return out[0, IDS.shape[1] :].tolist()
+
+
+def _fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+@pytest.mark.parametrize("qtype, atol", [("f32", 1e-5), ("f16", 2e-3)])
+def test_float_gguf_reads_back_as_the_merged_model(base, tmp_path, qtype, atol, one_thread):
+    folder, adapter, merged = base
+    result = export_merged_gguf(folder, adapter, tmp_path / "m.gguf", qtype)
+    assert result.merged_layers == 14 and result.files == {"model": tmp_path / "m.gguf"}
+    loaded = load_gguf_model(tmp_path / "m.gguf")
+    torch.testing.assert_close(_logits(loaded), _logits(merged), atol=atol, rtol=0)
+    assert _greedy(loaded) == _greedy(merged)
+    fields = _fields(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.block_count"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+
+
+def _round_trip(weight: torch.Tensor, qtype) -> torch.Tensor:
+    data = gguf.quants.quantize(weight.detach().float().numpy(), qtype)
+    return torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32))
+
+
+@pytest.mark.parametrize("qtype, max_rel", [("q8_0", 0.05), ("q4_0", 0.4)])
+def test_quantized_gguf_holds_the_reference_quantization(
+    base, tmp_path, qtype, max_rel, one_thread
+):
+    """The file holds exactly what gguf's reference quantizer (llama.cpp's converter) makes of
+    each merged matrix, and its logits stay within that type's error of the float model."""
+    import copy
+
+    folder, adapter, merged = base
+    export_merged_gguf(folder, adapter, tmp_path / "m.gguf", qtype)
+    loaded = load_gguf_model(tmp_path / "m.gguf")
+    expected = copy.deepcopy(merged)
+    T = gguf.GGMLQuantizationType
+    with torch.no_grad():
+        for name, param in expected.named_parameters():
+            if param.dim() == 2:
+                keep_q8 = qtype == "q4_0" and name in (
+                    "model.embed_tokens.weight",
+                    "lm_head.weight",
+                )
+                param.copy_(_round_trip(param, T.Q8_0 if keep_q8 else T[qtype.upper()]))
+    torch.testing.assert_close(_logits(loaded), _logits(expected), atol=1e-4, rtol=0)
+    reference = _logits(merged)
+    rel = float((_logits(loaded) - reference).norm() / reference.norm())
+    assert 0 < rel < max_rel
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == T[qtype.upper()] and types["output_norm.weight"] == T.F32
+
+
+def test_tokenizer_and_chat_template_survive(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, adapter, _ = base
+    export_merged_gguf(folder, adapter, tmp_path / "m.gguf", "q8_0")
+    original = AutoTokenizer.from_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == original(text)["input_ids"]
+    assert loaded.chat_template == original.chat_template == CHAT_TEMPLATE
+    assert loaded.eos_token == "<|im_end|>"
+    fields = _fields(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.eos_token_id"] == original.eos_token_id
+    merges = json.loads(original.backend_tokenizer.to_str())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+
+
+def test_a_gguf_base_keeps_its_tokenizer_keys(tmp_path, monkeypatch, one_thread):
+    from test_models import write_tiny_gguf
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_gguf(tmp_path / "base.gguf", make_tiny_llama(seed=2, vocab_size=32))
+    adapter = make_peft_adapter(make_tiny_llama(vocab_size=32), tmp_path / "lora", seed=3)
+    export_merged_gguf(source, adapter, tmp_path / "out" / "m.gguf", "f32")
+    theirs, ours = _fields(source), _fields(tmp_path / "out" / "m.gguf")
+    keys = sorted(k for k in theirs if k.startswith("tokenizer."))
+    assert len(keys) >= 8 and keys == sorted(k for k in ours if k.startswith("tokenizer."))
+    for key in keys:
+        assert ours[key] == theirs[key], key
+    merged, _, _, _ = merged_model(source, adapter)
+    loaded = load_gguf_model(tmp_path / "out" / "m.gguf")
+    ids = torch.arange(3, 20).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
+
+
+def _tensors(path) -> dict[str, np.ndarray]:
+    reader = gguf.GGUFReader(str(path))
+    return {
+        t.name: np.asarray(t.data, dtype=np.float32).reshape(t.data.shape) for t in reader.tensors
+    }
+
+
+def test_adapter_gguf_on_the_base_gguf_gives_the_merged_gguf(base, tmp_path):
+    """What llama.cpp computes, W + alpha / r * B @ A on its own (permuted) tensors, equals the
+    merged export tensor for tensor; and the files carry llama.cpp's adapter keys."""
+    folder, adapter, _ = base
+    result = export_adapter_gguf(folder, adapter, tmp_path / "out", "f32", base_qtype="f32")
+    assert set(result.files) == {"base", "adapter", "modelfile"}
+    export_merged_gguf(folder, adapter, tmp_path / "merged.gguf", "f32")
+    fields = _fields(result.files["adapter"])
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 8.0
+    base_t, lora_t, merged_t = (_tensors(p) for p in (result.files["base"], result.files["adapter"],
+                                                       tmp_path / "merged.gguf"))  # fmt: skip
+    assert len(lora_t) == 2 * 14
+    assert lora_t["blk.0.attn_q.weight.lora_a"].shape == (4, 64)  # r x in, as PEFT's lora_A
+    assert lora_t["blk.0.attn_k.weight.lora_b"].shape == (32, 4)  # out x r
+    for name, weight in base_t.items():
+        if name + ".lora_a" in lora_t:
+            a, b = lora_t[name + ".lora_a"], lora_t[name + ".lora_b"]
+            weight = weight + 8.0 / a.shape[0] * (b @ a)
+        np.testing.assert_allclose(weight, merged_t[name], atol=1e-5, rtol=0)
+
+
+def test_rslora_scale_is_folded_into_lora_b(tmp_path):
+    from test_serve_support import save_tiny_model
+
+    from slimtune.export.gguf import llama_permute
+    from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    model = inject_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=6, use_rslora=True,
+                                                         target_modules=["q_proj"]))  # fmt: skip
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_adapter(model, tmp_path / "rs")
+    result = export_adapter_gguf(folder, tmp_path / "rs", tmp_path / "out", "f32", base_qtype="f32")
+    fields, lora_t = _fields(result.files["adapter"]), _tensors(result.files["adapter"])
+    layer = model.model.layers[1].self_attn.q_proj
+    a, b = lora_t["blk.1.attn_q.weight.lora_a"], lora_t["blk.1.attn_q.weight.lora_b"]
+    delta = fields["adapter.lora.alpha"] / a.shape[0] * (b @ a)  # llama.cpp's scale: alpha / r
+    expected = 6 / 2 * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)  # rsLoRA
+    np.testing.assert_allclose(delta, llama_permute(expected.detach(), 4).numpy(), atol=1e-5)
+
+
+def test_modelfile_template_renders_like_the_chat_template(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, adapter, _ = base
+    result = export_adapter_gguf(folder, adapter, tmp_path / "out", "f16")
+    text = result.files["modelfile"].read_text()
+    lines = text.splitlines()
+    assert lines[0] == f"FROM {result.files['base'].resolve()}"
+    assert lines[1] == f"ADAPTER {result.files['adapter'].resolve()}"
+    assert 'TEMPLATE """{{ range $i, $m := .Messages }}' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}]  # fmt: skip
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat_pieces(tokenizer).render(messages) == expected
+
+
+def test_default_system_turn_and_unusable_templates(base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base[0])
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}[SYS]default[/SYS]{% endif %}" + CHAT_TEMPLATE
+    )
+    pieces = chat_pieces(tokenizer)
+    assert pieces.default_system == "[SYS]default[/SYS]"
+    assert '{{ if and (eq $i 0) (ne $m.Role "system") }}[SYS]default[/SYS]{{ end }}' in (
+        pieces.go_template()
+    )
+    tokenizer.chat_template = "{{ messages[-1]['content'] }}"  # only the last message
+    text, problem = modelfile_text("/b.gguf", None, tokenizer)
+    assert "TEMPLATE" not in text and "could not be turned" in problem
+    assert text.startswith("FROM /b.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_survival_reports_and_warns():
+    assert gain_kept(0.2, 0.6, 0.5) == pytest.approx(0.75)
+    kept = Survival(base=0.2, tuned=0.6, exported=0.58, n=40, what="q4_0 GGUF")
+    assert kept.kept == pytest.approx(0.95) and not kept.lost_too_much
+    assert "kept by the q4_0 GGUF: 95.0%" in str(kept) and "WARNING" not in str(kept)
+    lost = Survival(base=0.2, tuned=0.6, exported=0.4, n=40)
+    assert lost.lost_too_much and "WARNING: the export lost 50.0%" in str(lost)
+    assert "gained nothing" in str(Survival(0.5, 0.5, 0.5, 10))
+
+
+def test_cli_export_with_eval_rows(base, tmp_path, capsys, one_thread):
+    folder, adapter, _ = base
+    rows = tmp_path / "eval.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {i}?", "completion": "the"}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    out = tmp_path / "m.gguf"
+    args = ["export", "--model", str(folder), "--adapter", str(adapter), "--output", str(out)]
+    assert main([*args, "--type", "q4_0", "--eval", str(rows)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote model: {out}" in printed and "exact match on 3 rows" in printed
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0
+    assert main(args) == 2  # exists
+    assert "exists" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "x.bin")]) == 2
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    from conftest import make_tiny_gpt2
+
+    from slimtune.export.gguf import write_gguf
+
+    with pytest.raises(SlimtuneError, match="GGUF export supports model types llama, qwen2"):
+        write_gguf(make_tiny_gpt2(), None, tmp_path / "g.gguf", "f16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_qwen2_gguf_reads_back(tmp_path, one_thread):
+    """Qwen2: q/k/v biases, no q/k permutation, tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slimtune.export import write_gguf
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):
+                param.normal_()  # zero biases would hide a misplaced one
+    write_gguf(model, make_bpe_tokenizer(), tmp_path / "q.gguf", "f32")
+    loaded = load_gguf_model(tmp_path / "q.gguf")
+    assert loaded.config.model_type == "qwen2"
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert "blk.0.attn_k.bias" in names and "output.weight" not in names
+
+
+@pytest.mark.slow
+def test_smollm2_merged_f16_gguf(smollm2, tmp_path):
+    """The real model: its GGUF tokenizer keys carried over, greedy tokens equal to slimtune's
+    merged model (weights rounded to f16 as the file stores them)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+
+    model, tokenizer = smollm2
+    lora = inject_adapter(copy.deepcopy(model), LoraConfig(r=8, alpha=16))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_adapter(lora, tmp_path / "lora")
+    del lora
+    export_merged_gguf(None, tmp_path / "lora", tmp_path / "m.gguf", "f16")
+    merged, _, _, _ = merged_model(None, tmp_path / "lora")
+    with torch.no_grad():
+        for param in merged.parameters():
+            param.copy_(param.half().float())
+    loaded = load_gguf_model(tmp_path / "m.gguf")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}],
+                                           tokenize=False, add_generation_prompt=True)  # fmt: skip
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        ours, theirs = merged.generate(ids, **kwargs), loaded.generate(ids, **kwargs)
+        assert ours.tolist() == theirs.tolist()
+        base = model.generate(ids, **kwargs)
+    assert base.tolist() != ours.tolist()  # the adapter changed the answer
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert read_back(prompt)["input_ids"] == ids[0].tolist()
+    assert read_back.chat_template == tokenizer.chat_template
