@@ -19,6 +19,9 @@ _WHERE = {
     "TrainResult": "loop",
     "train": "loop",
     "causal_lm_loss": "loss",
+    "PreferenceObjective": "preference",
+    "dpo_loss": "preference",
+    "orpo_odds_ratio_loss": "preference",
 }
 
 __all__ = sorted(_WHERE)
