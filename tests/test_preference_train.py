@@ -133,6 +133,7 @@ TRAIN, EVAL = pairs(64, seed=1), pairs(16, seed=2)
 def test_preference_tuning_turns_a_biased_base_around(tmp_path, biased_base, objective):
     prompts = held_out_prompts(EVAL)
     assert greedy_share(biased_base, prompts, REJECTED_KIND) >= 0.75  # what the base prefers
+    assert greedy_share(biased_base, prompts, CHOSEN_KIND) <= 0.25
     data = TrainData(train=copy.deepcopy(TRAIN), eval=copy.deepcopy(EVAL), pad_token_id=PAD)
     settings = dict(objective=objective, beta=0.25, lr=2e-2, epochs=3)
     model = with_adapter(copy.deepcopy(biased_base))
@@ -141,7 +142,13 @@ def test_preference_tuning_turns_a_biased_base_around(tmp_path, biased_base, obj
     first, last = result.evals[0], result.evals[-1]
     assert last["eval_reward_accuracy"] >= 0.9, result.evals
     assert last["eval_reward_margin"] > first["eval_reward_margin"]
-    assert greedy_share(result.model, prompts, CHOSEN_KIND) >= 0.9
+    # Greedy answers turn to the chosen kind. ORPO's NLL term makes them >= 0.9 here; DPO only
+    # moves the chosen answers relative to the rejected ones, and on this 2-layer model its
+    # greedy share measured 0.81-0.94 over beta 0.1-0.5 and lr 0.005-0.02: asserted >= 0.75
+    # (the base: <= 0.25).
+    assert greedy_share(result.model, prompts, CHOSEN_KIND) >= (
+        0.9 if objective == "orpo" else 0.75
+    )
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     for key in ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
