@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="same as MODEL")
     parser.add_argument("--list", action="store_true", help="list the built-in model names")
     parser.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    parser.add_argument(
+        "--objective",
+        choices=["sft", "dpo", "orpo"],
+        default="sft",
+        help="dpo / orpo: --batch-size counts preference pairs",
+    )
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--targets", default="all-linear",
                         help="'all-linear', a regex, or comma-separated layer names")  # fmt: skip
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, dropout=args.dropout, weight_dtype=args.weight_dtype,
         adapter_dtype=args.adapter_dtype, compute_dtype=args.compute_dtype,
         double_quant=args.double_quant, blocksize=args.blocksize, device=args.device,
+        objective=args.objective,
     )  # fmt: skip
     result = estimate(arch, settings)
     budget = parse_bytes(args.device_memory) if args.device_memory else None

@@ -11,6 +11,7 @@ from slimtune.data.dataset import DatasetSplits, load_dataset, split_examples
 from slimtune.data.demo import demo_data_path
 from slimtune.data.encode import IGNORE_INDEX, encode
 from slimtune.data.formats import FORMATS, detect_format
+from slimtune.data.preference import PreferencePair, load_preference_dataset, to_pair
 from slimtune.data.reading import BadRow, read_rows
 from slimtune.data.render import render, split_prompt_answer
 
@@ -38,9 +39,12 @@ __all__ = [
     "encode",
     "load_dataset",
     "pack",
+    "PreferencePair",
+    "load_preference_dataset",
     "pad_token_id",
     "read_rows",
     "render",
     "split_examples",
     "split_prompt_answer",
+    "to_pair",
 ]

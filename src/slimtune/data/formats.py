@@ -1,12 +1,14 @@
-"""The five row formats: detect them from the columns, check a row, bring it to one shape.
+"""The six row formats: detect them from the columns, check a row, bring it to one shape.
 
     text        {"text": ...}                                    trained on everything
     completion  {"prompt": ..., "completion": ...}
     alpaca      {"instruction": ..., "input": ... (optional), "output": ...}
     messages    {"messages": [{"role": "user", "content": ...}, ...]}        (OpenAI style)
     sharegpt    {"conversations": [{"from": "human", "value": ...}, ...]}
+    preference  {"chosen": ..., "rejected": ..., "prompt": ... (optional)}  (see preference.py)
 
-A checked row becomes an `Example`: either plain `text`, or a `prompt` and an `answer`
+Supervised training on preference rows learns the chosen answers; DPO and ORPO read them
+through preference.py. A checked row becomes an `Example`: either plain `text`, or a `prompt` and an `answer`
 (completion, alpaca), or a list of chat `messages` with roles system/user/assistant.
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 
 from slimtune.data.reading import BadRow
 
-FORMATS = ("text", "completion", "alpaca", "messages", "sharegpt")
+FORMATS = ("text", "completion", "alpaca", "messages", "sharegpt", "preference")
 
 # The columns that identify a format, checked in this order (chat columns win).
 _SIGNATURES = [
+    ("preference", {"chosen", "rejected"}),
     ("messages", {"messages"}),
     ("sharegpt", {"conversations"}),
     ("alpaca", {"instruction", "output"}),
@@ -67,7 +70,8 @@ def detect_format(row: dict) -> str:
             return fmt
     raise BadRow(
         f"cannot tell the format from the columns {sorted(row)}; expected one of: text; "
-        "prompt + completion; instruction + output (alpaca); messages; conversations (sharegpt)"
+        "prompt + completion; instruction + output (alpaca); messages; conversations (sharegpt); "
+        "chosen + rejected (preference)"
     )
 
 
@@ -110,6 +114,10 @@ def to_example(row: dict, fmt: str | None = None, where: str = "row") -> Example
         )
     if fmt == "messages":
         return Example(fmt, messages=_messages(row, where, "messages", "role", "content", None))
+    if fmt == "preference":
+        from slimtune.data.preference import to_pair
+
+        return to_pair(row, where).example("chosen")
     return Example(
         fmt, messages=_messages(row, where, "conversations", "from", "value", SHAREGPT_ROLES)
     )
@@ -145,7 +153,13 @@ def _wrong_type(where: str, field: str, expected: str, value: Any) -> BadRow:
 
 
 def _messages(
-    row: dict, where: str, field: str, role_key: str, text_key: str, role_map: dict | None
+    row: dict,
+    where: str,
+    field: str,
+    role_key: str,
+    text_key: str,
+    role_map: dict | None,
+    need_assistant: bool = True,
 ) -> list[dict]:
     turns = row.get(field)
     if turns is None:
@@ -171,7 +185,7 @@ def _messages(
         if role == "assistant" and not content.strip():
             raise BadRow(f"{where}: field '{name}.{text_key}': empty answer")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadRow(f"{where}: field {field!r}: no assistant turn, so nothing to learn")
     return messages
 

@@ -25,6 +25,9 @@ SUFFIXES = {
 
 # CSV cells are strings; these columns hold lists, so a cell that looks like JSON is parsed.
 _JSON_COLUMNS = ("messages", "conversations")
+# Preference columns hold text or chat turns: a cell is turns only if it parses as a JSON list
+# of objects (an answer that merely starts with "[" stays text).
+_MAYBE_TURN_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -131,6 +134,15 @@ def _parse_json_cells(row: dict, where: str) -> dict | BadRow:
                 row[column] = json.loads(cell)
             except json.JSONDecodeError as e:
                 return BadRow(f"{where}: field {column!r}: invalid JSON in cell ({e.msg})")
+    for column in _MAYBE_TURN_COLUMNS:
+        cell = row.get(column)
+        if isinstance(cell, str) and cell.lstrip().startswith("["):
+            try:
+                value = json.loads(cell)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+                row[column] = value
     return row
 
 

@@ -21,6 +21,7 @@ from slimtune.memory.architecture import Architecture
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
+OBJECTIVES = ("sft", "dpo", "orpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 PARTS = (
     "runtime",
@@ -67,10 +68,12 @@ class PlanSettings:
     blocksize: int = 64
     quantize_lm_head: bool = False
     device: str = "cpu"
+    objective: str = "sft"  # dpo / orpo: batch_size counts pairs
 
     def __post_init__(self) -> None:
         checks = [
             ("method", self.method, METHODS),
+            ("objective", self.objective, OBJECTIVES),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("device", self.device, tuple(RUNTIME_BYTES)),
             ("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES)),
@@ -210,4 +213,10 @@ def estimate(arch: Architecture, s: PlanSettings) -> MemoryEstimate:
     if s.optimizer.startswith("paged") and s.device == "cuda":
         notes.append("paged optimizer: its state lives in host RAM and is counted here anyway")
     parts["activations"] = activation_bytes(arch, s)
+    if s.objective != "sft":
+        # A preference step keeps one side's activations at a time (B rows of up to
+        # max_length, as a supervised step of that batch); the other side's forward pass
+        # without gradients and the cached reference log-probs add little
+        # (benchmarks/bench_preference.py).
+        notes.append(f"{s.objective}: batch_size pairs; one side's activations at a time, as sft")
     return MemoryEstimate(arch, s, parts, trainable, notes)

@@ -21,6 +21,9 @@ _WHERE = {
     "causal_lm_loss": "loss",
     "cast_frozen": "precision",
     "training_dtype": "precision",
+    "PreferenceObjective": "preference",
+    "dpo_loss": "preference",
+    "orpo_odds_ratio_loss": "preference",
 }
 
 __all__ = sorted(_WHERE)

@@ -66,6 +66,11 @@ class TrainConfig(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the frozen base's compute; auto: bfloat16 where native"
     )
+    # preference tuning (data rows with chosen/rejected answers; see docs/training.md)
+    objective: Literal["sft", "dpo", "orpo"] = Field("sft", description="sft, dpo or orpo")
+    beta: float = Field(0.1, gt=0, description="DPO's beta (strength of the reference tie)")
+    dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid or ipo")
+    orpo_lambda: float = Field(0.1, ge=0, description="weight of ORPO's odds-ratio term")
     # evaluation
     eval_every: int | None = Field(None, gt=0, description="steps between evals (and epoch ends)")
     eval_max_rows: int | None = Field(64, gt=0, description="rows scored by generation per eval")

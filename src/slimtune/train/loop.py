@@ -49,6 +49,7 @@ from slimtune.train.precision import (
     float32_compute,
     training_dtype,
 )
+from slimtune.train.preference import PreferenceObjective, evaluate_pairs, preference_backward
 from slimtune.train.schedule import lr_at, warmup_steps
 
 
@@ -125,6 +126,7 @@ def train(
         raise SlimtuneError("the model has no trainable parameters (no adapter injected?)")
     optimizer = _build_optimizer(config, trainable)
     collate = Collator(data.pad_token_id)
+    preference = PreferenceObjective.from_config(config)  # None: supervised fine-tuning
 
     plan = StepPlan(
         n_rows=len(data.train),
@@ -173,15 +175,20 @@ def train(
         shards = [
             shard_batch([data.train[i] for i in rows], info) for rows in plan.micro_batches(step)
         ]
-        batches = [to_device(collate(shard), info.device) for shard in shards]
-        # Normalise by the trained tokens of the whole step on all ranks: every token weighs
-        # the same, however the rows fall into micro-batches and processes.
-        global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
-        loss_sum = torch.zeros((), device=info.device)
-        for batch in batches:
-            loss = summed_loss(model, batch) / max(global_tokens, 1)
-            loss.backward()
-            loss_sum += loss.detach()
+        if preference is not None:  # DPO / ORPO: rows are pairs, losses are per pair
+            loss_sum, pair_stats = preference_backward(
+                model, shards, preference, info, data.pad_token_id
+            )
+        else:
+            batches = [to_device(collate(shard), info.device) for shard in shards]
+            # Normalise by the trained tokens of the whole step on all ranks: every token weighs
+            # the same, however the rows fall into micro-batches and processes.
+            global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
+            loss_sum = torch.zeros((), device=info.device)
+            for batch in batches:
+                loss = summed_loss(model, batch) / max(global_tokens, 1)
+                loss.backward()
+                loss_sum += loss.detach()
         all_reduce_gradients(trainable, info)
         loss_value = float(all_reduce_sum(loss_sum, info))
 
@@ -192,7 +199,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
 
-        input_tokens = all_reduce_sum(sum(len(e["input_ids"]) for s in shards for e in s), info)
+        input_tokens = all_reduce_sum(sum(_row_tokens(e) for s in shards for e in s), info)
         record = dict(
             step=step + 1,
             epoch=epoch + (step % plan.steps_per_epoch + 1) / plan.steps_per_epoch,
@@ -202,13 +209,26 @@ def train(
             tokens_per_s=input_tokens / elapsed,
             compute_dtype=dtype_name(compute_dtype),
         )
+        if preference is not None:
+            record.update(pair_stats.means())
         if info.is_main and (step + 1) % config.log_every == 0:
             metrics.log(record)
         _update_bar(bar, record)
 
         done = step + 1 == total
         eval_due = _due(step, config.eval_every) or plan.is_epoch_end(step) or done
-        if eval_due and info.is_main and (data.eval or data.eval_pairs):
+        if eval_due and info.is_main and preference is not None and data.eval:
+            scores = evaluate_pairs(
+                model,
+                data.eval,
+                preference,
+                pad_token_id=data.pad_token_id,
+                batch_size=config.batch_size,
+            )
+            evals.append(dict(step=step + 1, epoch=record["epoch"], **scores))
+            metrics.log(evals[-1])
+            bar.write(_describe_eval(evals[-1]))
+        elif eval_due and info.is_main and (data.eval or data.eval_pairs):
             result = _evaluate(model, tokenizer, data, config)
             evals.append(_eval_record(step + 1, record["epoch"], result))
             metrics.log(evals[-1])
@@ -327,8 +347,18 @@ def _describe_plan(plan: StepPlan, n_rows: int) -> str:
     return text
 
 
+def _row_tokens(row: dict) -> int:
+    """Input tokens of a row; a preference pair counts both of its answers' rows."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return len(row["chosen_input_ids"]) + len(row["rejected_input_ids"])
+
+
 def _describe_eval(record: dict[str, Any]) -> str:
     text = f"eval @ step {record['step']}: loss {record['eval_loss']:.4f}"
+    if "eval_reward_accuracy" in record:  # preference tuning
+        text += f", preference accuracy {100 * record['eval_reward_accuracy']:.1f}%"
+        return text + f", reward margin {record['eval_reward_margin']:.3f}"
     text += f", perplexity {record['eval_perplexity']:.2f}"
     if record["eval_accuracy"] is not None:
         text += f", exact match {100 * record['eval_accuracy']:.1f}%"

@@ -57,13 +57,18 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
     evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), float)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = any("reward_margin" in r or "eval_reward_margin" in r for r in records)
+    if preference:  # DPO / ORPO: a second panel with rewards and preference accuracy
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+        _plot_preference(low, records)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss" if preference else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -71,3 +76,36 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_preference(ax, records: list[dict[str, Any]]) -> None:
+    """Reward margin (left axis) and preference accuracy (right axis), train and eval."""
+    for key, style, label in (
+        ("reward_margin", "-", "train reward margin"),
+        ("eval_reward_margin", "o-", "eval reward margin"),
+    ):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), float)]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    for key, style, label in (
+        ("reward_accuracy", "--", "train preference accuracy"),
+        ("eval_reward_accuracy", "s--", "eval preference accuracy"),
+    ):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            right.plot(
+                *zip(*points, strict=True),
+                style,
+                label=label,
+                linewidth=1,
+                color="C3" if "eval" in key else "C2",
+            )
+    right.set_ylim(-0.02, 1.02)
+    right.set_ylabel("preference accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)

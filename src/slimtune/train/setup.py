@@ -51,6 +51,8 @@ def build_data(config: TrainConfig, tokenizer, info=None):
 
     if config.data is None:
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
+    if config.objective != "sft":
+        return _preference_data(config, tokenizer)
     splits = load_dataset(
         config.data,
         tokenizer,
@@ -65,6 +67,25 @@ def build_data(config: TrainConfig, tokenizer, info=None):
     return TrainData(
         train=train, eval=splits.eval, eval_pairs=pairs, pad_token_id=pad_token_id(tokenizer)
     )
+
+
+def _preference_data(config: TrainConfig, tokenizer):
+    """Tokenized preference pairs for DPO / ORPO (their eval is on pairs, not generation)."""
+    from slimtune.data import pad_token_id
+    from slimtune.data.preference import load_preference_dataset
+    from slimtune.train.loop import TrainData
+
+    if config.packing:
+        raise SlimtuneError(f"packing: not supported with objective {config.objective}")
+    splits = load_preference_dataset(
+        config.data,
+        tokenizer,
+        max_length=config.max_length,
+        eval_fraction=0.0 if config.eval_data else config.eval_fraction,
+        eval_source=config.eval_data,
+        seed=config.seed,
+    )
+    return TrainData(train=splits.train, eval=splits.eval, pad_token_id=pad_token_id(tokenizer))
 
 
 def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -> None:

@@ -1,0 +1,239 @@
+"""Preference pairs: one prompt, a chosen and a rejected answer, for DPO and ORPO.
+
+Rows come in the shapes TRL's preference data sets use:
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                       plain text
+    {"prompt": [turns...], "chosen": [assistant turn(s)], "rejected": [...]}    chat, explicit prompt
+    {"chosen": [whole conversation], "rejected": [whole conversation]}          chat, shared prefix
+
+Turns are OpenAI-style ({"role", "content"}) or ShareGPT-style ({"from", "value"}). Without a
+`prompt`, the prompt is the longest run of turns both conversations share. A string prompt with
+chat answers (or the other way round) is one user (or assistant) turn.
+
+Each side is rendered exactly as supervised training renders a row (chat template when the
+tokenizer has one; see render.py) and labelled on its answer only: the assistant turns after
+the prompt, with the end-of-turn token. A pair becomes
+{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimtune.data.encode import encode, trained_tokens
+from slimtune.data.formats import SHAREGPT_ROLES, Example, _messages, _string
+from slimtune.data.reading import BadRow, read_records
+from slimtune.data.render import Rendered, has_chat_template, render
+from slimtune.errors import SlimtuneError
+
+log = logging.getLogger(__name__)
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    """A checked row: the prompt and the two answers, as text or as chat turns."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+
+    @property
+    def is_chat(self) -> bool:
+        return any(isinstance(part, list) for part in (self.prompt, self.chosen, self.rejected))
+
+    def example(self, side: str) -> Example:
+        """One side as an Example that render() understands (prompt + answer, or chat turns)."""
+        answer = getattr(self, side)
+        if not self.is_chat:
+            return Example("completion", prompt=self.prompt, answer=answer)
+        return Example("messages", messages=_as_turns(self.prompt, "user") + _as_turns(answer))
+
+    def prompt_turns(self) -> list[dict]:
+        return _as_turns(self.prompt, "user")
+
+
+def _as_turns(part: str | list[dict], role: str = "assistant") -> list[dict]:
+    if isinstance(part, list):
+        return part
+    return [{"role": role, "content": part}] if part else []
+
+
+def to_pair(row: dict, where: str = "row") -> PreferencePair:
+    """Check a preference row and normalize it; BadRow naming `where` and the field if broken."""
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: expected an object (a dict of fields), got {type(row).__name__}")
+    for name in SIDES:
+        if name not in row:
+            raise BadRow(f"{where}: missing field {name!r}")
+    prompt = row.get("prompt")
+    if prompt is None:
+        if not all(isinstance(row[name], list) for name in SIDES):
+            raise BadRow(
+                f"{where}: missing field 'prompt' (needed unless 'chosen' and 'rejected' are "
+                "whole conversations that share their first turns)"
+            )
+        chosen, rejected = (_turns(row, name, where) for name in SIDES)
+        shared = _shared_prefix(chosen, rejected)
+        if shared == 0:
+            raise BadRow(f"{where}: 'chosen' and 'rejected' share no first turn to use as prompt")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            _check_answer_turns(answer, where, name)
+    else:
+        prompt = _prompt(row, where)
+        chosen, rejected = (_answer(row, name, where) for name in SIDES)
+    if chosen == rejected:
+        raise BadRow(f"{where}: 'chosen' and 'rejected' are the same answer")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _prompt(row: dict, where: str) -> str | list[dict]:
+    if isinstance(row["prompt"], list):
+        return _turns(row, "prompt", where, need_assistant=False)
+    return _string(row, "prompt", where, allow_empty=True)
+
+
+def _answer(row: dict, name: str, where: str) -> str | list[dict]:
+    if isinstance(row[name], list):
+        turns = _turns(row, name, where)
+        _check_answer_turns(turns, where, name)
+        return turns
+    return _string(row, name, where)
+
+
+def _turns(row: dict, name: str, where: str, need_assistant: bool = True) -> list[dict]:
+    """The turns of a list field, in either turn style, checked like SFT's chat rows."""
+    value = row[name]
+    sharegpt = bool(value) and isinstance(value[0], dict) and "from" in value[0]
+    keys = ("from", "value", SHAREGPT_ROLES) if sharegpt else ("role", "content", None)
+    return _messages(row, where, name, *keys, need_assistant=need_assistant)
+
+
+def _check_answer_turns(turns: list[dict], where: str, name: str) -> None:
+    if not turns:
+        raise BadRow(f"{where}: field {name!r}: no turn after the prompt, so no answer")
+    if turns[0]["role"] != "assistant":
+        raise BadRow(f"{where}: field {name!r}: the answer must start with an assistant turn")
+
+
+def _shared_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------------------- encoding
+
+
+def encode_pair(
+    pair: PreferencePair, tokenizer, max_length: int, chat: bool | None = None
+) -> tuple[dict, bool]:
+    """The tokenized pair ({side}_input_ids / {side}_labels) and whether a side was cut."""
+    encoded, truncated = {}, False
+    for side in SIDES:
+        rendered = _answer_only(pair, side, tokenizer, chat)
+        tokens = encode(rendered, tokenizer)
+        truncated |= len(tokens["input_ids"]) > max_length
+        encoded[f"{side}_input_ids"] = tokens["input_ids"][:max_length]
+        encoded[f"{side}_labels"] = tokens["labels"][:max_length]
+    return encoded, truncated
+
+
+def _answer_only(pair: PreferencePair, side: str, tokenizer, chat: bool | None) -> Rendered:
+    """The rendered side with only its answer's spans (not the prompt's assistant turns)."""
+    chat = has_chat_template(tokenizer) if chat is None else chat
+    rendered = render(pair.example(side), tokenizer, chat=chat)
+    if pair.is_chat or chat:
+        earlier = sum(turn["role"] == "assistant" for turn in pair.prompt_turns())
+        rendered.spans = rendered.spans[earlier:]
+    return rendered
+
+
+def pair_side(pair: dict, side: str) -> dict:
+    """One side of an encoded pair as an SFT example ({"input_ids", "labels"})."""
+    return {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]}
+
+
+# ------------------------------------------------------------------------- data sets
+
+
+@dataclass
+class PreferenceSplits:
+    """Encoded pairs for training and evaluation, and what was left out (as DatasetSplits)."""
+
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+    train_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+    fmt: str = "preference"
+    skipped: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+def load_preference_dataset(
+    source: Any,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    skip_bad_rows: bool = False,
+    eval_fraction: float = 0.0,
+    eval_source: Any = None,
+    seed: int = 0,
+    chat: bool | None = None,
+) -> PreferenceSplits:
+    """Read, check and tokenize preference pairs; split off an eval part (as load_dataset)."""
+    from slimtune.data.dataset import split_examples
+
+    if not 0.0 <= eval_fraction < 1.0:
+        raise SlimtuneError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    options = dict(max_length=max_length, skip_bad_rows=skip_bad_rows, chat=chat)
+    splits = _load(source, tokenizer, **options)
+    if eval_source is not None:
+        held_out = _load(eval_source, tokenizer, **options)
+        splits.eval, splits.eval_rows = held_out.train, held_out.train_rows
+        splits.skipped += held_out.skipped
+        splits.truncated += held_out.truncated
+        splits.dropped += held_out.dropped
+    elif eval_fraction > 0:
+        both = list(zip(splits.train, splits.train_rows, strict=True))
+        train_part, eval_part = split_examples(both, eval_fraction, seed)
+        splits.train, splits.train_rows = [e for e, _ in train_part], [r for _, r in train_part]
+        splits.eval, splits.eval_rows = [e for e, _ in eval_part], [r for _, r in eval_part]
+    return splits
+
+
+def _load(source, tokenizer, *, max_length, skip_bad_rows, chat) -> PreferenceSplits:
+    name = str(source) if isinstance(source, str) or hasattr(source, "__fspath__") else "data"
+    records, skipped = read_records(source, skip_bad_rows=skip_bad_rows)
+    if not records:
+        raise SlimtuneError(f"{name}: no rows")
+    splits = PreferenceSplits(train=[], skipped=skipped)
+    for record in records:
+        try:
+            pair = to_pair(record.row, record.where)
+            encoded, truncated = encode_pair(pair, tokenizer, max_length, chat)
+        except BadRow as e:
+            if not skip_bad_rows:
+                if not str(e).startswith(record.where):
+                    raise BadRow(f"{record.where}: {e}") from None
+                raise
+            splits.skipped += 1
+            continue
+        splits.truncated += truncated
+        if any(trained_tokens(pair_side(encoded, side)) == 0 for side in SIDES):
+            splits.dropped += 1
+            continue
+        splits.train.append(encoded)
+        splits.train_rows.append(record.row)
+    if not splits.train:
+        raise SlimtuneError(f"{name}: no usable preference pairs (skipped {splits.skipped})")
+    if splits.skipped or splits.dropped:
+        message = "%s: skipped %d bad rows; dropped %d pairs with no answer left within %d tokens"
+        log.warning(message, name, splits.skipped, splits.dropped, max_length)
+    return splits
