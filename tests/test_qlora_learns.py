@@ -89,6 +89,9 @@ def test_qlora_with_sparse_dropout_learns_a_task(tmp_path, monkeypatch):
     assert layers and all(isinstance(m.base_layer, Linear4bit) for m in layers)
     assert all(m.base_layer.quant_state.absmax.dtype.is_floating_point is False for m in layers)
     assert sparse_calls and set(sparse_calls) == {0.1}  # every training LoRA product dropped
+    # Every adapted layer trained: B starts at zero and moves only through its gradient.
+    for module in layers:
+        assert all(b.weight.abs().max() > 0 for b in module.lora_B.values()), module
 
     first, last = result.evals[0], result.evals[-1]
     # Stated factor: the eval loss after 4 epochs is under a twentieth of the loss after 4 steps,
