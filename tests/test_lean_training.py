@@ -140,3 +140,72 @@ def test_lean_mlp_takes_only_activations_it_computes_exactly():
     for act in (GELUTanh(use_gelu_tanh_python=True), NewGELUActivation(), torch.nn.ReLU()):
         mlp.act_fn = act
         assert lean_mlp.gated_function(mlp) is None
+
+
+class _GivenMask(torch.nn.Module):
+    """Inverted dropout with a mask handed in, in place of PEFT's nn.Dropout."""
+
+    def __init__(self, keep: torch.Tensor, p: float):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep / (1 - self.p)
+
+
+def _peft_layer(p: float):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    config = PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["0"])
+    layer = get_peft_model(net, config).base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 would hide A's gradient
+    return layer.train()
+
+
+def _sparse(layer, x, p):
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return SparseDropoutLora.apply(layer.base_layer(x), x, A, B, layer.scaling["default"], p)
+
+
+def test_sparse_dropout_equals_peft_given_the_same_mask():
+    p = 0.3
+    layer = _peft_layer(p)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    torch.manual_seed(5)
+    ours = _sparse(layer, x, p)
+    torch.manual_seed(5)  # the positions SparseDropoutLora drew
+    keep = torch.ones(x.numel())
+    keep[drop_positions(x.numel(), p, int(torch.randint(0, 2**62, (), dtype=torch.int64)))] = 0
+    grad = torch.randn_like(ours)
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    ours_grads = torch.autograd.grad(ours, params, grad)
+    layer.lora_dropout["default"] = _GivenMask(keep.view(x.shape), p)
+    theirs = layer(x)
+    theirs_grads = torch.autograd.grad(theirs, params, grad)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_dropout_has_peft_dropouts_expectation_and_drop_counts():
+    p, draws = 0.2, 400
+    layer = _peft_layer(p)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected = layer.eval()(x)  # E[dropout(x)] = x: the layer without dropout
+        layer.train()
+        ours = torch.stack([_sparse(layer, x, p) for _ in range(draws)])
+        theirs = torch.stack([layer(x) for _ in range(draws)])
+    # Both means approach the dropout-free output; their gap is within 5 standard errors.
+    for samples in (ours, theirs):
+        error = samples.std(0) / draws**0.5
+        assert ((samples.mean(0) - expected).abs() <= 5 * error + 1e-6).float().mean() > 0.99
+    # Drop counts: Binomial(n, p) for slimtune's positions and for torch's nn.Dropout alike.
+    n = 100_000
+    sigma = (n * p * (1 - p)) ** 0.5
+    ours_count = drop_positions(n, p, seed=11).numel()
+    theirs_count = int((torch.nn.functional.dropout(torch.ones(n), p) == 0).sum())
+    assert abs(ours_count - n * p) < 5 * sigma and abs(theirs_count - n * p) < 5 * sigma
