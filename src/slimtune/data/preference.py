@@ -19,9 +19,10 @@ the prompt, with the end-of-turn token. A pair becomes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from slimtune.data.dataset import DatasetSplits
 from slimtune.data.encode import encode, trained_tokens
 from slimtune.data.formats import SHAREGPT_ROLES, Example, _messages, _string
 from slimtune.data.reading import BadRow, read_records
@@ -163,17 +164,10 @@ def pair_side(pair: dict, side: str) -> dict:
 
 
 @dataclass
-class PreferenceSplits:
+class PreferenceSplits(DatasetSplits):
     """Encoded pairs for training and evaluation, and what was left out (as DatasetSplits)."""
 
-    train: list[dict]
-    eval: list[dict] = field(default_factory=list)
-    train_rows: list[dict] = field(default_factory=list)
-    eval_rows: list[dict] = field(default_factory=list)
     fmt: str = "preference"
-    skipped: int = 0
-    truncated: int = 0
-    dropped: int = 0
 
 
 def load_preference_dataset(

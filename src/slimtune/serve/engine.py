@@ -22,6 +22,7 @@ from slimtune.data import pad_token_id
 from slimtune.serve import kv
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
+from slimtune.train.generation import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Engine:
         self.mixed_batches = mixed_batches
         self.batch_wait_s = batch_wait_s
         self.max_context = max_context or _context_length(model)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)  # masked out: the same rule as training
         self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
         self.steps = 0  # forward passes run, for tests and benchmarks
@@ -381,17 +382,6 @@ def _emit(request: GenerationRequest, event: Event) -> None:
         request.on_event(event)
     except Exception:  # a listener that went away must not stop the batch
         log.exception("event listener failed")
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    generation = getattr(model, "generation_config", None)
-    for source in (tokenizer.eos_token_id, getattr(generation, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return ids
 
 
 def _context_length(model) -> int:
