@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from architectures import ARCHITECTURES, make_tiny, save_tiny
+from oracles import assert_close_to_bnb
 from test_lora import PEFT_PREFIX, ids, lora_grads, twins
 from test_serve_support import make_char_tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -74,7 +75,8 @@ def test_4bit_load_holds_the_bytes_bitsandbytes_writes(arch, folders):
                 getattr(theirs.get_submodule(name), param).copy_(torch.stack(decoded))
     x = ids()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-3, atol=1e-3)
+        ours_logits = ours(x).logits
+    assert_close_to_bnb(ours_logits, theirs, lambda: theirs(x).logits, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -36,7 +36,7 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.wait_for_selector("#memory:has-text('fits in')")
         before = page.inner_text("#memory")
         settings = {"rank": "4", "lr": "0.01", "batch_size": "2", "grad_accum": "1",
-                    "epochs": "4", "eval_every": "20", "save_every": "10",
+                    "epochs": "20", "eval_every": "100", "save_every": "10",
                     "max_new_tokens": "3", "threads": "1"}  # fmt: skip
         for key, value in settings.items():
             page.fill(f"[data-key={key}]", value)
@@ -45,13 +45,15 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.fill("#run-name", "tiny-run")
         page.click("#start")
 
+        # 400 steps: far more than a fast machine runs between seeing step 12 and the stop below,
+        # so the stop always lands mid-run.
         # The Runs tab follows the run: a step part-way while it trains, the curve drawn.
         page.wait_for_selector("#run-title:text('tiny-run')")
         page.wait_for_function(
             """() => {
-              const m = document.getElementById('run-step').innerText.match(/^(\\d+) \\/ 80$/);
+              const m = document.getElementById('run-step').innerText.match(/^(\\d+) \\/ 400$/);
               const badge = document.getElementById('run-state-badge');
-              return m && +m[1] >= 12 && +m[1] < 80 && badge.innerText == 'running';
+              return m && +m[1] >= 12 && +m[1] < 400 && badge.innerText == 'running';
             }""",
             timeout=60_000,
         )
@@ -65,18 +67,18 @@ def test_train_watch_and_ask_from_the_browser(tmp_path):
         page.click("#run-stop")
         page.wait_for_selector("#run-state-badge:text('stopped')")
         stopped_at = int(page.inner_text("#run-step").split()[0])
-        assert 12 <= stopped_at < 80
+        assert 12 <= stopped_at < 400
         page.wait_for_selector("#run-resume:enabled")
         page.click("#run-resume")
-        page.wait_for_selector("#run-state-badge:text('finished')", timeout=60_000)
-        assert page.inner_text("#run-step") == "80 / 80"
+        page.wait_for_selector("#run-state-badge:text('finished')", timeout=300_000)
+        assert page.inner_text("#run-step") == "400 / 400"
         assert page.evaluate(CHART_LINE_PIXELS) > early_curve  # the curve grew
         evals = page.locator("#eval-table tr")
-        assert evals.count() == 5  # header + steps 20, 40, 60, 80
-        assert evals.nth(4).inner_text().startswith("80")
+        assert evals.count() == 21  # header + the end of each of the 20 epochs
+        assert evals.nth(20).inner_text().startswith("400")
         records = (tmp_path / "runs" / "tiny-run" / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(r)["step"] for r in records if "loss" in json.loads(r)]
-        assert steps == list(range(1, 81))  # the resumed run took over at its checkpoint
+        assert steps == list(range(1, 401))  # the resumed run took over at its checkpoint
 
         # The playground: the base and the adapter side by side, then a chat turn.
         page.click("#tab-play")
