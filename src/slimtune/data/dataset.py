@@ -70,8 +70,14 @@ def load_dataset(
         chat=chat,
     )
     splits = _load(source, tokenizer, **options)
-    if eval_source is not None:
-        held_out = _load(eval_source, tokenizer, **options)
+    held_out = _load(eval_source, tokenizer, **options) if eval_source is not None else None
+    return with_eval_split(splits, held_out, eval_fraction, seed)
+
+
+def with_eval_split(splits, held_out, eval_fraction: float, seed: int):
+    """`splits` with its eval part: all of `held_out` (a second file's splits) when given, else
+    a seeded `eval_fraction` of its own training examples."""
+    if held_out is not None:
         splits.eval, splits.eval_rows = held_out.train, held_out.train_rows
         splits.skipped += held_out.skipped
         splits.truncated += held_out.truncated

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from slimtune.data.dataset import DatasetSplits
+from slimtune.data.dataset import DatasetSplits, with_eval_split
 from slimtune.data.encode import encode, trained_tokens
 from slimtune.data.formats import SHAREGPT_ROLES, Example, _messages, _string
 from slimtune.data.reading import BadRow, read_records
@@ -182,24 +182,12 @@ def load_preference_dataset(
     chat: bool | None = None,
 ) -> PreferenceSplits:
     """Read, check and tokenize preference pairs; split off an eval part (as load_dataset)."""
-    from slimtune.data.dataset import split_examples
-
     if not 0.0 <= eval_fraction < 1.0:
         raise SlimtuneError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     options = dict(max_length=max_length, skip_bad_rows=skip_bad_rows, chat=chat)
     splits = _load(source, tokenizer, **options)
-    if eval_source is not None:
-        held_out = _load(eval_source, tokenizer, **options)
-        splits.eval, splits.eval_rows = held_out.train, held_out.train_rows
-        splits.skipped += held_out.skipped
-        splits.truncated += held_out.truncated
-        splits.dropped += held_out.dropped
-    elif eval_fraction > 0:
-        both = list(zip(splits.train, splits.train_rows, strict=True))
-        train_part, eval_part = split_examples(both, eval_fraction, seed)
-        splits.train, splits.train_rows = [e for e, _ in train_part], [r for _, r in train_part]
-        splits.eval, splits.eval_rows = [e for e, _ in eval_part], [r for _, r in eval_part]
-    return splits
+    held_out = _load(eval_source, tokenizer, **options) if eval_source is not None else None
+    return with_eval_split(splits, held_out, eval_fraction, seed)
 
 
 def _load(source, tokenizer, *, max_length, skip_bad_rows, chat) -> PreferenceSplits:
