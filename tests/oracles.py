@@ -56,15 +56,19 @@ def bnb_dequantize_is_wrong(shape: tuple[int, ...], blocksize: int) -> bool:
     return rows > 1 and cols % 16 == 0 and 16 <= blocksize < 2048 and cols % blocksize != 0
 
 
+def nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of a packed tensor, first element in the high nibble, as int64."""
+    flat = packed.view(torch.uint8).reshape(-1)
+    return torch.stack([flat >> 4, flat & 0xF], 1).reshape(-1).long()
+
+
 def format_dequantize(
     packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, shape, blocksize
 ):
     """The format's definition: value i = code[nibble i] * absmax[i // blocksize], float32."""
-    flat = packed.view(torch.uint8).reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], 1).reshape(-1).long()
     n = int(torch.Size(shape).numel())
     block = torch.arange(n) // blocksize
-    return (code.float()[nibbles[:n]] * absmax.float()[block]).reshape(shape)
+    return (code.float()[nibbles(packed)[:n]] * absmax.float()[block]).reshape(shape)
 
 
 def dequantize_reference(packed: torch.Tensor, state) -> torch.Tensor:
@@ -140,11 +144,10 @@ def assert_close_to_bnb(
 def _rowwise_dequantize(A, absmax, blocksize, quant_type, shape, dtype):
     rows, cols = int(torch.Size(shape[:-1]).numel()), shape[-1]
     code = bnbf.get_4bit_type(quant_type, device="cpu")
-    flat = A.view(torch.uint8).reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], 1).reshape(rows, cols).long()
+    codes = nibbles(A).reshape(rows, cols)
     col_block = torch.arange(cols) // blocksize
     index = torch.arange(rows)[:, None] * (cols // blocksize) + col_block[None, :]
-    return (code[nibbles] * absmax.float()[index]).to(dtype).reshape(shape)
+    return (code[codes] * absmax.float()[index]).to(dtype).reshape(shape)
 
 
 def _linear4bit_bf16_forward(self, x):
@@ -156,10 +159,9 @@ def _linear4bit_bf16_forward(self, x):
     # As bitsandbytes' repacking for its CPU kernel (_convert_weight_packed_for_cpu) demands.
     assert out_features % 32 == 0, "N must be divisible by block_n"
     code = bnbf.get_4bit_type(state.quant_type, device="cpu").to(torch.bfloat16).float()
-    flat = self.weight.data.view(torch.uint8).reshape(-1)
-    nibbles = torch.stack([flat >> 4, flat & 0xF], 1).reshape(out_features, in_features).long()
+    codes = nibbles(self.weight.data).reshape(out_features, in_features)
     scale = absmax.to(torch.bfloat16).float().repeat_interleave(state.blocksize)
-    weight = code[nibbles] * scale.view(out_features, in_features)  # exact in float32
+    weight = code[codes] * scale.view(out_features, in_features)  # exact in float32
     y = x.to(torch.bfloat16).float() @ weight.T
     y = y.to(torch.bfloat16).float()
     if self.bias is not None:
