@@ -9,6 +9,9 @@
 2. Linear4bit in eval mode without gradients against the float32 definition. On CPUs with
    AVX512_BF16 bitsandbytes repacks the weight and multiplies in bfloat16 whatever its
    compute_dtype, so the output moves by about bf16's rounding; elsewhere it is float32.
+3. dequantize_4bit of that same layer after its eval forward. The repacking is in place, and
+   dequantize_4bit reads the repacked bytes as the standard layout, so everything that
+   dequantizes the layer afterwards (PEFT's DoRA weight norm, merging) gets scrambled values.
 The test suite checks slimtune against the definition everywhere and against bitsandbytes where
 bitsandbytes computes it (tests/oracles.py).
 """
@@ -54,9 +57,13 @@ def linear_check() -> dict:
     with torch.no_grad():
         out = layer(x)
     error = float((out - reference).norm() / reference.norm())
+    after = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     return {
         "bf16_fast_path": bool(layer.support_avx512bf16_for_cpu),
         "relative_error_vs_float32": error,
+        "dequantize_after_forward_relative_error": float(
+            (after.view(weight.shape) - weight).norm() / weight.norm()
+        ),
     }
 
 

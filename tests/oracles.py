@@ -11,7 +11,10 @@ bitsandbytes 0.50.2 takes other CPU kernels on AVX-512 machines (decided at run 
   blocksize. Elsewhere the values are wrong (the packed bytes and absmax it reads are right).
 - `Linear4bit` in eval mode, with an input that needs no gradient, on a CPU with AVX512_BF16,
   repacks its weight and multiplies in bfloat16 (input, codes and absmax rounded to bf16, the
-  output rounded to bf16), whatever `compute_dtype` says.
+  output rounded to bf16), whatever `compute_dtype` says. It repacks the weight in place (into
+  a [out, in/2] tile layout, absmax transposed to bf16), and its `dequantize_4bit` does not know
+  that layout: whatever dequantizes the layer afterwards reads scrambled values. PEFT's DoRA does,
+  in every forward (for the weight norm), so PEFT's DoRA over bitsandbytes is wrong there.
 `benchmarks/bnb_cpu_check.py` shows both on the machine it runs on. Tests compare slimtune with
 the format's definition everywhere, and with bitsandbytes wherever bitsandbytes computes it.
 
@@ -116,6 +119,16 @@ def bnb_bf16_path_runs(model: torch.nn.Module) -> bool:
     return all(layer.out_features % 32 == 0 for layer in layers)
 
 
+def _dora_over_bnb_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The bitsandbytes Linear4bit layers under a PEFT DoRA adapter."""
+    return [
+        m.get_base_layer()
+        for m in model.modules()
+        if any(getattr(m, "use_dora", {}).values())
+        and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)
+    ]
+
+
 def assert_close_to_bnb(
     ours: torch.Tensor,
     model: torch.nn.Module,
@@ -130,12 +143,29 @@ def assert_close_to_bnb(
         torch.testing.assert_close(run(), ours, rtol=rtol, atol=atol)
     if bnb_linear4bit_computes_in_bf16() and not bnb_bf16_path_runs(model):
         return  # bitsandbytes' bf16 repacking raises on such layers: no default path to compare
+    dora = _dora_over_bnb_layers(model)
+    if bnb_linear4bit_computes_in_bf16() and dora:
+        _assert_dora_reads_repacked_weights(dora[0], run)
+        return  # its default path is wrong (module docstring): the float32 path is the oracle
     with torch.no_grad():
         default = run()
     if bnb_linear4bit_computes_in_bf16():
         assert relative_error(default, ours) < BF16_PATH_RELATIVE_ERROR
     else:
         torch.testing.assert_close(default, ours, rtol=rtol, atol=atol)
+
+
+def _assert_dora_reads_repacked_weights(layer: torch.nn.Module, run: Callable[[], torch.Tensor]):
+    before = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    with torch.no_grad():
+        run()
+    state = layer.weight.quant_state
+    assert state.packing_format_for_cpu, "bitsandbytes no longer repacks on its bf16 path: update"
+    after = bnbf.dequantize_4bit(layer.weight.data, state).float()
+    # bf16 absmax alone would move values by 2^-8 relative; scrambled ones move by their size.
+    assert relative_error(after, before) > 0.5, (
+        "bitsandbytes now dequantizes its repacked CPU weights: compare DoRA's default path again"
+    )
 
 
 # ---- emulation of the AVX-512 kernels (off unless SLIMTUNE_EMULATE_BNB_AVX512=1) ----
@@ -150,18 +180,27 @@ def _rowwise_dequantize(A, absmax, blocksize, quant_type, shape, dtype):
     return (code[codes] * absmax.float()[index]).to(dtype).reshape(shape)
 
 
+def _repacked_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The [out, in] codes of a weight in bitsandbytes' CPU tile layout (tiles of 32 rows, each
+    byte a pair of rows 16 apart within the tile's 64 nibbles)."""
+    tiles = packed.reshape(-1, 32)
+    pairs = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # 32 low nibbles, then 32 high
+    pairs = pairs.reshape(out_features // 32, in_features // 2, 32, 2).transpose(1, 2)
+    return pairs.reshape(out_features, in_features).long()
+
+
 def _linear4bit_bf16_forward(self, x):
+    if not getattr(self.weight.quant_state, "packing_format_for_cpu", False):
+        # In place, with bitsandbytes' own conversion, as its forward does.
+        self.weight.data, _ = bnbf._convert_weight_packed_for_cpu(
+            self.weight.data, self.weight.quant_state
+        )
     state = self.weight.quant_state
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
     out_features, in_features = state.shape
-    # As bitsandbytes' repacking for its CPU kernel (_convert_weight_packed_for_cpu) demands.
-    assert out_features % 32 == 0, "N must be divisible by block_n"
     code = bnbf.get_4bit_type(state.quant_type, device="cpu").to(torch.bfloat16).float()
-    codes = nibbles(self.weight.data).reshape(out_features, in_features)
-    scale = absmax.to(torch.bfloat16).float().repeat_interleave(state.blocksize)
-    weight = code[codes] * scale.view(out_features, in_features)  # exact in float32
+    codes = _repacked_codes(self.weight.data, out_features, in_features)
+    scale = state.absmax.T.float().repeat_interleave(state.blocksize, dim=1)  # bf16 already
+    weight = code[codes] * scale  # exact in float32
     y = x.to(torch.bfloat16).float() @ weight.T
     y = y.to(torch.bfloat16).float()
     if self.bias is not None:
