@@ -91,8 +91,8 @@ def test_gradients_match_a_float32_run_within_the_dtype_tolerance(dtype, toleran
     low = copy.deepcopy(reference)
     cast_frozen(low, dtype)
     fuse_shared_inputs(low)
-    # The 4-bit base multiplies in the compute dtype; the rest (the residual stream, norms, the
-    # output layer) and the adapter (the master weights) stay float32.
+    # The 4-bit base and the frozen output layer multiply in the compute dtype; every parameter
+    # (the adapter's are the master weights) and the residual stream stay float32.
     assert {m.compute_dtype for m in low.modules() if isinstance(m, Linear4bit)} == {dtype}
     assert {p.dtype for p in low.parameters() if p.is_floating_point()} == {torch.float32}
 
@@ -141,7 +141,7 @@ def test_a_float_base_multiplies_in_the_compute_dtype():
     inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=ids).logits
-    assert cast_frozen(model, torch.bfloat16) == 14  # 7 LoRA layers in each of 2 blocks
+    assert cast_frozen(model, torch.bfloat16) == 15  # 7 LoRA layers in each of 2 blocks, the head
     base = model.model.layers[0].mlp.down_proj.base_layer
     assert base.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the stream stays float32
@@ -173,3 +173,51 @@ def test_loss_with_a_bfloat16_head_takes_the_softmax_in_float32():
     loss.backward()
     expected.backward()
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=2e-2, atol=1e-3)
+
+
+def test_a_frozen_float32_head_multiplies_in_the_compute_dtype():
+    from slimtune.train.loss import causal_lm_loss
+
+    model = make_tiny_llama()
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    head = model.lm_head
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    labels = torch.randint(0, 128, (2, 9))
+    cast_frozen(model, torch.bfloat16)
+    assert head.compute_dtype == torch.bfloat16 and head.weight.dtype == torch.float32
+    loss = causal_lm_loss(hidden, head, labels, chunk_size=8)
+    # What it computes: the bf16 product (float32 sums), widened, then a float32 softmax.
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = (ref_hidden.bfloat16() @ head.weight.bfloat16().t()).float()
+    expected = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), reduction="mean"
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=2e-2, atol=2e-4)
+    # The bf16 copy follows the weights when they change.
+    with torch.no_grad():
+        head.weight.mul_(2)
+    again = causal_lm_loss(hidden, head, labels, chunk_size=8)
+    logits = (hidden.detach().bfloat16() @ head.weight.bfloat16().t()).float()
+    torch.testing.assert_close(
+        again,
+        nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)),
+    )
+    # Back in float32: the exact float32 loss again, and nothing kept for bf16.
+    cast_frozen(model, torch.float32)
+    assert not hasattr(head, "_slimtune_cast_weight")
+    logits = hidden.detach() @ head.weight.t()
+    torch.testing.assert_close(
+        causal_lm_loss(hidden.detach(), head, labels),
+        nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)),
+    )
+
+
+def test_a_trained_head_keeps_float32():
+    model = make_tiny_llama()
+    model.lm_head.weight.requires_grad_(True)
+    cast_frozen(model, torch.bfloat16)
+    assert not hasattr(model.lm_head, "compute_dtype")

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.train.forward import decoder_and_head
-from slimtune.train.loss import IGNORE_INDEX, _chunk_logits, _logits_buffer
+from slimtune.train.loss import (
+    IGNORE_INDEX,
+    _chunk_logits,
+    _head_weights,
+    _in_dtype,
+    _logits_buffers,
+)
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -41,8 +47,9 @@ def labelled_logps(
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
     y = targets[keep]
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    token = _ChunkedTokenLogps.apply(h, weight, bias, y, chunk_size)
+    weight, bias = _head_weights(lm_head)
+    buffers = _logits_buffers(lm_head, h, weight, chunk_size)
+    token = _ChunkedTokenLogps.apply(h, weight, bias, y, buffers)
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
     return sums.index_add(0, rows, token), keep.sum(dim=1)
@@ -52,23 +59,25 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h_i @ W^T + b)[y_i] for every i, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int):
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, buffers: tuple):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         recompute = need_w or need_b  # gradients of W depend on each token's upstream gradient
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         unit = torch.empty_like(h) if need_h and not recompute else None
-        buffer = _logits_buffer(h, weight, chunk)
+        chunk, buffer, narrow = buffers
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], y[start : start + chunk]
-            probs, logp = _softmax_and_logp(hc, weight, bias, yc, buffer)
+            probs, logp = _softmax_and_logp(hc, weight, bias, yc, buffer, narrow)
             out[start : start + chunk] = logp
             if unit is not None:
                 # d logp / d h = (one_hot - softmax) @ W
                 probs.neg_()
                 probs[torch.arange(yc.numel(), device=yc.device), yc] += 1.0
-                unit[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
-        ctx.chunk, ctx.flags = chunk, (need_h, need_w, need_b)
+                unit[start : start + chunk] = (_in_dtype(probs, narrow, weight.dtype) @ weight).to(
+                    h.dtype
+                )
+        ctx.buffers, ctx.flags = buffers, (need_h, need_w, need_b)
         if recompute:
             ctx.save_for_backward(h, weight, bias, y)
         else:
@@ -86,17 +95,17 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        buffer = _logits_buffer(h, weight, ctx.chunk)
-        for start in range(0, h.shape[0], ctx.chunk):
-            end = start + ctx.chunk
+        chunk, buffer, narrow = ctx.buffers
+        for start in range(0, h.shape[0], chunk):
+            end = start + chunk
             hc, yc = h[start:end], y[start:end]
-            probs, _ = _softmax_and_logp(hc, weight, bias, yc, buffer)
+            probs, _ = _softmax_and_logp(hc, weight, bias, yc, buffer, narrow)
             # d (g * logp) / d logits = g * (one_hot - softmax)
             probs.neg_()
             probs[torch.arange(yc.numel(), device=yc.device), yc] += 1.0
             probs.mul_(grad_out[start:end, None].float())
             if need_h:
-                grad_h[start:end] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start:end] = (_in_dtype(probs, narrow, weight.dtype) @ weight).to(h.dtype)
             if need_w:
                 grad_w += probs.t() @ hc.float()
             if need_b:
@@ -106,9 +115,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_h, out_w, out_b, None, None
 
 
-def _softmax_and_logp(hc: Tensor, weight: Tensor, bias: Tensor | None, yc: Tensor, buffer):
+def _softmax_and_logp(
+    hc: Tensor, weight: Tensor, bias: Tensor | None, yc: Tensor, buffer, narrow
+) -> tuple[Tensor, Tensor]:
     """(softmax of the chunk's logits, in place over them; log p of the targets)."""
-    logits = _chunk_logits(hc, weight, bias, buffer)
+    logits = _chunk_logits(hc, weight, bias, buffer, narrow)
     peak = logits.amax(dim=-1, keepdim=True)
     target = logits.gather(1, yc[:, None]).squeeze(1)
     probs = logits.sub_(peak).exp_()

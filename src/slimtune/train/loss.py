@@ -38,8 +38,9 @@ def causal_lm_loss(
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # (n, dim): only the positions that are trained
     y = targets[keep]
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    total = _ChunkedLinearCrossEntropy.apply(h, weight, bias, y, chunk_size)
+    weight, bias = _head_weights(lm_head)
+    buffers = _logits_buffers(lm_head, h, weight, chunk_size)
+    total = _ChunkedLinearCrossEntropy.apply(h, weight, bias, y, buffers)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -47,11 +48,29 @@ def causal_lm_loss(
     raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
 
 
+def _head_weights(lm_head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The output layer's weight and bias, in its `compute_dtype` where one is set and the layer
+    is frozen (slimtune.train.precision): the product then runs in that dtype, the softmax in
+    float32. The cast copy is kept on the layer (a fresh 57 MB one per step for SmolLM2 costs its
+    page faults every time) and made again whenever the weights change."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    dtype = getattr(lm_head, "compute_dtype", None)
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if dtype is None or dtype == weight.dtype or not frozen:
+        return weight, bias
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = getattr(lm_head, "_slimtune_cast_weight", None)
+    if cached is None or cached[0] != key:
+        cast = empty_large(weight.shape, dtype, weight.device).copy_(weight)
+        lm_head._slimtune_cast_weight = cached = (key, cast)
+    return cached[1], None if bias is None else bias.to(dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T + b, y_i), with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int):
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, buffers: tuple):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -59,10 +78,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        buffer = _logits_buffer(h, weight, chunk)
+        chunk, buffer, narrow = buffers
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], y[start : start + chunk]
-            logits = _chunk_logits(hc, weight, bias, buffer)
+            logits = _chunk_logits(hc, weight, bias, buffer, narrow)
             # log-sum-exp and softmax from one exp pass, in place over the logits buffer.
             peak = logits.amax(dim=-1, keepdim=True)
             target = logits.gather(1, yc[:, None]).squeeze(1)
@@ -75,7 +94,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs.div_(sums[:, None])
             probs[torch.arange(yc.numel(), device=yc.device), yc] -= 1.0
             if need_h:
-                grad_h[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[start : start + chunk] = (
+                    _in_dtype(probs, narrow, weight.dtype) @ weight
+                ).to(h.dtype)
             if need_w:
                 grad_w += probs.t() @ hc.float()
             if need_b:
@@ -94,22 +115,50 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return out_h, out_w, out_b, None, None
 
 
-def _logits_buffer(h: Tensor, weight: Tensor, chunk: int) -> Tensor | None:
-    """One float32 (chunk x vocabulary) buffer that every chunk's logits reuse (on the CPU a
-    fresh 100 MB tensor per chunk costs its page faults again: ~50 ms for SmolLM2). With a
-    bfloat16/float16 head the product is taken in that dtype and widened into it."""
+def _logits_buffers(lm_head: nn.Module, h: Tensor, weight: Tensor, chunk: int) -> tuple:
+    """(chunk, float32 logits buffer, buffer in the head's dtype): the (chunk x vocabulary)
+    buffers every chunk reuses, the second only for a bfloat16/float16 head (its product before
+    widening, its softmax narrowed again for the gradient). On the CPU they are kept on the
+    layer between calls: fresh ones cost their page faults again each step (~45 ms per 50 MB on
+    SmolLM2). `release_loss_buffers` drops them."""
     if h.device.type != "cpu":
-        return None
-    rows = min(chunk, h.shape[0])
-    return empty_large((rows, weight.shape[0]), torch.float32, h.device)
+        return chunk, None, None
+    rows, vocab = min(chunk, h.shape[0]), weight.shape[0]
+    cached = getattr(lm_head, "_slimtune_loss_buffers", None)
+    if cached is None or cached[0] != (vocab, weight.dtype) or cached[1].shape[0] < rows:
+        narrow = None
+        if weight.dtype != torch.float32:
+            narrow = empty_large((rows, vocab), weight.dtype, h.device)
+        cached = ((vocab, weight.dtype), empty_large((rows, vocab), torch.float32), narrow)
+        lm_head._slimtune_loss_buffers = cached
+    return chunk, cached[1], cached[2]
 
 
-def _chunk_logits(hc: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor | None):
+def release_loss_buffers(lm_head: nn.Module) -> None:
+    """Drop what `causal_lm_loss` keeps on the output layer between calls."""
+    for name in ("_slimtune_loss_buffers", "_slimtune_cast_weight"):
+        if hasattr(lm_head, name):
+            delattr(lm_head, name)
+
+
+def _in_dtype(probs: Tensor, narrow: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """`probs` in `dtype`: written into the narrow buffer where there is one."""
+    return probs.to(dtype) if narrow is None else narrow[: probs.shape[0]].copy_(probs)
+
+
+def _chunk_logits(hc: Tensor, weight: Tensor, bias: Tensor | None, buffer, narrow):
+    hc = hc.to(weight.dtype)
     if buffer is None:
         return F.linear(hc, weight, bias).float()
     out = buffer[: hc.shape[0]]
-    if hc.dtype != torch.float32 or weight.dtype != torch.float32:
-        return out.copy_(F.linear(hc, weight, bias))  # the softmax runs in float32
+    if narrow is not None:
+        # The product in the head's dtype, widened: the softmax runs in float32.
+        product = narrow[: hc.shape[0]]
+        if bias is None:
+            torch.mm(hc, weight.t(), out=product)
+        else:
+            torch.addmm(bias, hc, weight.t(), out=product)
+        return out.copy_(product)
     if bias is None:
         return torch.mm(hc, weight.t(), out=out)
     return torch.addmm(bias, hc, weight.t(), out=out)

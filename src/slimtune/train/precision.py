@@ -6,9 +6,12 @@ What torch.autocast does for linear layers, set up once on the model instead of 
   (`Linear4bit.compute_dtype`); frozen float base layers under a LoRA adapter (`method: lora`)
   are stored in it and multiply in it. Each takes its input to the compute dtype and gives its
   output back in the input's dtype;
-- everything else stays float32: the residual stream, norms, attention, the output layer and
-  the loss (softmax included), and the adapter: LoRA A and B are the master weights the
-  optimizer updates (its state follows them), multiplied in float32.
+- a frozen output layer multiplies in it too, giving float32 logits to the loss (the chunked
+  loss of `slimtune.train.loss` reads its `compute_dtype`): on SmolLM2 that product is a
+  quarter of a float32 QLoRA step;
+- everything else stays float32: the residual stream, norms, attention, the loss (softmax
+  included), and the adapter: LoRA A and B are the master weights the optimizer updates (its
+  state follows them), multiplied in float32.
 
 Measured on SmolLM2 (benchmarks/reports/train.md): a bfloat16 residual stream (the whole frozen
 model cast) moved the loss of the untrained model by 0.5%; bfloat16 matmuls with a float32
@@ -25,6 +28,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import resolve_compute_dtype
+from slimtune.train.loss import release_loss_buffers
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -60,7 +64,22 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
                 base.register_forward_hook(_output_to_input_dtype)
                 base._slimtune_casts = True
             count += 1
+    head = _frozen_output_layer(model)
+    if head is not None:
+        head.compute_dtype = dtype
+        release_loss_buffers(head)  # what the loss kept for the dtype before
+        count += 1
     return count
+
+
+def _frozen_output_layer(model: nn.Module) -> nn.Module | None:
+    """The output layer of a causal LM whose weights do not train, else None."""
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or any(p.requires_grad for p in head.parameters()):
+        return None
+    return head
 
 
 @contextlib.contextmanager
