@@ -15,8 +15,6 @@ multiple of the type's block size falls back to F16, as the converter does.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,26 +23,13 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # model_type in the HF config -> llama.cpp architecture name, for the models written here.
 ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 # Matrices kept in Q8_0 under q4_0: they hurt most when rounded (llama.cpp does the same).
 KEEP_Q8 = ("token_embd.weight", "output.weight")
-
-
-def atomic_file(target: Path, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a temporary file beside `target`, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gguf_arch(config) -> str:
@@ -191,7 +176,7 @@ def write_gguf(
     path = Path(path)
     arch = gguf_arch(model.config)
 
-    def write(tmp: str) -> None:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or path.stem)
@@ -213,6 +198,4 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-    atomic_file(path, write)
     return path

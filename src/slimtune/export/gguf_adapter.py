@@ -19,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 ADAPTER = "default"
@@ -63,7 +64,7 @@ def write_adapter_gguf(
     """Load `adapter` (PEFT format) into `model` (the float base) and write it as `path`."""
     import gguf
 
-    from slimtune.export.gguf import atomic_file, encode, gguf_arch, tensor_type
+    from slimtune.export.gguf import encode, gguf_arch, tensor_type
     from slimtune.lora import load_adapter
 
     if qtype not in TYPES:
@@ -73,7 +74,7 @@ def write_adapter_gguf(
     alpha, tensors = adapter_tensors(model, arch)
     path = Path(path)
 
-    def write(tmp: str) -> None:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -86,6 +87,4 @@ def write_adapter_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-    atomic_file(path, write)
     return path
