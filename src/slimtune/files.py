@@ -27,8 +27,8 @@ def temp_prefix(path: Path) -> str:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path to write; when the block ends without error it replaces `path`.
 
-        with atomic_file(target) as tmp:
-            save_file(tensors, tmp)
+    with atomic_file(target) as tmp:
+        save_file(tensors, tmp)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
