@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from slimtune.devices import device_of
 from slimtune.errors import SlimtuneError
 from slimtune.lora.inject import adapter_parameters, lora_configs, lora_layers
-from slimtune.models.device import device_of
 
 
 def _check_names(model: nn.Module, names: Sequence[str | None], allow_none: bool = False) -> None:

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from slimtune.devices import device_of
 from slimtune.errors import SlimtuneError
 from slimtune.lora import fused
 from slimtune.lora import init as inits
 from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
 from slimtune.lora.sparse_dropout import SparseDropoutLora
-from slimtune.models.device import device_of
 
 
 class LoraLinear(nn.Module):

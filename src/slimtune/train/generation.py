@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimtune.data import pad_token_id
+from slimtune.tokens import pad_token_id
 
 
 @contextlib.contextmanager

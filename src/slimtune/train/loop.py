@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slimtune.data import Collator
+from slimtune.devices import to_device
 from slimtune.dist import (
     all_reduce_gradients,
     all_reduce_sum,
@@ -34,7 +35,6 @@ from slimtune.dist import (
 )
 from slimtune.errors import SlimtuneError
 from slimtune.lora.fused import fuse_shared_inputs
-from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from slimtune.data.collate import Collator
 from slimtune.data.preference import SIDES, pair_side
+from slimtune.devices import device_of, to_device
 from slimtune.errors import SlimtuneError
-from slimtune.models.device import device_of, to_device
+from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.logps import sequence_logps
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -388,4 +389,4 @@ def _set_rng_state(device: torch.device, state) -> None:
 
 def _answer_tokens(pair: dict, side: str) -> int:
     """Labelled next-token positions of one side (as sequence_logps counts them)."""
-    return sum(label != -100 for label in pair[f"{side}_labels"][1:])
+    return sum(label != IGNORE_INDEX for label in pair[f"{side}_labels"][1:])
