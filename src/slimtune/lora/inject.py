@@ -1,32 +1,26 @@
-"""Find the layers a LoraConfig targets, wrap them in LoraLinear, freeze everything else."""
+"""Find the layers a LoraConfig targets, wrap them in LoraLinear, freeze everything else; link
+the LoRA layers that read one input (lora/fused.py)."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.lora.adapters import (
+    adapter_parameters,
+    lora_configs,
+    lora_layers,
+    set_active_adapters,
+)
 from slimtune.lora.bases import is_supported_base
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.experts import expert_layers, matches_parameter
+from slimtune.lora.fused import SHARED_INPUTS, SharedInput
 from slimtune.lora.layer import LoraLinear
 from slimtune.models.experts import unfuse_experts
-
-CONFIGS_ATTR = "lora_configs"  # model attribute: {adapter name: LoraConfig}
-
-
-def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters injected into `model`, by name (empty dict when none)."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            yield name, module
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -137,8 +131,6 @@ def inject_adapter(
     configs[adapter_name] = config
     freeze_base(model)
     if activate:
-        from slimtune.lora.adapters import set_active_adapters
-
         set_active_adapters(model, [adapter_name])
     return model
 
@@ -161,14 +153,22 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def adapter_parameters(layer: LoraLinear, name: str | None = None) -> list[nn.Parameter]:
-    """A layer's LoRA parameters: of adapter `name`, or of all adapters."""
-    params = []
-    for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
-        for key, module in store.items():
-            if name is None or key == name:
-                params.extend(module.parameters())
-    return params
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Link the LoRA layers of `model` that read one input (SHARED_INPUTS), so that their A
+    products run as one; returns how many groups. Outputs and gradients are unchanged (up to
+    float rounding); idempotent."""
+    groups = 0
+    for module in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(module, name, None) for name in names]
+            members = [m for m in members if isinstance(m, LoraLinear)]
+            if len(members) < 2 or len({m.in_features for m in members}) > 1:
+                continue
+            group = SharedInput(members)
+            for member in members:
+                member.shared = group
+            groups += 1
+    return groups
 
 
 def _scaling(config: LoraConfig, r: int, alpha: float) -> float:

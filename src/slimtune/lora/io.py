@@ -18,18 +18,11 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.files import atomic_file, write_text
-from slimtune.lora.adapters import _check_names, set_active_adapters
+from slimtune.lora.adapters import check_names, lora_configs, lora_layers, set_active_adapters
 from slimtune.lora.bases import features
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.experts import expert_layers, from_peft, target_parameters_of, to_peft
-from slimtune.lora.inject import (
-    candidate_layers,
-    find_targets,
-    inject_adapter,
-    lora_configs,
-    lora_layers,
-    rank_of,
-)
+from slimtune.lora.inject import candidate_layers, find_targets, inject_adapter, rank_of
 from slimtune.models.experts import unfuse_experts
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,7 +55,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter `adapter_name` as PEFT does; returns the folder written."""
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     config = lora_configs(model)[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

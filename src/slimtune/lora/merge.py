@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slimtune.lora.adapters import _check_names
+from slimtune.lora.adapters import check_names, lora_layers
 from slimtune.lora.bases import is_4bit
-from slimtune.lora.inject import lora_layers
 
 
 @dataclass
@@ -35,7 +34,7 @@ class MergeReport:
 
 
 def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False) -> MergeReport:
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     layers = requantized = 0
     err = norm = 0.0
     for _, layer in lora_layers(model):
@@ -51,7 +50,7 @@ def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False)
 
 
 def unmerge_adapter(model: nn.Module, adapter_name: str) -> None:
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     for _, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             layer.unmerge(adapter_name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from slimtune.lora.adapters import adapter_parameters, lora_layers
 from slimtune.lora.bases import is_4bit
-from slimtune.lora.inject import adapter_parameters, lora_layers
 
 
 def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:

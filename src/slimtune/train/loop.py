@@ -34,7 +34,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.lora.fused import fuse_shared_inputs
+from slimtune.lora import fuse_shared_inputs
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from slimtune.data.collate import Collator
 from slimtune.data.preference import SIDES, pair_side
 from slimtune.devices import device_of, to_device
+from slimtune.dist import all_reduce_sum
 from slimtune.errors import SlimtuneError
+from slimtune.lora import disable_adapters, lora_layers
 from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.logps import sequence_logps
 
@@ -191,9 +193,6 @@ def adapter_off(model: nn.Module):
         with model.disable_adapter():
             yield
         return
-    from slimtune.lora import disable_adapters
-    from slimtune.lora.inject import lora_layers
-
     if not any(True for _ in lora_layers(model)):
         raise SlimtuneError(
             "DPO's reference is the base with the adapter switched off, and this model has no "
@@ -316,8 +315,6 @@ def preference_backward(
     the same batch), for one more forward pass without gradients (see _backward_by_side);
     False runs both sides as one batch of 2B rows, as TRL does.
     """
-    from slimtune.dist import all_reduce_sum
-
     if objective.needs_reference:
         cache_reference(model, [p for shard in shards for p in shard], pad_token_id)
     pairs = all_reduce_sum(sum(len(s) for s in shards), info)
