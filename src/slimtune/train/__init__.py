@@ -14,7 +14,7 @@ _WHERE = {
     "EvalResult": "evaluate",
     "evaluate": "evaluate",
     "generate": "generation",
-    "TrainData": "loop",
+    "TrainData": "setup",
     "TrainingDiverged": "loop",
     "TrainResult": "loop",
     "train": "loop",
