@@ -10,8 +10,8 @@ from slimtune.data.collate import Collator, pack
 from slimtune.data.dataset import DatasetSplits, load_dataset, split_examples
 from slimtune.data.demo import demo_data_path
 from slimtune.data.encode import encode
-from slimtune.data.formats import FORMATS, detect_format
-from slimtune.data.preference import PreferencePair, load_preference_dataset, to_pair
+from slimtune.data.formats import FORMATS, PreferencePair, detect_format, to_pair
+from slimtune.data.preference import load_preference_dataset
 from slimtune.data.reading import BadRow, read_rows
 from slimtune.data.render import render, split_prompt_answer
 from slimtune.tokens import IGNORE_INDEX, pad_token_id

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.data.collate import Collator
-from slimtune.data.preference import SIDES, pair_side
+from slimtune.data.formats import SIDES
+from slimtune.data.preference import pair_side
 from slimtune.devices import device_of, to_device
 from slimtune.dist import all_reduce_sum
 from slimtune.errors import SlimtuneError
