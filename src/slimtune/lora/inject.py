@@ -4,7 +4,6 @@ the LoRA layers that read one input (lora/fused.py)."""
 from __future__ import annotations
 
 import math
-import re
 
 from torch import nn
 
@@ -21,6 +20,7 @@ from slimtune.lora.experts import expert_layers, matches_parameter
 from slimtune.lora.fused import SHARED_INPUTS, SharedInput
 from slimtune.lora.layer import LoraLinear
 from slimtune.models.experts import unfuse_experts
+from slimtune.targets import matches_target, output_head
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -43,7 +43,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     `config.target_parameters`) select, with PEFT's matching rules."""
     target = config.target_modules
     if target == "all-linear":
-        head = _output_head(model)
+        head = output_head(model)
         return [name for name, m in candidate_layers(model).items() if _unwrap(m) is not head]
     layers = candidate_layers(model)
     experts = expert_layers(model)
@@ -52,7 +52,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     matched = [
         name
         for name, _ in model.named_modules()
-        if _matches(target, name) and not (inside and name.startswith(inside))
+        if matches_target(name, target) and not (inside and name.startswith(inside))
     ]
     matched += [
         path
@@ -67,17 +67,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "wraps only Linear, Conv1D and Linear4bit layers"
             )
     return matched
-
-
-def _matches(target: list[str] | str, name: str) -> bool:
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    return getter() if getter else None
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
