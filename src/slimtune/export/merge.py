@@ -107,15 +107,12 @@ def unwrap_lora_layers(model: nn.Module) -> None:
 
 def dequantize_layers(model: nn.Module) -> None:
     """Turn the 4-bit layers the adapter did not touch into float Linear layers."""
-    from slimtune.quant import Linear4bit
+    from slimtune.quant import Linear4bit, frozen_linear
 
     for path, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantize().float()
-            if module.bias is not None:
-                dense.bias.data = module.bias.detach().float().clone()
-            _replace(model, path, dense.requires_grad_(False))
+            bias = None if module.bias is None else module.bias.float()
+            _replace(model, path, frozen_linear(module.dequantize().float(), bias))
 
 
 def quantize_float_layers(model: nn.Module) -> float:

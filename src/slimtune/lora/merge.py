@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimtune.lora.adapters import check_names, lora_layers
-from slimtune.lora.bases import is_4bit
+from slimtune.quant import Linear4bit
 
 
 @dataclass
@@ -40,7 +40,9 @@ def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False)
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
-        report = layer.merge(adapter_name, requantize=requantize and is_4bit(layer.base_layer))
+        report = layer.merge(
+            adapter_name, requantize=requantize and isinstance(layer.base_layer, Linear4bit)
+        )
         layers += 1
         if report is not None:
             requantized += 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.quant import Linear4bit, frozen_linear
 from slimtune.tokens import pad_token_id
 
 
@@ -27,27 +28,14 @@ def decoded_weights(model: nn.Module) -> Iterator[None]:
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if _is_4bit(child):
-                    linear = nn.Linear(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        device="meta",
-                    )
-                    linear.weight = nn.Parameter(child.dequantize(), requires_grad=False)
-                    if child.bias is not None:
-                        linear.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
-                    setattr(parent, name, linear)
+                if isinstance(child, Linear4bit):
+                    setattr(parent, name, frozen_linear(child.dequantize(), child.bias))
                     swapped.append((parent, name, child))
     try:
         yield
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" and hasattr(module, "dequantize")
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -176,7 +164,7 @@ def generate_result(
     if printer is not None:
         printer.close()
     text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-    uses_4bit = four_bit and any(_is_4bit(m) for m in model.modules())
+    uses_4bit = four_bit and any(isinstance(m, Linear4bit) for m in model.modules())
     return GenerationResult(
         text, len(out.tokens[0]), out.seconds, out.prefill_seconds, out.engine, uses_4bit
     )
