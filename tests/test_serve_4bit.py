@@ -12,7 +12,7 @@ from test_serve_support import make_char_tokenizer, make_peft_adapter
 from slimtune.infer import inference_context
 from slimtune.quant import Linear4bit, QuantConfig, quantize_model
 from slimtune.serve import Engine
-from slimtune.train.generation import decoded_weights
+from slimtune.infer import decoded_weights
 
 
 def _engine(adapters, four_bit: bool):

@@ -1,4 +1,5 @@
-"""Token ids every package agrees on: the label that the loss skips, and the id to pad with."""
+"""What every package agrees on about tokens: the label that the loss skips, the id to pad with,
+whether a tokenizer has a chat template."""
 
 from __future__ import annotations
 
@@ -16,3 +17,7 @@ def pad_token_id(tokenizer) -> int:
         if token_id is not None:
             return int(token_id)
     return 0
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--temperature must be >= 0 and --top-p in (0, 1]")
     import json
 
-    from slimtune.train.generation import generate_result, load_for_inference
+    from slimtune.infer import generate_result
+    from slimtune.train.generation import load_for_inference
 
     dtype = compute_dtype(args)
     model, tokenizer = load_for_inference(

@@ -26,8 +26,9 @@ from slimtune.data.dataset import DatasetSplits, with_eval_split
 from slimtune.data.encode import encode, trained_tokens
 from slimtune.data.formats import SIDES, PreferencePair, to_pair
 from slimtune.data.reading import BadRow, read_records
-from slimtune.data.render import Rendered, has_chat_template, render
+from slimtune.data.render import Rendered, render
 from slimtune.errors import SlimtuneError
+from slimtune.tokens import has_chat_template
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def build_engine(
 
         stack.enter_context(inference_context(network, True, compute_dtype))
     else:
-        from slimtune.train.generation import decoded_weights
+        from slimtune.infer import decoded_weights
 
         stack.enter_context(decoded_weights(network))
     registry = AdapterRegistry(base_name or base_model_name(model), adapter_dir)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimtune.infer import eos_ids
 from slimtune.serve import kv
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
 from slimtune.tokens import pad_token_id
-from slimtune.train.generation import eos_ids
 
 log = logging.getLogger(__name__)
 
