@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.folder import unique_state_dict
+from slimtune.export.gguf_tokenizer import add_tokenizer
+from slimtune.export.gptq import gptq_q4_0
 from slimtune.files import atomic_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -136,8 +139,6 @@ def file_type(qtype: str):
 def model_tensors(model: nn.Module, arch: str):
     """(HF name, llama.cpp name, float32 array) of every tensor, q/k permuted; a tied output is left
     out (llama.cpp then reads the embedding, as for models converted by llama.cpp)."""
-    from slimtune.export.folder import unique_state_dict
-
     config = model.config
     name_of = tensor_names(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -169,8 +170,6 @@ def write_gguf(
     """
     import gguf
 
-    from slimtune.export.gguf_tokenizer import add_tokenizer
-
     if qtype not in TYPES:
         raise SlimtuneError(f"GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
     path = Path(path)
@@ -188,8 +187,6 @@ def write_gguf(
             ggml_type = tensor_type(gguf_name, array.shape, qtype)
             hessian = (hessians or {}).get(hf_name.removesuffix(".weight"))
             if hessian is not None and ggml_type == gguf.GGMLQuantizationType.Q4_0:
-                from slimtune.export.gptq import gptq_q4_0
-
                 data = gptq_q4_0(torch.from_numpy(array), hessian)
             else:
                 data = encode(array, ggml_type)

@@ -20,6 +20,7 @@ from slimtune.lora.experts import expert_layers, matches_parameter
 from slimtune.lora.fused import SHARED_INPUTS, SharedInput
 from slimtune.lora.layer import LoraLinear
 from slimtune.models.experts import unfuse_experts
+from slimtune.quant import QuantConfig
 from slimtune.targets import matches_target, output_head
 
 
@@ -95,8 +96,6 @@ def inject_adapter(
         )
     loftq = None
     if config.init == "loftq":
-        from slimtune.quant import QuantConfig
-
         loftq = (config.loftq_quant or QuantConfig(), config.loftq_iters)
     experts = expert_layers(model)
     if config.use_dora and any(name in experts for name in targets):
