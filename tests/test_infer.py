@@ -147,8 +147,8 @@ def test_smollm2_four_bit_greedy_equals_float_reference():
     """The 4-bit path against transformers computing with the same weights decoded to float32:
     greedy tokens equal, last-prompt-position logits within 1e-3 (float32 sums in another order
     over 30 layers)."""
-    from slimtune.models import load_model
     from slimtune.infer import decoded_weights, format_prompt
+    from slimtune.models import load_model
 
     model, tokenizer = load_model(quant=QuantConfig())
     prompts = ["What is the capital of France?", "Write a haiku about the sea.",

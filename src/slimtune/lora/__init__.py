@@ -13,7 +13,7 @@ from slimtune.lora.combine import combine_adapters
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.inject import find_targets, fuse_shared_inputs, inject_adapter
 from slimtune.lora.io import load_adapter, save_adapter
-from slimtune.lora.layer import LoraLinear
+from slimtune.lora.layer import LoraLinear, set_sparse_dropout
 from slimtune.lora.merge import MergeReport, merge_adapter, unmerge_adapter
 from slimtune.lora.params import count_parameters, lora_parameters, trainable_summary
 
@@ -37,6 +37,7 @@ __all__ = [
     "per_sample_adapters",
     "save_adapter",
     "set_active_adapters",
+    "set_sparse_dropout",
     "trainable_summary",
     "unmerge_adapter",
 ]

@@ -34,7 +34,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.lora import fuse_shared_inputs
+from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.optim import build_optimizer
 from slimtune.train.batching import StepPlan
@@ -104,7 +104,9 @@ def train(
     if info.is_main:
         print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
-    use_lean_mlp(model)  # same values, half the MLP activations
+    if config.lean_mlp:
+        use_lean_mlp(model)  # same values, half the MLP activations
+    set_sparse_dropout(model, config.sparse_dropout)
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
