@@ -197,3 +197,18 @@ def test_train_cli_errors_name_the_key(tmp_path, capsys):
 def test_train_without_data_fails_before_loading_a_model(capsys):
     assert main(["train", "--model", "/nonexistent/model"]) == 2
     assert "no training data" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch():
+    """`slimtune --help` builds every subcommand's flags; none of that may load torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from slimtune.cli import build_parser; build_parser(); print(*sys.modules)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "slimtune.cli.train" in loaded  # the subcommands were imported
+    assert not loaded & {"torch", "transformers", "numba"}

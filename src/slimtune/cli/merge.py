@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.errors import SlimtuneError
+
 HELP = "Merge a LoRA adapter into its base model and write a standalone model folder."
 
 
@@ -47,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.errors import SlimtuneError
     from slimtune.export import merge_to_folder
 
     calibration = None

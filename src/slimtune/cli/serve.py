@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from slimtune.cli._inference import add_inference_arguments, compute_dtype
+from slimtune.errors import SlimtuneError
+
 HELP = "Serve a model and its LoRA adapters behind an OpenAI-compatible HTTP API."
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -45,13 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not mix adapters in a batch (a baseline for benchmarks)",
     )
-    from slimtune.cli._inference import add_inference_arguments
-
     add_inference_arguments(parser, quant=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.errors import SlimtuneError
     from slimtune.serve import create_app
     from slimtune.serve.adapters import parse_adapter_flag
     from slimtune.serve.build import build_engine
@@ -61,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-batch-size must be >= 1 and --max-queue >= 0")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
-    from slimtune.cli._inference import compute_dtype
-
     engine, registry = build_engine(
         args.model,
         qlora=args.qlora,

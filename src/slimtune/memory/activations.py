@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from slimtune.memory.architecture import Architecture
+from slimtune.memory.architecture import Architecture, lora_targets
+from slimtune.memory.units import DTYPE_BYTES
+
+if TYPE_CHECKING:  # for annotations only: the planner imports this module
     from slimtune.memory.planner import PlanSettings
 
 LOSS_CHUNK = 512  # slimtune.train.loss.causal_lm_loss's chunk_size
@@ -51,8 +53,6 @@ GROUPS = {  # adapted layers that read the same input tensor
 
 def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> int:
     """Bytes one block keeps for its backward pass."""
-    from slimtune.memory.planner import lora_targets
-
     h, i = arch.hidden_size, arch.mlp_width()
     q = arch.num_heads * arch.head_size
     kv = arch.num_kv_heads * arch.head_size
@@ -88,8 +88,6 @@ def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> 
 
 def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
     """Activation memory at the peak of a training step."""
-    from slimtune.memory.planner import DTYPE_BYTES
-
     item = DTYPE_BYTES[s.compute_dtype]
     tokens = s.batch_size * s.max_length
     one_block = block_bytes(arch, s, tokens, item)

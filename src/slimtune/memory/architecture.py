@@ -13,6 +13,7 @@ shared expert with its sigmoid gate. slimtune holds each expert as its own layer
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,3 +259,25 @@ def resolve_architecture(source: str) -> Architecture:
             raise SlimtuneError(f"{path}: cannot read as a JSON config: {error}") from None
         return architecture_from_config(config, name=str(source))
     return builtin_architecture(source)
+
+
+def lora_targets(arch: Architecture, targets: str | list[str]) -> list[tuple[str, int, int]]:
+    """The block linears that get an adapter: 'all-linear', a list of names, or a regex."""
+    linears = arch.block_linears()
+    if targets == "all-linear":
+        chosen = linears
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [
+            x
+            for x in linears
+            if pattern.fullmatch(f"model.layers.0.x.{x[0]}") or pattern.search(x[0])
+        ]
+    else:
+        # a list of names, and for experts PEFT's target_parameters names (experts.down_proj)
+        chosen = [x for x in linears if x[0] in targets or x[0].rpartition(".")[2] in targets
+                  and not x[0].startswith("experts.")]  # fmt: skip
+    if not chosen:
+        names = ", ".join(name for name, _, _ in linears)
+        raise SlimtuneError(f"targets: {targets!r} matches none of this model's layers ({names})")
+    return chosen

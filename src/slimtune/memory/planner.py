@@ -12,14 +12,13 @@ context on a GPU (an assumption, not measured here).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 from slimtune.errors import SlimtuneError
 from slimtune.memory.activations import activation_bytes
-from slimtune.memory.architecture import Architecture
+from slimtune.memory.architecture import Architecture, lora_targets
+from slimtune.memory.units import DTYPE_BYTES
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 OBJECTIVES = ("sft", "dpo", "orpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -124,28 +123,6 @@ class MemoryEstimate:
         out["model"] = self.architecture.name
         out["settings"] = asdict(self.settings)
         return out
-
-
-def lora_targets(arch: Architecture, targets: str | list[str]) -> list[tuple[str, int, int]]:
-    """The block linears that get an adapter: 'all-linear', a list of names, or a regex."""
-    linears = arch.block_linears()
-    if targets == "all-linear":
-        chosen = linears
-    elif isinstance(targets, str):
-        pattern = re.compile(targets)
-        chosen = [
-            x
-            for x in linears
-            if pattern.fullmatch(f"model.layers.0.x.{x[0]}") or pattern.search(x[0])
-        ]
-    else:
-        # a list of names, and for experts PEFT's target_parameters names (experts.down_proj)
-        chosen = [x for x in linears if x[0] in targets or x[0].rpartition(".")[2] in targets
-                  and not x[0].startswith("experts.")]  # fmt: skip
-    if not chosen:
-        names = ", ".join(name for name, _, _ in linears)
-        raise SlimtuneError(f"targets: {targets!r} matches none of this model's layers ({names})")
-    return chosen
 
 
 def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str) -> int:

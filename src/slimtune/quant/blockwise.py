@@ -12,8 +12,8 @@ from functools import cache
 
 import torch
 
+from slimtune.buffers import empty_large
 from slimtune.errors import SlimtuneError
-from slimtune.memory.pages import empty_large
 from slimtune.quant import gpu_kernels, kernels
 from slimtune.quant.codebook import (
     check_quant_type,

@@ -6,6 +6,9 @@ import contextlib
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.infer import decoded_weights, inference_context
+from slimtune.models import load_model
+from slimtune.quant import QuantConfig
 from slimtune.serve.adapters import AdapterRegistry, check_name
 from slimtune.serve.engine import Engine
 
@@ -34,22 +37,14 @@ def build_engine(
 
     A 4-bit base (`qlora`, or a 4-bit model folder) computes from its packed codes for the
     engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead."""
-    from slimtune.models import load_model
-
     quant = None
     if qlora:
-        from slimtune.quant import QuantConfig
-
         quant = QuantConfig() if compute_dtype is None else QuantConfig(compute_dtype=compute_dtype)
     network, tokenizer = load_model(model, quant=quant)
     stack = contextlib.ExitStack()
     if four_bit:
-        from slimtune.infer import inference_context
-
         stack.enter_context(inference_context(network, True, compute_dtype))
     else:
-        from slimtune.train.generation import decoded_weights
-
         stack.enter_context(decoded_weights(network))
     registry = AdapterRegistry(base_name or base_model_name(model), adapter_dir)
     if adapter_dir is not None and not adapter_dir.is_dir():

@@ -3,30 +3,41 @@ at the end the files a user keeps. This is where train/ meets models/, quant/, l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimtune.data import load_dataset, load_preference_dataset, pack, split_prompt_answer
 from slimtune.errors import SlimtuneError
+from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+from slimtune.models import load_model
+from slimtune.models.chat_templates import set_chat_template
+from slimtune.quant import QuantConfig
+from slimtune.tokens import pad_token_id
 from slimtune.train.config import TrainConfig
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+@dataclass
+class TrainData:
+    """Tokenized rows ({"input_ids", "labels"}) and, for accuracy, (prompt, answer) pairs."""
+
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
+    pad_token_id: int = 0
+
+
 def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
     """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train."""
-    from slimtune.models import load_model
-
     quant = None
     if config.method == "qlora":
-        from slimtune.quant import QuantConfig
-
         quant = QuantConfig(quant_type=config.quant_type, double_quant=config.double_quant)
     model, tokenizer = load_model(config.model, quant=quant, dtype=torch.float32)
     if config.chat_template is not None:
-        from slimtune.models.chat_templates import set_chat_template
-
         set_chat_template(tokenizer, config.chat_template)  # saved with the adapter (save_final)
     model.config.use_cache = False
     if config.method == "full":
@@ -35,8 +46,6 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         return model, tokenizer
     # The adapter's random init draws from the seeded RNG: the same seed, the same adapter.
     torch.manual_seed(config.seed)
-    from slimtune.lora import LoraConfig, inject_adapter
-
     lora = LoraConfig(
         r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets
     )
@@ -46,9 +55,6 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
 
 def build_data(config: TrainConfig, tokenizer, info=None):
     """Tokenized train/eval rows and the (prompt, answer) pairs that accuracy is measured on."""
-    from slimtune.data import load_dataset, pack, pad_token_id, split_prompt_answer
-    from slimtune.train.loop import TrainData
-
     if config.data is None:
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
     if config.objective != "sft":
@@ -71,10 +77,6 @@ def build_data(config: TrainConfig, tokenizer, info=None):
 
 def _preference_data(config: TrainConfig, tokenizer):
     """Tokenized preference pairs for DPO / ORPO (their eval is on pairs, not generation)."""
-    from slimtune.data import pad_token_id
-    from slimtune.data.preference import load_preference_dataset
-    from slimtune.train.loop import TrainData
-
     if config.packing:
         raise SlimtuneError(f"packing: not supported with objective {config.objective}")
     splits = load_preference_dataset(
@@ -94,8 +96,6 @@ def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -
         # A whole model, or a model PEFT wrapped (a library caller's): its own safetensors save.
         model.save_pretrained(output)
     else:
-        from slimtune.lora import save_adapter
-
         save_adapter(model, output, base_model_name_or_path=config.model or DEFAULT_BASE_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
