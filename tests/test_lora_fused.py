@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from slimtune.lora import LoraConfig, LoraLinear, fuse_shared_inputs, inject_adapter, save_adapter
 from slimtune.lora import fused as fused_module

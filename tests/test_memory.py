@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_llama
 
 from slimtune.cli import main as cli_main
 from slimtune.errors import SlimtuneError
@@ -79,8 +80,6 @@ def _write_gguf(path: Path, tied: bool) -> None:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_config_and_folder_sources_agree(tmp_path, tied):
-    from conftest import make_tiny_llama
-
     model = make_tiny_llama(tie_word_embeddings=tied)
     expected = sum(p.numel() for p in model.parameters())
     _write_gguf(tmp_path / "tiny.gguf", tied)
