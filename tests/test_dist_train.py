@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 import slimtune
 
+pytestmark = pytest.mark.processes
+
 SRC = Path(slimtune.__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

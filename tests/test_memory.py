@@ -223,6 +223,7 @@ def test_cli_bad_model_exits_2(capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_prediction_within_15_percent_of_measured_peak_rss():
     """A tiny LoRA run with gradient checkpointing, measured in a fresh process (~15 s idle)."""
     script = ROOT / "benchmarks" / "bench_memory.py"

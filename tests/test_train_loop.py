@@ -134,6 +134,7 @@ def _script(tmp_path, hold: bool, resume: bool) -> Path:
     return script
 
 
+@pytest.mark.processes
 def test_resume_after_sigkill_is_exact(tmp_path):
     reference = tmp_path / "reference"
     train(tiny_config(reference, epochs=2), model=tiny_lora_model(), data=DATA, progress=False)

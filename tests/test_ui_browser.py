@@ -4,8 +4,11 @@ tiny run from the page, watch its progress and loss curve move, stop and resume 
 import json
 import re
 
+import pytest
 import torch
 from helpers import CHART_LINE_PIXELS, browser_page, save_char_model, served, sums, write_jsonl
+
+pytestmark = pytest.mark.browser
 
 
 def test_train_watch_and_ask_from_the_browser(tmp_path):
