@@ -131,10 +131,12 @@ def ids(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
-    ids = ids if ids is not None else torch.arange(3, 20).unsqueeze(0)
+def logits(model: nn.Module, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`model`'s logits, without gradients, for `input_ids` (default: ids 3-19, one row)."""
+    if input_ids is None:
+        input_ids = torch.arange(3, 20).unsqueeze(0)
     with torch.no_grad():
-        return model(ids).logits
+        return model(input_ids).logits
 
 
 def hf_greedy(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:

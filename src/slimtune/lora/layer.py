@@ -143,7 +143,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = base(x) + scaling * B(A(dropout(x))), summed over the live adapters. The plain path
-        is the loop's last two lines; the fast paths (below) compute the same sum."""
+        ends the loop; the fast paths (below) compute the same sum."""
         h = self.base_layer(x)
         if self.disabled:
             return h
