@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup test test-gpu demo bench lint format clean test-models
+.PHONY: setup test test-fast test-gpu demo bench lint format clean test-models
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
+
+# The suite without its slow kinds (markers in pyproject.toml): the real SmolLM2 model, the
+# browser, and runs in child processes. 572 of the 589 tests, in about 2 minutes where
+# `make test` takes about 5 (2 CPU cores); no chromium needed.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser and not processes"
 
 # The browser the UI tests drive (Debian's chromium, through Playwright): installed only when missing.
 $(CHROMIUM):

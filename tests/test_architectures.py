@@ -5,22 +5,31 @@ run that improves held-out loss, adapter files PEFT loads, merge, and the servin
 from __future__ import annotations
 
 import copy
-import json
 
 import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from architectures import ARCHITECTURES, make_tiny, save_tiny
+from helpers import (
+    ARCHITECTURES,
+    PEFT_PREFIX,
+    hf_greedy,
+    ids,
+    lora_grads,
+    make_char_tokenizer,
+    make_tiny,
+    save_tiny,
+    twins,
+    unfused,
+    write_jsonl,
+)
 from oracles import assert_close_to_bnb
-from test_lora import PEFT_PREFIX, ids, lora_grads, twins
-from test_serve_support import make_char_tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from slimtune.lora import LoraConfig, find_targets, load_adapter
 from slimtune.lora.experts import expert_layers
 from slimtune.models import load_model
-from slimtune.models.experts import FUSED, ExpertList, unfuse_experts
+from slimtune.models.experts import FUSED, ExpertList
 from slimtune.quant import Linear4bit, QuantConfig, quantized_state_dict
 
 ARCHS = list(ARCHITECTURES)
@@ -91,15 +100,10 @@ def test_all_linear_targets_what_peft_targets(arch):
         for name, module in theirs.named_modules()
         if type(module).__name__ == "Linear" and isinstance(module, peft.tuners.lora.LoraLayer)
     }
-    targets = set(find_targets(_unfused(model), LoraConfig()))
+    targets = set(find_targets(unfused(model), LoraConfig()))
     experts = set(expert_layers(model))
     assert targets - experts == linear
     assert targets & experts == experts and bool(experts) == (arch in MOE)
-
-
-def _unfused(model):
-    unfuse_experts(model)
-    return model
 
 
 # On a mixture of experts PEFT's "all-linear" also adapts the fused experts and the router; here
@@ -130,11 +134,6 @@ def _sums(offset: int) -> list[dict]:
     return rows[offset::4]
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def _eval_loss(model, tokenizer, data) -> float:
     from slimtune.data import load_dataset
     from slimtune.train.evaluate import evaluate
@@ -148,14 +147,6 @@ def _peft_on(folder, adapter):
     return peft.PeftModel.from_pretrained(base, adapter).eval()
 
 
-def _greedy(model, prompt_ids, n=8) -> list[int]:
-    x = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
-    return out[0, x.shape[1] :].tolist()
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_qlora_train_then_peft_merge_and_serve(arch, folders, tmp_path):
     from slimtune.export import merge_to_folder
@@ -163,8 +154,8 @@ def test_qlora_train_then_peft_merge_and_serve(arch, folders, tmp_path):
     from slimtune.train import TrainConfig, train
 
     folder = folders[arch]
-    train_file = _write_jsonl(tmp_path / "train.jsonl", _sums(0) + _sums(1) + _sums(2))
-    held_out = _write_jsonl(tmp_path / "test.jsonl", _sums(3))
+    train_file = str(write_jsonl(tmp_path / "train.jsonl", _sums(0) + _sums(1) + _sums(2)))
+    held_out = str(write_jsonl(tmp_path / "test.jsonl", _sums(3)))
     config = TrainConfig(
         model=str(folder), data=train_file, output=str(tmp_path / "run"), method="qlora",
         rank=4, alpha=8, dropout=0.0, lr=1e-2, batch_size=8, grad_accum=1, max_steps=6,
@@ -201,9 +192,9 @@ def test_qlora_train_then_peft_merge_and_serve(arch, folders, tmp_path):
             GenerationRequest(prompt, "sums", max_tokens=8, ignore_eos=True)
         )
         plain = engine.submit(GenerationRequest(prompt, None, max_tokens=8, ignore_eos=True))
-        assert with_adapter.result(120).token_ids == _greedy(reference, prompt)
+        assert with_adapter.result(120).token_ids == hf_greedy(reference, torch.tensor([prompt]), 8)
         with reference.disable_adapter():
-            assert plain.result(120).token_ids == _greedy(reference, prompt)
+            assert plain.result(120).token_ids == hf_greedy(reference, torch.tensor([prompt]), 8)
     finally:
         engine.stop()
 
@@ -227,7 +218,7 @@ def test_engine_rows_joining_a_sliding_window_model_match_generate():
         got = [r.result(120).token_ids for r in requests]
     finally:
         engine.stop()
-    assert got == [_greedy(model, p, 4 + 3 * i) for i, p in enumerate(prompts)]
+    assert got == [hf_greedy(model, torch.tensor([p]), 4 + 3 * i) for i, p in enumerate(prompts)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

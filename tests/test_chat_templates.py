@@ -4,10 +4,8 @@ adapter to evaluation and generation."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from test_data_tokenizer import make_tokenizer
+from helpers import make_tokenizer, save_tiny, write_jsonl
 
 from slimtune.data import IGNORE_INDEX, load_dataset
 from slimtune.errors import SlimtuneError
@@ -30,11 +28,6 @@ CHAT = {
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _trained_pieces(tokenizer, example) -> list[str]:
     """The trained stretches of an example, as text."""
     pieces, current = [], []
@@ -51,7 +44,7 @@ def _trained_pieces(tokenizer, example) -> list[str]:
 @pytest.mark.parametrize("name", list(BUILTIN))
 def test_builtin_templates_train_exactly_the_assistant_turns(name, tmp_path):
     tokenizer = set_chat_template(make_tokenizer(chat_template=None, eos="</s>"), name)
-    [example] = load_dataset(_write(tmp_path / "chat.jsonl", [CHAT]), tokenizer).train
+    [example] = load_dataset(write_jsonl(tmp_path / "chat.jsonl", [CHAT]), tokenizer).train
     text = tokenizer.decode(example["input_ids"])
     # The template's text, with EOS after each answer's end of turn (the template has none there).
     assert text.replace("</s>", "") == tokenizer.apply_chat_template(
@@ -76,7 +69,7 @@ def test_a_jinja_file_is_a_template_and_its_errors_name_the_line(tmp_path):
 
 
 def test_chat_rows_without_any_template_name_the_row_and_the_flag(tmp_path):
-    data = _write(tmp_path / "chat.jsonl", [CHAT])
+    data = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     with pytest.raises(SlimtuneError, match=r"chat.jsonl, line 1: .*--chat-template NAME\|FILE"):
         load_dataset(data, make_tokenizer(chat_template=None, eos="</s>"))
 
@@ -84,14 +77,12 @@ def test_chat_rows_without_any_template_name_the_row_and_the_flag(tmp_path):
 def test_the_template_is_saved_with_the_adapter_and_used_by_eval(tmp_path):
     """`slimtune train --chat-template gemma` on a model without one: the adapter folder holds
     the template, and loading that adapter for inference brings it back."""
-    from architectures import save_tiny
-
     from slimtune.train import TrainConfig, train
     from slimtune.train.generation import load_for_inference
 
     folder = save_tiny("gemma3", tmp_path / "base")
     (folder / TEMPLATE_FILE).unlink()  # a base model: no template
-    data = _write(tmp_path / "chat.jsonl", [CHAT] * 4)
+    data = write_jsonl(tmp_path / "chat.jsonl", [CHAT] * 4)
     with pytest.raises(SlimtuneError, match="--chat-template"):
         train(TrainConfig(model=str(folder), data=str(data), output=str(tmp_path / "x")))
     config = TrainConfig(

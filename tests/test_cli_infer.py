@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from test_cli_train import char_tokenizer, sums, write_jsonl
+from helpers import char_tokenizer, make_tiny_llama, sums, write_jsonl
 
 from slimtune.cli import main
-from tests.conftest import make_tiny_llama
 
 
 @pytest.fixture(scope="module")

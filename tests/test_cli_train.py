@@ -5,49 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import char_tokenizer, save_char_model, sums, write_jsonl
 
 from slimtune.cli import main
 
 
-def char_tokenizer():
-    """One token per character: small, offline, and exact to reason about."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(" abcdefghijklmnopqrstuvwxyz0123456789+=")
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model = make_tiny_llama(
-        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
-    )
-    model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def sums(n=40):
-    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(7) for b in range(7)][
-        :n
-    ]
+    return save_char_model(tmp_path_factory.mktemp("tiny-model"), initializer_range=0.3)
 
 
 def test_eval_metrics_on_a_hand_made_file(tiny_folder, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama, task_rows, tiny_config
 from torch import nn
 
 from slimtune import hardware
@@ -109,8 +109,6 @@ def test_gradients_match_a_float32_run_within_the_dtype_tolerance(dtype, toleran
 
 
 def test_train_in_bfloat16_prints_records_and_evaluates(tmp_path, capsys):
-    from test_train_loop import task_rows, tiny_config
-
     from slimtune.train import TrainData, train
 
     model = make_tiny_llama(initializer_range=0.3)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from test_data_tokenizer import make_tokenizer
+from helpers import make_tokenizer, write_jsonl
 
 from slimtune.data import IGNORE_INDEX, load_dataset, split_examples
 from slimtune.errors import SlimtuneError
@@ -18,11 +16,6 @@ def chat(question: str, answer) -> dict:
             {"role": "assistant", "content": answer},
         ]
     }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 GOOD = [chat(f"What is {i} + 1?", str(i + 1)) for i in range(20)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_data_tokenizer import OPEN_TURNS, make_tokenizer
+from helpers import OPEN_TURNS, make_tokenizer
 
 from slimtune.data import IGNORE_INDEX, encode, render, split_prompt_answer
 from slimtune.data.formats import to_example

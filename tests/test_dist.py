@@ -241,6 +241,7 @@ def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     assert not dist.is_initialized()
 
 
+@pytest.mark.processes
 def test_two_gloo_processes():
     with tempfile.TemporaryDirectory() as scratch:
         mp.spawn(_worker, args=(2, _free_port(), scratch), nprocs=2, join=True)

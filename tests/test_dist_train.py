@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import save_char_model, write_jsonl
 from safetensors.torch import load_file
 
 import slimtune
+
+pytestmark = pytest.mark.processes
 
 SRC = Path(slimtune.__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -51,23 +53,6 @@ compute_dtype: float32
 # on a CPU with native bf16) differs with the micro-batch shapes.
 
 
-def _tiny_tokenizer():
-    """Characters as tokens: small, offline, and enough for a tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789 .,:-?!'":
-        vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>",
-    )  # fmt: skip
-
-
 def _completion_rows(n: int) -> list[dict]:
     rng = random.Random(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "from", "big", "dogs"]
@@ -81,13 +66,10 @@ def _completion_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dist_train")
-    tokenizer = _tiny_tokenizer()
-    model = make_tiny_llama(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    save_char_model(folder / "model", chars="abcdefghijklmnopqrstuvwxyz0123456789 .,:-?!'")
     # 16 rows: 2 epochs x 2 steps x 2 micro-batches x 4 rows, no incomplete batch.
     rows = _completion_rows(16)
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(folder / "data.jsonl", rows)
     (folder / "config.yaml").write_text(CONFIG.format(folder=folder))
     return folder
 

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import hf_greedy, make_peft_adapter, make_tiny_llama, save_tiny_model
 from oracles import assert_close_to_bnb
 from safetensors import safe_open
-from test_serve_support import make_peft_adapter, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimtune.cli import main
@@ -32,13 +31,6 @@ def _peft_reference(folder, adapter):
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
-def _greedy(model, n=10) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
-    return out[0, IDS.shape[1] :].tolist()
-
-
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits.float()
@@ -51,9 +43,11 @@ def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(base,
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     reference = _peft_reference(folder, adapter)
     torch.testing.assert_close(_logits(merged), _logits(reference), atol=1e-4, rtol=1e-4)
-    assert _greedy(merged) == _greedy(reference)
+    assert hf_greedy(merged, IDS, 10) == hf_greedy(reference, IDS, 10)
     base_model = AutoModelForCausalLM.from_pretrained(folder)
-    assert _greedy(base_model) != _greedy(merged)  # the adapter changed something
+    assert hf_greedy(base_model, IDS, 10) != hf_greedy(
+        merged, IDS, 10
+    )  # the adapter changed something
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp folder left

@@ -9,8 +9,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_serve_support import CHAT_TEMPLATE, make_peft_adapter
+from helpers import (
+    BPE_VOCAB,
+    CHAT_TEMPLATE,
+    hf_greedy,
+    make_bpe_tokenizer,
+    make_peft_adapter,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    save_tiny_model,
+    write_tiny_gguf,
+)
 
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
@@ -18,44 +27,20 @@ from slimtune.export import Survival, export_adapter_gguf, export_merged_gguf, g
 from slimtune.export.ollama import chat_pieces, modelfile_text
 from slimtune.export.to_gguf import load_gguf_model, merged_model
 
-VOCAB = 300
 TEXTS = ["What is the answer?", "the lazy dog\njumps  over 42 foxes.", "<|im_start|>user\nhi"]
-
-
-def make_bpe_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on a few sentences, with
-    ChatML special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(
-        ["the quick brown fox jumps over the lazy dog. What is 2+2?"] * 9, trainer
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base") / "tiny"
-    model = make_tiny_llama(vocab_size=VOCAB)
+    model = make_tiny_llama(vocab_size=BPE_VOCAB)
     tokenizer = make_bpe_tokenizer()
     model.config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    adapter = make_peft_adapter(make_tiny_llama(vocab_size=VOCAB), folder.parent / "lora", seed=5)
+    adapter = make_peft_adapter(
+        make_tiny_llama(vocab_size=BPE_VOCAB), folder.parent / "lora", seed=5
+    )
     merged, _, _, _ = merged_model(folder, adapter)
     return folder, adapter, merged
 
@@ -66,13 +51,6 @@ IDS = torch.tensor([[5, 40, 70, 6, 81, 69, 266, 79, 166, 7, 20, 33]])
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits.float()
-
-
-def _greedy(model, n: int = 12) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
-    return out[0, IDS.shape[1] :].tolist()
 
 
 def _fields(path) -> dict:
@@ -87,7 +65,7 @@ def test_float_gguf_reads_back_as_the_merged_model(base, tmp_path, qtype, atol, 
     assert result.merged_layers == 14 and result.files == {"model": tmp_path / "m.gguf"}
     loaded = load_gguf_model(tmp_path / "m.gguf")
     torch.testing.assert_close(_logits(loaded), _logits(merged), atol=atol, rtol=0)
-    assert _greedy(loaded) == _greedy(merged)
+    assert hf_greedy(loaded, IDS, 12) == hf_greedy(merged, IDS, 12)
     fields = _fields(tmp_path / "m.gguf")
     assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
     assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.block_count"] == 2
@@ -147,8 +125,6 @@ def test_tokenizer_and_chat_template_survive(base, tmp_path):
 
 
 def test_a_gguf_base_keeps_its_tokenizer_keys(tmp_path, monkeypatch, one_thread):
-    from test_models import write_tiny_gguf
-
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
     source = write_tiny_gguf(tmp_path / "base.gguf", make_tiny_llama(seed=2, vocab_size=32))
     adapter = make_peft_adapter(make_tiny_llama(vocab_size=32), tmp_path / "lora", seed=3)
@@ -195,8 +171,6 @@ def test_adapter_gguf_on_the_base_gguf_gives_the_merged_gguf(base, tmp_path):
 
 
 def test_rslora_scale_is_folded_into_lora_b(tmp_path):
-    from test_serve_support import save_tiny_model
-
     from slimtune.export.gguf import llama_permute
     from slimtune.lora import LoraConfig, inject_adapter, save_adapter
 
@@ -281,8 +255,6 @@ def test_cli_export_with_eval_rows(base, tmp_path, capsys, one_thread):
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
-    from conftest import make_tiny_gpt2
-
     from slimtune.export.gguf import write_gguf
 
     with pytest.raises(SlimtuneError, match="GGUF export supports model types llama, qwen2"):
@@ -297,7 +269,7 @@ def test_qwen2_gguf_reads_back(tmp_path, one_thread):
     from slimtune.export import write_gguf
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+    config = Qwen2Config(vocab_size=BPE_VOCAB, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
     model = Qwen2ForCausalLM(config).eval()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_bpe_tokenizer, make_peft_adapter, make_tiny_llama, save_tiny_model
 from oracles import assert_close_to_bnb
-from test_serve_support import make_peft_adapter, save_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -122,8 +121,6 @@ def test_gptq_q4_0_blocks_decode_with_gguf_and_beat_plain_rounding(one_thread):
 
 
 def test_q4_0_gguf_export_with_calibration(tmp_path, one_thread):
-    from test_export_gguf import make_bpe_tokenizer
-
     from slimtune.export import export_merged_gguf
     from slimtune.export.to_gguf import load_gguf_model, merged_model
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_tiny_gpt2, make_tiny_llama
 
 from slimtune.infer import KVCache, decode, lean_forward, supports
 from slimtune.infer.llama import Rotary, attention_mask
 from slimtune.quant import QuantConfig, quantize_model
 from slimtune.quant.inference import inference_4bit
-from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
 

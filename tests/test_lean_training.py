@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import make_tiny
 
 from slimtune.lora import LoraConfig, inject_adapter, lora_layers
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
@@ -62,8 +63,6 @@ def test_sparse_dropout_lora_is_the_dense_formula_with_its_mask():
 
 
 def _trained_pair(dropout: float, arch: str = "llama"):
-    from architectures import make_tiny
-
     torch.manual_seed(0)
     model = inject_adapter(make_tiny(arch), LoraConfig(r=4, alpha=8, dropout=dropout))
     for name, param in model.named_parameters():
@@ -127,7 +126,6 @@ def test_lean_mlp_leaves_gradient_checkpointing_alone():
 
 
 def test_lean_mlp_takes_only_activations_it_computes_exactly():
-    from architectures import make_tiny
     from transformers.activations import ACT2FN, GELUTanh, NewGELUActivation
 
     mlp = make_tiny("gemma3").model.layers[0].mlp

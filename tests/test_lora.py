@@ -8,7 +8,16 @@ import re
 import peft
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from helpers import (
+    PEFT_PREFIX,
+    copy_peft_weights,
+    ids,
+    lora_grads,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    peft_config,
+    twins,
+)
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora import (
@@ -35,55 +44,6 @@ MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
 # Small tensors: on one thread (see the one_thread fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-PEFT_PREFIX = "base_model.model."
-
-
-def ids(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def peft_config(config: LoraConfig, **extra) -> peft.LoraConfig:
-    return peft.LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=config.target_modules,
-        rank_pattern=config.rank_pattern,
-        alpha_pattern=config.alpha_pattern,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        **extra,
-    )
-
-
-def copy_peft_weights(peft_model, ours) -> int:
-    """Load PEFT's LoRA tensors into our model (same key names once PEFT's prefix is dropped)."""
-    state = {
-        k.removeprefix(PEFT_PREFIX): v for k, v in peft_model.state_dict().items() if "lora_" in k
-    }
-    result = ours.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys
-    return len(state)
-
-
-def twins(make, config: LoraConfig, **peft_extra):
-    """(PEFT model, our model) on the same base with the same, non-zero adapter weights."""
-    base = make()
-    extra = {"init_lora_weights": False, **peft_extra}  # B random: the adapter changes outputs
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(config, **extra))
-    ours = inject_adapter(copy.deepcopy(base), config)
-    assert copy_peft_weights(theirs, ours) > 0
-    return base, theirs, ours
-
-
-def lora_grads(model, strip: str = "") -> dict[str, torch.Tensor]:
-    return {
-        n.removeprefix(strip): p.grad
-        for n, p in model.named_parameters()
-        if p.requires_grad and p.grad is not None
-    }
 
 
 CASES = {

@@ -9,15 +9,16 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from conftest import make_tiny_llama
-from oracles import assert_close_to_bnb
-from test_lora import (
+from helpers import (
     PEFT_PREFIX,
+    bnb_quantize,
     copy_peft_weights,
     ids,
     lora_grads,
+    make_tiny_llama,
     peft_config,
 )
+from oracles import assert_close_to_bnb
 from torch import nn
 
 from slimtune.lora import (
@@ -34,31 +35,6 @@ from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, load_quanti
 
 # Small tensors: on one thread (see the one_thread fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def bnb_quantize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
-    """Every block Linear -> bitsandbytes Linear4bit (NF4, double quantization), quantized by
-    bitsandbytes on `device`."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                layer = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=torch.float32,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                layer.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(),
-                    requires_grad=False,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                setattr(module, name, layer.to(device))  # .to() quantizes
-    model.is_loaded_in_4bit = True  # what PEFT looks at to wrap bitsandbytes layers
-    return model
 
 
 def quantized_twins(config: LoraConfig):

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from slimtune.lora import (
     LoraConfig,

@@ -8,12 +8,8 @@ import json
 import peft
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from helpers import ids, make_tiny_gpt2, make_tiny_llama, twins
 from safetensors.torch import load_file, save_file
-from test_lora import (
-    ids,
-    twins,
-)
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraConfig, inject_adapter, load_adapter, save_adapter

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_llama
 
 from slimtune.cli import main as cli_main
 from slimtune.errors import SlimtuneError
@@ -78,8 +79,6 @@ def _write_gguf(path: Path, tied: bool) -> None:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_config_and_folder_sources_agree(tmp_path, tied):
-    from conftest import make_tiny_llama
-
     model = make_tiny_llama(tie_word_embeddings=tied)
     expected = sum(p.numel() for p in model.parameters())
     _write_gguf(tmp_path / "tiny.gguf", tied)
@@ -223,6 +222,7 @@ def test_cli_bad_model_exits_2(capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_prediction_within_15_percent_of_measured_peak_rss():
     """A tiny LoRA run with gradient checkpointing, measured in a fresh process (~15 s idle)."""
     script = ROOT / "benchmarks" / "bench_memory.py"

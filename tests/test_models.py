@@ -8,103 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import (
+    logits,
+    make_tiny_llama,
+    save_tiny_folder,
+    write_tiny_gguf,
+)
 
 from slimtune.errors import SlimtuneError
 from slimtune.models import cache_dir, default_model_file, gguf_cache, load_model
-
-WORDS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)]
-
-
-def make_tiny_tokenizer():
-    """A character-level tokenizer (29 tokens) with a chat template, for tiny model folders."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.pad_token = "</s>"
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
-    return tokenizer
-
-
-def save_tiny_folder(folder: Path, model=None) -> Path:
-    """A tiny LLaMA + tokenizer saved as an HF folder; returns the folder."""
-    model = model if model is not None else make_tiny_llama()
-    model.save_pretrained(folder)
-    make_tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def write_tiny_gguf(path: Path, model) -> Path:
-    """A float32 GGUF of a tiny LLaMA, with a byte-level BPE tokenizer and a chat template."""
-    import gguf
-    import numpy as np
-
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(10000.0)
-    tokens = [*WORDS, " ", ".", "ab"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_merges(["a b"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
-    gguf_names = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    for i in range(cfg.num_hidden_layers):
-        for ours, theirs in gguf_names.items():
-            names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
-    for key, tensor in model.state_dict().items():
-        value = tensor.numpy()
-        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-        for proj, n_head in heads.items():
-            if proj in key:  # llama.cpp stores q and k rows in its own rotary order
-                shape = value.shape
-                value = value.reshape(n_head, 2, shape[0] // n_head // 2, shape[1])
-                value = value.swapaxes(1, 2).reshape(shape)
-        writer.add_tensor(names[key], np.ascontiguousarray(value, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def logits(model, ids=None):
-    ids = ids if ids is not None else torch.arange(3, 20).unsqueeze(0)
-    with torch.no_grad():
-        return model(ids).logits
-
 
 # --- paths ---------------------------------------------------------------------------------
 

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from helpers import logits, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer, save_tiny_folder
 from oracles import assert_close_to_bnb
 from safetensors.torch import load_file, save_file
-from test_models import logits, make_tiny_tokenizer, save_tiny_folder
 from torch import nn
 
 from slimtune.cli import main

@@ -8,8 +8,7 @@ import copy
 import peft
 import pytest
 import torch
-from architectures import make_tiny
-from test_lora import ids
+from helpers import ids, make_tiny
 
 from slimtune.errors import SlimtuneError
 from slimtune.lora import (

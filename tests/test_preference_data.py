@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from test_data_tokenizer import make_tokenizer
+from helpers import make_tokenizer, write_jsonl
 
 from slimtune.data import IGNORE_INDEX, detect_format, load_dataset
 from slimtune.data.preference import load_preference_dataset, to_pair
@@ -38,7 +38,7 @@ def chat_rows() -> list[dict]:
 def write(path, rows):
     kind = path.suffix
     if kind == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(path, rows)
     elif kind == ".json":
         path.write_text(json.dumps(rows))
     elif kind == ".csv":

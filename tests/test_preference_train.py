@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama, peft_lora, tiny_config
 from safetensors.torch import load_file
 
 from slimtune.train import TrainConfig, TrainData, train
@@ -61,29 +61,10 @@ def sft_rows(n: int, seed: int) -> list[dict]:
 
 
 def config(output, **overrides) -> TrainConfig:
-    settings = dict(
-        output=str(output),
-        rank=8,
-        alpha=16,
-        dropout=0.0,
-        lr=1e-2,
-        epochs=2,
-        batch_size=8,
-        grad_accum=1,
-        max_grad_norm=1.0,
-        warmup_steps=0,
-        seed=0,
-        method="lora",
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def with_adapter(base, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    """tiny_config for preference runs: no dropout, full batches of 8, a constant rate."""
+    settings = dict(dropout=0.0, epochs=2, batch_size=8, grad_accum=1, warmup_steps=0,
+                    lr_scheduler="constant", method="lora")  # fmt: skip
+    return tiny_config(output, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +117,7 @@ def test_preference_tuning_turns_a_biased_base_around(tmp_path, biased_base, obj
     assert greedy_share(biased_base, prompts, CHOSEN_KIND) <= 0.25
     data = TrainData(train=copy.deepcopy(TRAIN), eval=copy.deepcopy(EVAL), pad_token_id=PAD)
     settings = dict(objective=objective, beta=0.25, lr=2e-2, epochs=3)
-    model = with_adapter(copy.deepcopy(biased_base))
+    model = peft_lora(copy.deepcopy(biased_base))
     result = train(config(tmp_path, **settings), model=model, data=data, progress=False)
 
     first, last = result.evals[0], result.evals[-1]
@@ -165,7 +146,7 @@ def test_dpo_resume_from_a_middle_checkpoint_is_exact(tmp_path, biased_base):
     settings = dict(objective="dpo", epochs=2, dropout=0.1, save_every=4, keep_checkpoints=10)
     train(
         config(whole, **settings),
-        model=with_adapter(copy.deepcopy(biased_base)),
+        model=peft_lora(copy.deepcopy(biased_base)),
         data=TrainData(train=copy.deepcopy(TRAIN), pad_token_id=PAD),
         progress=False,
     )
@@ -175,7 +156,7 @@ def test_dpo_resume_from_a_middle_checkpoint_is_exact(tmp_path, biased_base):
     # checkpoint and the base.
     train(
         config(resumed, **settings),
-        model=with_adapter(copy.deepcopy(biased_base), seed=5),
+        model=peft_lora(copy.deepcopy(biased_base), seed=5),
         data=TrainData(train=copy.deepcopy(TRAIN), pad_token_id=PAD),
         progress=False,
     )

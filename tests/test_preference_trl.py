@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_data_tokenizer import make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 
 from slimtune.train.preference import (
     PreferenceObjective,

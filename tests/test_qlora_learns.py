@@ -4,12 +4,10 @@ JSONL file, evaluated by generation. No PEFT, no bitsandbytes in the loop."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
-from conftest import make_tiny_llama
-from test_serve_support import make_char_tokenizer
+from helpers import make_char_tokenizer, make_tiny_llama, write_jsonl
 
 from slimtune.lora import LoraLinear
 from slimtune.lora import layer as lora_layer
@@ -43,11 +41,6 @@ def save_plain_model(folder):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_qlora_with_sparse_dropout_learns_a_task(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from oracles import assert_close_to_bnb
 from torch import nn
 

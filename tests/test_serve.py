@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import make_tiny_llama
-from test_serve_support import make_char_tokenizer, make_peft_adapter
+from helpers import make_char_tokenizer, make_peft_adapter, make_tiny_llama
 
 from slimtune.serve import AdapterRegistry, Engine, GenerationRequest, create_app
 from slimtune.serve.server import BackgroundServer

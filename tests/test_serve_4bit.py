@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import contextlib
 
-from conftest import make_tiny_llama
-from test_serve_engine import ADAPTERS, PROMPTS, _request
-from test_serve_support import make_char_tokenizer, make_peft_adapter
+from helpers import (
+    ADAPTERS,
+    PROMPTS,
+    generation_request,
+    make_char_tokenizer,
+    make_peft_adapter,
+    make_tiny_llama,
+)
 
 from slimtune.infer import decoded_weights, inference_context
 from slimtune.quant import Linear4bit, QuantConfig, quantize_model
@@ -35,12 +40,14 @@ def test_4bit_engine_mixed_batches_equal_alone_and_decoded_float(tmp_path, one_t
         engine, tokenizer, model = _engine(adapters, four_bit)
         try:
             alone = [  # the float engine's batch is compared with the 4-bit one's instead
-                engine.submit(_request(tokenizer, p, a, max_tokens=4)).result(120).token_ids
+                engine.submit(generation_request(tokenizer, p, a, max_tokens=4))
+                .result(120)
+                .token_ids
                 for p, a in zip(PROMPTS, ADAPTERS, strict=True)
                 if four_bit
             ]
             requests = [
-                _request(tokenizer, p, a, max_tokens=4)
+                generation_request(tokenizer, p, a, max_tokens=4)
                 for p, a in zip(PROMPTS, ADAPTERS, strict=True)
             ]
             for request in requests:

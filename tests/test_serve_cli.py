@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import httpx
 import openai
-from conftest import make_tiny_llama
-from test_serve_support import make_peft_adapter, save_tiny_model
+from helpers import make_peft_adapter, make_tiny_llama, save_tiny_model
 
 import slimtune.serve.server
 from slimtune.cli import main

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_serve_support import make_char_tokenizer, make_peft_adapter
+from helpers import (
+    ADAPTERS,
+    PROMPTS,
+    generation_request,
+    make_char_tokenizer,
+    make_peft_adapter,
+    make_tiny_llama,
+)
 
-from slimtune.serve import Engine, GenerationRequest, QueueFull
+from slimtune.serve import Engine, QueueFull
 from slimtune.serve.text import TextStream
-
-PROMPTS = ["Hello", "A much longer prompt, with commas", "x", "What is 2+2?", "ok", "zz top"]
-ADAPTERS = [None, "a", "b", "a", None, "b"]
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +45,19 @@ def engine(tokenizer, adapters):
     engine.stop()
 
 
-def _request(tokenizer, prompt, adapter, **kwargs) -> GenerationRequest:
-    kwargs.setdefault("max_tokens", 8)
-    return GenerationRequest(tokenizer(prompt)["input_ids"], adapter, **kwargs)
-
-
 def _run_alone(engine, tokenizer, **kwargs) -> list[list[int]]:
     out = []
     for prompt, adapter in zip(PROMPTS, ADAPTERS, strict=True):
-        finish = engine.submit(_request(tokenizer, prompt, adapter, **kwargs)).result(120)
+        finish = engine.submit(generation_request(tokenizer, prompt, adapter, **kwargs)).result(120)
         out.append(finish.token_ids)
     return out
 
 
 def _run_together(engine, tokenizer, **kwargs) -> list[list[int]]:
-    requests = [_request(tokenizer, p, a, **kwargs) for p, a in zip(PROMPTS, ADAPTERS, strict=True)]
+    requests = [
+        generation_request(tokenizer, p, a, **kwargs)
+        for p, a in zip(PROMPTS, ADAPTERS, strict=True)
+    ]
     # Queued while the engine cannot take any: they meet in one prefill however slowly this
     # thread runs (the engine's condition is re-entrant, so submit() takes it again here).
     with engine._cond:
@@ -75,7 +76,7 @@ def test_mixed_adapter_batch_gives_the_tokens_of_each_request_alone(engine, toke
     assert engine.steps - steps <= 12
     # The adapters matter: the same prompt gives different tokens on base, a and b.
     outs = [
-        engine.submit(_request(tokenizer, "Hello", n)).result(120).token_ids
+        engine.submit(generation_request(tokenizer, "Hello", n)).result(120).token_ids
         for n in (None, "a", "b")
     ]
     assert outs[0] != outs[1] and outs[1] != outs[2] and outs[0] != outs[2]
@@ -87,11 +88,13 @@ def test_requests_joining_a_running_batch_match_alone(engine, tokenizer):
     alone = []
     for (prompt, adapter), kw in zip(zip(PROMPTS, ADAPTERS, strict=True), kwargs, strict=True):
         alone.append(
-            engine.submit(_request(tokenizer, prompt, adapter, **kw)).result(120).token_ids
+            engine.submit(generation_request(tokenizer, prompt, adapter, **kw))
+            .result(120)
+            .token_ids
         )
     requests = []
     for (prompt, adapter), kw in zip(zip(PROMPTS, ADAPTERS, strict=True), kwargs, strict=True):
-        requests.append(engine.submit(_request(tokenizer, prompt, adapter, **kw)))
+        requests.append(engine.submit(generation_request(tokenizer, prompt, adapter, **kw)))
     assert [r.result(120).token_ids for r in requests] == alone
 
 
@@ -106,7 +109,7 @@ def test_greedy_tokens_match_peft(adapters, engine, tokenizer):
             eos_token_id=None, pad_token_id=0,
         )  # fmt: skip
     expected = out[0, ids.shape[1] :].tolist()
-    got = engine.submit(_request(tokenizer, PROMPTS[1], "b")).result(120).token_ids
+    got = engine.submit(generation_request(tokenizer, PROMPTS[1], "b")).result(120).token_ids
     assert got == expected
 
 
@@ -124,10 +127,10 @@ def test_one_adapter_at_a_time_gives_the_same_tokens_in_more_steps(tokenizer, ad
 
 def test_full_queue_is_refused_and_stop_cancels(tokenizer):
     engine = Engine(make_tiny_llama(), tokenizer, max_queue=2)  # not started: nothing drains
-    first = engine.submit(_request(tokenizer, "a", None))
-    engine.submit(_request(tokenizer, "b", None))
+    first = engine.submit(generation_request(tokenizer, "a", None))
+    engine.submit(generation_request(tokenizer, "b", None))
     with pytest.raises(QueueFull):
-        engine.submit(_request(tokenizer, "c", None))
+        engine.submit(generation_request(tokenizer, "c", None))
     first.cancel()
     engine.start()
     assert first.result(60).reason == "cancelled"
@@ -136,7 +139,9 @@ def test_full_queue_is_refused_and_stop_cancels(tokenizer):
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(engine, tokenizer):
     def run(**kw):
-        return engine.submit(_request(tokenizer, "Hello", "a", max_tokens=12, **kw)).result(120)
+        return engine.submit(
+            generation_request(tokenizer, "Hello", "a", max_tokens=12, **kw)
+        ).result(120)
 
     greedy = run(temperature=0.0).token_ids
     sampled = [run(temperature=1.5, seed=s).token_ids for s in (7, 7, 8)]
@@ -148,7 +153,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(engine, tokenizer):
 def test_unload_waits_for_running_requests(tokenizer, adapters):
     engine = make_engine(tokenizer, adapters, max_batch_size=4)
     try:
-        request = engine.submit(_request(tokenizer, "Hello", "a", max_tokens=20))
+        request = engine.submit(generation_request(tokenizer, "Hello", "a", max_tokens=20))
         engine.unload_adapter("a")
         assert request.result(120).reason == "length"
         engine.call(lambda: None).result(60)  # one more turn of the loop
@@ -169,8 +174,8 @@ def test_text_stream_cuts_at_stop_strings_and_holds_back_partial_matches(tokeniz
 
 
 def test_a_request_for_an_unloaded_adapter_fails_alone(engine, tokenizer):
-    bad = _request(tokenizer, "Hello", "gone")
-    good = _request(tokenizer, "Hello", "a")
+    bad = generation_request(tokenizer, "Hello", "gone")
+    good = generation_request(tokenizer, "Hello", "a")
     engine.submit(bad)
     engine.submit(good)
     assert bad.result(120).reason == "error" and "not loaded" in bad.result().error
@@ -180,13 +185,17 @@ def test_a_request_for_an_unloaded_adapter_fails_alone(engine, tokenizer):
 def test_eos_ends_a_request_unless_ignore_eos(tokenizer, adapters):
     engine = make_engine(tokenizer, {}, max_batch_size=2)
     try:
-        greedy = engine.submit(_request(tokenizer, "Hello", None, max_tokens=6)).result(120)
+        greedy = engine.submit(generation_request(tokenizer, "Hello", None, max_tokens=6)).result(
+            120
+        )
         ids = greedy.token_ids
         k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
         engine.eos_ids = {ids[k]}  # pretend this token is EOS
-        stopped = engine.submit(_request(tokenizer, "Hello", None, max_tokens=6)).result(120)
+        stopped = engine.submit(generation_request(tokenizer, "Hello", None, max_tokens=6)).result(
+            120
+        )
         assert stopped.reason == "stop" and stopped.token_ids == ids[:k]
-        kept = _request(tokenizer, "Hello", None, max_tokens=6, ignore_eos=True)
+        kept = generation_request(tokenizer, "Hello", None, max_tokens=6, ignore_eos=True)
         assert engine.submit(kept).result(120).token_ids == greedy.token_ids
     finally:
         engine.stop()

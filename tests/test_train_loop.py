@@ -12,62 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama, task_data, tiny_config, tiny_lora_model
 from safetensors.torch import load_file
 
-from slimtune.train import TrainConfig, TrainData, TrainingDiverged, train
-
-ANSWER = [17, 42, 99, 5, 64, 23]
-
+from slimtune.train import TrainingDiverged, train
 
 # Small tensors: on one thread (see the one_thread fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def task_rows(n: int, seed: int = 0) -> list[dict]:
-    """A random prompt of 2-5 tokens (masked) and then always the same six-token answer: a task
-    a rank-8 adapter learns in a few steps, from ~ln(128) = 4.85 nats per token to near 0."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt = torch.randint(
-            3, 128, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g
-        ).tolist()
-        rows.append({"input_ids": prompt + ANSWER, "labels": [-100] * len(prompt) + ANSWER})
-    return rows
-
-
-def tiny_lora_model(seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
-    # A larger init than the default 0.02: with it, the frozen random output layer can give
-    # confident logits at all (else the loss cannot fall much below ~3.5 whatever LoRA does).
-    model = make_tiny_llama(initializer_range=0.3)
-    torch.manual_seed(seed)  # the adapter's init
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
-    return get_peft_model(model, config)
-
-
-def tiny_config(output, **overrides) -> TrainConfig:
-    settings = dict(
-        output=str(output),
-        rank=8,
-        alpha=16,
-        dropout=0.1,
-        lr=1e-2,
-        epochs=3,
-        batch_size=4,
-        grad_accum=2,
-        max_grad_norm=1.0,
-        warmup_steps=2,
-        lr_scheduler="cosine",
-        seed=0,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-DATA = TrainData(train=task_rows(48), eval=task_rows(8, seed=1))
+DATA = task_data()
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +109,7 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, sys, time, torch
     sys.path[:0] = {paths!r}
-    from test_train_loop import DATA, tiny_config, tiny_lora_model
+    from helpers import task_data, tiny_config, tiny_lora_model
     from slimtune.train import train
     torch.set_num_threads(1)
     model = tiny_lora_model()
@@ -169,7 +122,7 @@ KILLED_RUN = textwrap.dedent(
                 time.sleep(3600)
         model.get_base_model().model.norm.register_forward_hook(hang)
     train(tiny_config(sys.argv[1], epochs=2, save_every=1, keep_checkpoints=3, resume={resume}),
-          model=model, data=DATA, progress=False)
+          model=model, data=task_data(), progress=False)
     """
 )
 
@@ -181,6 +134,7 @@ def _script(tmp_path, hold: bool, resume: bool) -> Path:
     return script
 
 
+@pytest.mark.processes
 def test_resume_after_sigkill_is_exact(tmp_path):
     reference = tmp_path / "reference"
     train(tiny_config(reference, epochs=2), model=tiny_lora_model(), data=DATA, progress=False)

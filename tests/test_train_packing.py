@@ -1,7 +1,7 @@
 """Packed training batches give the loss of the same rows trained one by one."""
 
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 from slimtune.data import Collator, pack
 from slimtune.train.forward import count_trained_tokens, summed_loss

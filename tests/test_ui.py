@@ -8,6 +8,7 @@ import sys
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from helpers import write_jsonl
 
 from slimtune.errors import SlimtuneError
 from slimtune.ui import Allowed, OutsideAllowed, create_app
@@ -18,11 +19,6 @@ POST = {"X-Slimtune-UI": "1"}
 
 def client(root, **kwargs) -> TestClient:
     return TestClient(create_app(Allowed([root]), **kwargs), base_url="http://127.0.0.1")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # ------------------------------------------------------------------------------ allowed folders

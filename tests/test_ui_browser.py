@@ -4,23 +4,21 @@ tiny run from the page, watch its progress and loss curve move, stop and resume 
 import json
 import re
 
+import pytest
 import torch
-from conftest import make_tiny_llama
-from test_cli_train import char_tokenizer, sums
-from ui_browser import CHART_LINE_PIXELS, browser_page, served
+from helpers import CHART_LINE_PIXELS, browser_page, save_char_model, served, sums, write_jsonl
+
+pytestmark = pytest.mark.browser
 
 
 def test_train_watch_and_ask_from_the_browser(tmp_path):
     model_dir = tmp_path / "models" / "tiny"
-    make_tiny_llama(
-        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
-    ).save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
+    save_char_model(model_dir, initializer_range=0.3)
     data = tmp_path / "data"
     data.mkdir()
     rows = sums(49)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:]))
+    write_jsonl(data / "train.jsonl", rows[:40])
+    write_jsonl(data / "test.jsonl", rows[40:])
 
     with served(tmp_path) as url, browser_page() as page:
         page.set_default_timeout(20_000)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ui_browser import CHART_LINE_PIXELS, browser_page, served
+from helpers import CHART_LINE_PIXELS, browser_page, served
 
 from slimtune.data import demo_data_path
 

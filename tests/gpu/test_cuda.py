@@ -14,10 +14,8 @@ import copy
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import bnb_quantize, make_tiny_llama, task_data, tiny_config
 from safetensors.torch import load_file
-from test_lora_4bit import bnb_quantize
-from test_train_loop import DATA, tiny_config
 
 from slimtune.lora import LoraConfig, inject_adapter
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
@@ -295,7 +293,7 @@ def _config(output, **overrides):
 def test_qlora_training_on_cuda_learns_and_resumes_exactly(tmp_path):
     from slimtune.train import train
 
-    data = DATA
+    data = task_data()
     model = _qlora_model()
     result = train(
         _config(tmp_path / "whole", save_every=4, keep_checkpoints=10),

@@ -24,7 +24,7 @@ def gaussian_(A: torch.Tensor, r: int) -> None:
 
 def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD. On CPU it runs on one thread: LAPACK's threaded SVD is many times slower when
-    the cores are busy (1536x576 on the shared 2-core box: 0.5 s on 1 thread, 2.9-5 s on 2)."""
+    the cores are busy (benchmarks/reports/lora.md)."""
     if M.device.type != "cpu":
         return torch.linalg.svd(M, full_matrices=False)
     threads = torch.get_num_threads()

@@ -8,6 +8,8 @@ our state dict maps one-to-one onto PEFT's adapter files. A and B stay float32 w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,40 +143,66 @@ class LoraLinear(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        """h = base(x) + scaling * B(A(dropout(x))), summed over the live adapters. The plain path
+        ends the loop; the fast paths (below) compute the same sum."""
+        h = self.base_layer(x)
         if self.disabled:
-            return result
-        if self.sample_groups is not None:
-            return self._forward_per_sample(x, result)
-        if self.shared is not None and fused.fusable(self):
-            return self.shared.add(self, x, result)  # one A product for q/k/v (or gate/up)
+            return h
+        if self.sample_groups is not None:  # fast path: per-sample adapters
+            return self._forward_per_sample(x, h)
+        if self.shared is not None and fused.fusable(self):  # fast path: shared-input products
+            return self.shared.add(self, x, h)
         for name in self._live:
-            result = self._add_adapter(name, x, result)
-        return result
+            if (fast := self._fast_path(name, x, h)) is not None:  # DoRA, bf16, sparse dropout
+                h = fast(name, x, h)
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            x_in, _ = self._lora_input(name, x, A.dtype)  # dropout(x)
+            h = _fused_addmm(h, F.linear(x_in, A), B, self.scaling[name])  # h + s * B(A(x_in))
+        return h
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result + what adapter `name` adds. Plain LoRA: one addmm does the second matmul, the
-        scaling and the add (no separate pass over the wide output)."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    # ---------------------------------------------------------------- fast paths
+    #
+    # Each computes the plain sum (PEFT's, within float rounding) with less memory traffic or
+    # fewer matmuls; tests/test_lora*.py hold each against PEFT.
+    # - fused addmm (_fused_addmm, in the plain path too): the add and the scaling ride on B's
+    #   matmul, one pass over the wide output instead of three.
+    # - shared-input products (lora/fused.py, `self.shared`): q/k/v (gate/up) adapters read one
+    #   input; their A matrices are stacked into one matmul.
+    # - per-sample adapters (_forward_per_sample): each batch row its own adapter (serving).
+    # - DoRA (_add_dora): reuses the base output instead of a second matmul by the weight.
+    # - low-precision base (_add_low_precision): a bfloat16/float16 base, the adapter in float32.
+    # - sparse dropout (_add_sparse_dropout): drops positions drawn sparsely, keeps no dropped
+    #   copy of x (lora/sparse_dropout.py).
+
+    def _fast_path(self, name: str, x: torch.Tensor, h: torch.Tensor) -> Callable | None:
+        """The method that adds adapter `name` to `h` in place of the plain path, or None."""
         if name in self.lora_magnitude_vector:
-            return result + self._delta(name, x, result)
-        if result.dtype != A.dtype:  # a bfloat16/float16 base: A(x) in float32, B in its dtype
-            p = fused.dropout_p(self, name)
-            low = fused.down_products(x, [A], [p], sparse=self.sparse_dropout)
-            return fused.add_up(result, low, B, self.scaling[name])
+            return self._add_dora
+        A = self.lora_A[name].weight
+        if h.dtype != A.dtype:
+            return self._add_low_precision
         dropout = self.lora_dropout[name]
         # On a GPU dropout's own kernel is fast and the positions would have to be copied over.
         sparse = self.sparse_dropout and self.training and x.dtype == A.dtype and not x.is_cuda
         if sparse and isinstance(dropout, nn.Dropout) and 0 < dropout.p < 1:
-            return SparseDropoutLora.apply(result, x, A, B, self.scaling[name], dropout.p)
-        low = F.linear(self._lora_input(name, x, A.dtype)[0], A)
-        out = torch.addmm(
-            result.reshape(-1, B.shape[0]),
-            low.reshape(-1, B.shape[1]),
-            B.t(),
-            alpha=self.scaling[name],
-        )
-        return out.view(result.shape)
+            return self._add_sparse_dropout
+        return None
+
+    def _add_dora(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + self._delta(name, x, h)
+
+    def _add_low_precision(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """A bfloat16/float16 base: A(x) in float32, B in the base's dtype."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        p = fused.dropout_p(self, name)
+        low = fused.down_products(x, [A], [p], sparse=self.sparse_dropout)
+        return fused.add_up(h, low, B, self.scaling[name])
+
+    def _add_sparse_dropout(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        p = self.lora_dropout[name].p
+        return SparseDropoutLora.apply(h, x, A, B, self.scaling[name], p)
 
     def _delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base output `result` for input `x`."""
@@ -303,6 +331,14 @@ def set_sparse_dropout(model: nn.Module, enabled: bool) -> int:
     for layer in layers:
         layer.sparse_dropout = enabled
     return len(layers)
+
+
+def _fused_addmm(
+    h: torch.Tensor, low: torch.Tensor, B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """h + scaling * low @ B.T in one addmm (low: [.., r]), the shape of h."""
+    out = torch.addmm(h.reshape(-1, B.shape[0]), low.reshape(-1, B.shape[1]), B.t(), alpha=scaling)
+    return out.view(h.shape)
 
 
 def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The adapter branch with dropout, result + scaling * B(A(dropout(x))), as one autograd function.
 
-nn.Dropout draws a random number for every input value (7 ns each on our CPU: a sixth of a
-QLoRA training step for SmolLM2) and autograd keeps both the mask and a dropped copy of the input
-for the backward pass (the largest share of the activations). Here:
+nn.Dropout draws a random number for every input value (a sizeable share of a CPU QLoRA step)
+and autograd keeps both the mask and a dropped copy of the input for the backward pass (the
+largest share of the activations). Here:
 
 - the dropped positions are drawn as gaps between drops (Geometric(p)), which is the same i.i.d.
   Bernoulli(p) process but needs ~p x numel draws instead of numel;

@@ -118,8 +118,8 @@ def _logits_buffers(lm_head: nn.Module, h: Tensor, weight: Tensor, chunk: int) -
     """(chunk, float32 logits buffer, buffer in the head's dtype): the (chunk x vocabulary)
     buffers every chunk reuses, the second only for a bfloat16/float16 head (its product before
     widening, its softmax narrowed again for the gradient). On the CPU they are kept on the
-    layer between calls: fresh ones cost their page faults again each step (~45 ms per 50 MB on
-    SmolLM2). `release_loss_buffers` drops them."""
+    layer between calls: fresh ones cost their page faults again each step.
+    `release_loss_buffers` drops them."""
     if h.device.type != "cpu":
         return chunk, None, None
     rows, vocab = min(chunk, h.shape[0]), weight.shape[0]

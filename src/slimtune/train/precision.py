@@ -7,15 +7,15 @@ What torch.autocast does for linear layers, set up once on the model instead of 
   are stored in it and multiply in it. Each takes its input to the compute dtype and gives its
   output back in the input's dtype;
 - a frozen output layer multiplies in it too, giving float32 logits to the loss (the chunked
-  loss of `slimtune.train.loss` reads its `compute_dtype`): on SmolLM2 that product is a
-  quarter of a float32 QLoRA step;
+  loss of `slimtune.train.loss` reads its `compute_dtype`): on a small model such as SmolLM2
+  that product is a large share of a float32 QLoRA step;
 - everything else stays float32: the residual stream, norms, attention, the loss (softmax
   included), and the adapter: LoRA A and B are the master weights the optimizer updates (its
   state follows them), multiplied in float32.
 
-Measured on SmolLM2 (benchmarks/reports/train.md): a bfloat16 residual stream (the whole frozen
-model cast) moved the loss of the untrained model by 0.5%; bfloat16 matmuls with a float32
-stream by 0.003%. Buffers are never touched.
+On SmolLM2 a bfloat16 residual stream (the whole frozen model cast) moved the loss of the
+untrained model over a hundred times more than bfloat16 matmuls with a float32 stream
+(benchmarks/reports/train.md). Buffers are never touched.
 """
 
 from __future__ import annotations
