@@ -211,7 +211,7 @@ def test_sparse_dropout_has_peft_dropouts_expectation_and_drop_counts():
 
 @pytest.mark.parametrize("on", [True, False], ids=["default", "switched-off"])
 def test_train_applies_both_as_its_config_says(tmp_path, on):
-    from architectures import make_tiny
+    from helpers import make_tiny
 
     from slimtune.train import TrainConfig, TrainData, train
 
