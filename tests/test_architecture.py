@@ -46,9 +46,8 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
     for node in nodes:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("slimtune.")}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.startswith("slimtune."):
-                found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slimtune."):
+            found.add(node.module)
     return found
 
 
