@@ -204,6 +204,15 @@ def test_a_frozen_float32_head_multiplies_in_the_compute_dtype():
         again,
         nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)),
     )
+    # Evaluation scores in float32 whatever dtype training runs in.
+    from slimtune.train.precision import float32_compute
+
+    exact = nn.functional.cross_entropy(
+        (hidden.detach() @ head.weight.t())[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)
+    )
+    with float32_compute(model):
+        torch.testing.assert_close(causal_lm_loss(hidden.detach(), head, labels), exact)
+    assert head.compute_dtype == torch.bfloat16
     # Back in float32: the exact float32 loss again, and nothing kept for bf16.
     cast_frozen(model, torch.float32)
     assert not hasattr(head, "_slimtune_cast_weight")

@@ -85,9 +85,13 @@ def _frozen_output_layer(model: nn.Module) -> nn.Module | None:
 
 @contextlib.contextmanager
 def float32_compute(model: nn.Module) -> Iterator[None]:
-    """4-bit layers compute in float32 inside the block (evaluation decodes them into float32
-    copies that take the float32 hidden states as they are), and go back after."""
+    """4-bit layers and the output layer compute in float32 inside the block (evaluation decodes
+    the 4-bit layers into float32 copies that take the float32 hidden states as they are, and
+    scores in float32 whatever dtype training ran in), and go back after."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    head = _frozen_output_layer(model)
+    if head is not None and hasattr(head, "compute_dtype"):
+        layers.append(head)
     before = [m.compute_dtype for m in layers]
     for layer in layers:
         layer.compute_dtype = torch.float32
