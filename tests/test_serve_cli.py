@@ -46,3 +46,25 @@ def test_serve_command_rejects_bad_flags(tmp_path, capsys):
     assert "adapter_config.json" in capsys.readouterr().err
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size" in capsys.readouterr().err
+
+
+def test_serve_command_takes_a_chat_template(tmp_path, monkeypatch, capsys):
+    model = save_tiny_model(tmp_path / "tiny")  # a tokenizer without a chat template
+    seen = {}
+
+    def serve_and_chat(app, host, port):
+        seen["template"] = app.state.engine.tokenizer.chat_template
+        with slimtune.serve.server.BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+            out = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+            )
+            seen["finish"] = out.choices[0].finish_reason
+
+    monkeypatch.setattr(slimtune.serve.server, "serve_forever", serve_and_chat)
+    assert main(["serve", "--model", str(model), "--chat-template", "chatml"]) == 0
+    assert "<|im_start|>" in seen["template"] and seen["finish"] in ("stop", "length")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for %}")
+    assert main(["serve", "--model", str(model), "--chat-template", str(bad)]) == 2
+    assert "bad.jinja:1: not a valid Jinja template" in capsys.readouterr().err

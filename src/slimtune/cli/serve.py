@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not mix adapters in a batch (a baseline for benchmarks)",
     )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="chatml, llama3, gemma or a Jinja file for /v1/chat/completions (default: the "
+        "model's own)",
+    )
     add_inference_arguments(parser, quant=False)
 
 
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         mixed_batches=not args.one_adapter_per_batch,
+        chat_template=args.chat_template,
     )
     names = ", ".join([registry.base_name, *registry.names()])
     print(f"serving {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

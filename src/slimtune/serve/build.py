@@ -8,6 +8,7 @@ from pathlib import Path
 from slimtune.errors import SlimtuneError
 from slimtune.infer import decoded_weights, inference_context
 from slimtune.models import load_model
+from slimtune.models.chat_templates import set_chat_template
 from slimtune.quant import QuantConfig
 from slimtune.serve.adapters import AdapterRegistry, check_name
 from slimtune.serve.engine import Engine
@@ -31,16 +32,19 @@ def build_engine(
     base_name: str | None = None,
     four_bit: bool = True,
     compute_dtype=None,
+    chat_template: str | Path | None = None,
     **engine_options,
 ) -> tuple[Engine, AdapterRegistry]:
     """A started Engine with `adapters` loaded, and the registry of the names clients use.
 
     A 4-bit base (`qlora`, or a 4-bit model folder) computes from its packed codes for the
-    engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead."""
+    engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead.
+    `chat_template` (a built-in name or a Jinja file) replaces the model's own for chat requests."""
     quant = None
     if qlora:
         quant = QuantConfig() if compute_dtype is None else QuantConfig(compute_dtype=compute_dtype)
     network, tokenizer = load_model(model, quant=quant)
+    set_chat_template(tokenizer, chat_template)  # before anything starts: a bad file fails here
     stack = contextlib.ExitStack()
     if four_bit:
         stack.enter_context(inference_context(network, True, compute_dtype))
