@@ -164,3 +164,35 @@ def test_resume_under_torchrun_with_dropout_is_exact(workdir):
     resumed, uninterrupted = _adapter(killed), _adapter(unbroken)
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def _preference_rows(n: int) -> list[dict]:
+    rng = random.Random(1)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far", "from", "big", "dogs"]
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5))) + " ?"
+        rows.append({"prompt": prompt, "chosen": " yes " + rng.choice(words), "rejected": " no"})
+    return rows
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_tuning_two_processes_match_one(workdir, objective):
+    """DPO (reference log-probs from the base with the adapter off, on each rank for its own
+    pairs) and ORPO under torchrun: the same curve and adapter as one process, twice the batch."""
+    write_jsonl(workdir / "pairs.jsonl", _preference_rows(16))
+    flags = [f"--data={workdir / 'pairs.jsonl'}", f"--objective={objective}", "--lr=0.003"]
+    _train(workdir, 1, f"{objective}-one", "--batch-size=4", *flags)
+    _train(workdir, 2, f"{objective}-two", "--batch-size=2", *flags)
+    one, two = _losses(workdir / f"{objective}-one"), _losses(workdir / f"{objective}-two")
+    steps_one = [r for r in one if "loss" in r]
+    steps_two = [r for r in two if "loss" in r]
+    assert [r["step"] for r in steps_two] == [1, 2, 3, 4] == [r["step"] for r in steps_one]
+    for a, b in zip(steps_one, steps_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
+    adapter_one = _adapter(workdir / f"{objective}-one")
+    adapter_two = _adapter(workdir / f"{objective}-two")
+    assert adapter_one.keys() == adapter_two.keys() and adapter_one
+    for name, tensor in adapter_one.items():
+        torch.testing.assert_close(adapter_two[name], tensor, rtol=1e-3, atol=1e-4)
