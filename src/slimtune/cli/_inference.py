@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-# slimtune.train.generation.QUANT_CHOICES (not imported: `slimtune --help` stays light)
-QUANT_CHOICES = ("auto", "nf4", "fp4", "int4", "none")
+from slimtune.choices import AUTO, COMPUTE_DTYPES, INFERENCE_QUANTS
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True) -> None:
     if quant:
         parser.add_argument(
             "--quant",
-            choices=QUANT_CHOICES,
+            choices=INFERENCE_QUANTS,
             default="auto",
             help="hold the base in 4 bits (auto: as the adapter was trained; none: float)",
         )
@@ -25,7 +24,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True)
     parser.add_argument(
         "--compute-dtype",
         default="float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=(AUTO, *COMPUTE_DTYPES),
         help="dtype of the matmuls (auto: bfloat16 where the hardware multiplies it natively)",
     )
 

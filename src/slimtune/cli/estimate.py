@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimtune.choices import COMPUTE_DTYPES, METHODS, OBJECTIVES, OPTIMIZERS
+
 HELP = "predict the memory of a training run (weights, adapters, optimizer, activations)"
 
 
@@ -14,10 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(see --list); default: the default model, smollm2-135m")  # fmt: skip
     parser.add_argument("--model", help="same as MODEL")
     parser.add_argument("--list", action="store_true", help="list the built-in model names")
-    parser.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    parser.add_argument("--method", choices=METHODS, default="qlora")
     parser.add_argument(
         "--objective",
-        choices=["sft", "dpo", "orpo"],
+        choices=OBJECTIVES,
         default="sft",
         help="dpo / orpo: --batch-size counts preference pairs",
     )
@@ -30,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         default=False)  # fmt: skip
     parser.add_argument("--optimizer", default="adamw",
-                        choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"])  # fmt: skip
-    dtypes = ["float32", "bfloat16", "float16"]
+                        choices=OPTIMIZERS)  # fmt: skip
+    dtypes = COMPUTE_DTYPES
     parser.add_argument("--weight-dtype", choices=dtypes, default="float32",
                         help="dtype of the weights that are not quantized")  # fmt: skip
     parser.add_argument("--adapter-dtype", choices=dtypes, default="float32",

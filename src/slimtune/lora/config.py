@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimtune.choices import LORA_INITS
 from slimtune.errors import SlimtuneError
-
-INITS = ("kaiming", "gaussian", "pissa", "loftq")
 
 
 @dataclass
@@ -45,9 +44,9 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", rank)
         if not 0.0 <= self.dropout < 1.0:
             raise SlimtuneError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout}")
-        if self.init not in INITS:
+        if self.init not in LORA_INITS:
             raise SlimtuneError(
-                f"LoRA init must be one of {', '.join(INITS)}, got init={self.init!r}"
+                f"LoRA init must be one of {', '.join(LORA_INITS)}, got init={self.init!r}"
             )
         if self.loftq_iters < 1:
             raise SlimtuneError(f"loftq_iters must be >= 1, got {self.loftq_iters}")

@@ -15,14 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from slimtune.choices import METHODS, OBJECTIVES, OPTIMIZERS
 from slimtune.errors import SlimtuneError
 from slimtune.memory.activations import activation_bytes
 from slimtune.memory.architecture import Architecture
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-METHODS = ("full", "lora", "qlora")
-OBJECTIVES = ("sft", "dpo", "orpo")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 PARTS = (
     "runtime",
     "weights",

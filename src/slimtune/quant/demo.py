@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from slimtune.choices import QUANT_TYPES
+
 
 def run_demo(prompt: str, max_new_tokens: int, quant_type: str, double_quant: bool) -> str:
     import copy
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slimtune.quant", description=__doc__)
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"])
+    parser.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES)
     parser.add_argument("--no-double-quant", action="store_true")
     args = parser.parse_args(argv)
     print(f"prompt: {args.prompt!r}")

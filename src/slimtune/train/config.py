@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slimtune.choices import AUTO, COMPUTE_DTYPES, METHODS, OBJECTIVES, OPTIMIZERS, QUANT_TYPES
 from slimtune.errors import SlimtuneError
 
 
@@ -31,8 +32,8 @@ class TrainConfig(BaseModel):
     data: str | None = Field(None, description="training data file (JSONL, JSON, CSV, Parquet)")
     eval_data: str | None = Field(None, description="evaluation data file")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of data")
-    method: Literal["lora", "qlora", "full"] = "qlora"
-    quant_type: Literal["nf4", "fp4", "int4"] = "nf4"
+    method: Literal[METHODS] = "qlora"
+    quant_type: Literal[QUANT_TYPES] = "nf4"
     double_quant: bool = True
     # the adapter
     rank: int = Field(64, gt=0)
@@ -53,7 +54,7 @@ class TrainConfig(BaseModel):
     # 1, as transformers' Trainer and axolotl: accumulating by default starves small data sets of
     # optimizer steps.
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -63,11 +64,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads (default: torch's)")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: Literal[(AUTO, *COMPUTE_DTYPES)] = Field(
         "auto", description="dtype of the frozen base's compute; auto: bfloat16 where native"
     )
     # preference tuning (data rows with chosen/rejected answers; see docs/training.md)
-    objective: Literal["sft", "dpo", "orpo"] = Field("sft", description="sft, dpo or orpo")
+    objective: Literal[OBJECTIVES] = Field("sft", description="sft, dpo or orpo")
     beta: float = Field(0.1, gt=0, description="DPO's beta (strength of the reference tie)")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid or ipo")
     orpo_lambda: float = Field(0.1, ge=0, description="weight of ORPO's odds-ratio term")

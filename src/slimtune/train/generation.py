@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtune.choices import INFERENCE_QUANTS
 from slimtune.data import pad_token_id
 
 
@@ -227,9 +228,6 @@ def greedy_answers(
     return answers
 
 
-QUANT_CHOICES = ("auto", "nf4", "fp4", "int4", "none")
-
-
 def trained_quant(adapter: str | None) -> tuple[str, bool] | None:
     """(quant_type, double_quant) of the base an adapter was trained on with QLoRA, read from
     the config.yaml `slimtune train` writes next to it; None for LoRA, full or unknown."""
@@ -269,8 +267,9 @@ def load_for_inference(
     from slimtune.models import load_model
     from slimtune.quant import QuantConfig
 
-    if quant not in QUANT_CHOICES:
-        raise SlimtuneError(f"quant: unknown value {quant!r}; expected {', '.join(QUANT_CHOICES)}")
+    if quant not in INFERENCE_QUANTS:
+        expected = ", ".join(INFERENCE_QUANTS)
+        raise SlimtuneError(f"quant: unknown value {quant!r}; expected {expected}")
     config = None
     if quant == "auto":
         trained = trained_quant(adapter)
