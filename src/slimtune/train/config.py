@@ -10,16 +10,32 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from slimtune.choices import AUTO, COMPUTE_DTYPES, METHODS, OBJECTIVES, OPTIMIZERS, QUANT_TYPES
+from slimtune.choices import (
+    AUTO,
+    BLOCKSIZES,
+    COMPUTE_DTYPES,
+    LORA_INITS,
+    METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+)
 from slimtune.errors import SlimtuneError
+
+# Inits tied to a method: (the method, why).
+INIT_METHODS = {
+    "pissa": ("lora", "it rewrites the float base weights"),
+    "loftq": ("qlora", "it quantizes the base so that base + adapter stays close to it"),
+}
 
 
 class TrainConfig(BaseModel):
@@ -33,13 +49,26 @@ class TrainConfig(BaseModel):
     eval_data: str | None = Field(None, description="evaluation data file")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of data")
     method: Literal[METHODS] = "qlora"
-    quant_type: Literal[QUANT_TYPES] = "nf4"
-    double_quant: bool = True
+    # the 4-bit base (method qlora)
+    quant_type: Literal[QUANT_TYPES] = Field("nf4", description="4-bit code book: nf4, fp4, int4")
+    blocksize: int = Field(64, description="weights per absmax scale: 32, 64, ... 4096")
+    double_quant: bool = Field(True, description="store the absmax scales in 8 bits")
     # the adapter
     rank: int = Field(64, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = Field("all-linear", description="'all-linear', a regex, or names")
+    rank_pattern: dict[str, int] = Field(
+        {}, description="rank per layer: {regex matching the end of a layer path: rank}"
+    )
+    alpha_pattern: dict[str, float] = Field(
+        {}, description="alpha per layer: {regex matching the end of a layer path: alpha}"
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), not alpha/rank")
+    use_dora: bool = Field(False, description="DoRA: train a magnitude per output row too")
+    init: Literal[LORA_INITS] = Field(
+        "kaiming", description="how A and B start: kaiming, gaussian, pissa (lora), loftq (qlora)"
+    )
     # the data
     max_length: int = Field(512, gt=1)
     packing: bool = False
@@ -88,6 +117,42 @@ class TrainConfig(BaseModel):
     def _targets_not_empty(cls, value: str | list[str]) -> str | list[str]:
         if not value:
             raise ValueError("needs at least one module name, a regex, or 'all-linear'")
+        return value
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocksize_is_supported(cls, value: int) -> int:
+        if value not in BLOCKSIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, BLOCKSIZES))}")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_are_regexes_to_positive_numbers(cls, value: dict) -> dict:
+        for pattern, number in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regex: {error}") from None
+            if number <= 0:
+                raise ValueError(f"{pattern!r}: must be greater than 0, got {number}")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init")
+    @classmethod
+    def _adapter_settings_need_an_adapter(cls, value: Any, info: ValidationInfo) -> Any:
+        default = cls.model_fields[info.field_name].default
+        if info.data.get("method") == "full" and value != default:
+            raise ValueError("method full trains every weight: there is no adapter to apply it to")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _init_suits_the_method(cls, value: str, info: ValidationInfo) -> str:
+        method = info.data.get("method")
+        needs = INIT_METHODS.get(value)
+        if needs is not None and method is not None and method != needs[0]:
+            raise ValueError(f"{value} needs method {needs[0]} ({needs[1]}), not {method}")
         return value
 
     @property
@@ -149,7 +214,8 @@ def _explain(error: ValidationError, path, lines: dict[str, int], from_flags: se
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"{where}: unknown key{hint}")
         else:
-            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message} (got {item.get('input')!r})")
     return "; ".join(problems)
 
 

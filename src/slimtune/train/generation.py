@@ -7,12 +7,17 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimtune.choices import INFERENCE_QUANTS
 from slimtune.data import pad_token_id
+from slimtune.errors import SlimtuneError
+from slimtune.quant import QuantConfig
+from slimtune.train.config import TrainConfig, load_config
+from slimtune.train.setup import quant_config
 
 
 @contextlib.contextmanager
@@ -228,25 +233,19 @@ def greedy_answers(
     return answers
 
 
-def trained_quant(adapter: str | None) -> tuple[str, bool] | None:
-    """(quant_type, double_quant) of the base an adapter was trained on with QLoRA, read from
-    the config.yaml `slimtune train` writes next to it; None for LoRA, full or unknown."""
+def trained_quant(adapter: str | None) -> QuantConfig | None:
+    """The 4-bit storage of the base an adapter was trained on with QLoRA, read from the
+    config.yaml `slimtune train` writes next to it; None for LoRA, full, or no readable file."""
     if not adapter:
         return None
-    from pathlib import Path
-
-    import yaml
-
     path = Path(adapter) / "config.yaml"
     if not path.is_file():
         return None
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return None
-    if not isinstance(config, dict) or config.get("method", "qlora") != "qlora":
-        return None
-    return str(config.get("quant_type", "nf4")), bool(config.get("double_quant", True))
+        config = load_config(path)
+    except SlimtuneError:
+        return None  # not a training config this version reads: the caller's settings hold
+    return quant_config(config) if config.method == "qlora" else None
 
 
 def load_for_inference(
@@ -258,25 +257,21 @@ def load_for_inference(
 ):
     """(model, tokenizer) with the LoRA adapter folder `adapter` loaded if given.
 
-    quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (double quantization);
-    "auto" does so when the adapter was trained with QLoRA (as it was trained), and a 4-bit
+    quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (the training config's
+    defaults for the rest: blocksize 64, double quantization); "auto" does so when the adapter was trained with QLoRA (as it was trained), and a 4-bit
     model folder always loads as stored; "none" loads it in float (in `compute_dtype` when that
     is bfloat16 or float16).
     """
-    from slimtune.errors import SlimtuneError
     from slimtune.models import load_model
-    from slimtune.quant import QuantConfig
 
     if quant not in INFERENCE_QUANTS:
         expected = ", ".join(INFERENCE_QUANTS)
         raise SlimtuneError(f"quant: unknown value {quant!r}; expected {expected}")
     config = None
     if quant == "auto":
-        trained = trained_quant(adapter)
-        if trained is not None:
-            config = QuantConfig(quant_type=trained[0], double_quant=trained[1])
+        config = trained_quant(adapter)
     elif quant != "none":
-        config = QuantConfig(quant_type=quant, double_quant=True)
+        config = quant_config(TrainConfig(quant_type=quant))
     if config is not None and compute_dtype is not None:
         config = dataclasses.replace(config, compute_dtype=compute_dtype)
     float_dtype = compute_dtype if config is None and compute_dtype is not None else torch.float32

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora
+from slimtune.quant import QuantConfig, quantize_model, select_linear_layers
 from slimtune.train.config import TrainConfig
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -18,12 +20,10 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
     """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train."""
     from slimtune.models import load_model
 
-    quant = None
-    if config.method == "qlora":
-        from slimtune.quant import QuantConfig
-
-        quant = QuantConfig(quant_type=config.quant_type, double_quant=config.double_quant)
-    model, tokenizer = load_model(config.model, quant=quant, dtype=torch.float32)
+    quant = quant_config(config) if config.method == "qlora" else None
+    # LoftQ quantizes the layers it adapts itself, from their float weights: they load in float.
+    load_quant = None if config.init == "loftq" else quant
+    model, tokenizer = load_model(config.model, quant=load_quant, dtype=torch.float32)
     if config.chat_template is not None:
         from slimtune.models.chat_templates import set_chat_template
 
@@ -35,13 +35,45 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         return model, tokenizer
     # The adapter's random init draws from the seeded RNG: the same seed, the same adapter.
     torch.manual_seed(config.seed)
-    from slimtune.lora import LoraConfig, inject_adapter
-
-    lora = LoraConfig(
-        r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets
-    )
+    lora = lora_config(config)
+    if config.init == "loftq":
+        _quantize_all_but(model, find_targets(model, lora), quant)
     inject_adapter(model, lora)
     return model, tokenizer
+
+
+def quant_config(config: TrainConfig) -> QuantConfig:
+    """The 4-bit storage of a QLoRA run's base."""
+    return QuantConfig(
+        quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant
+    )
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """The adapter a run trains."""
+    return LoraConfig(
+        r=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        target_modules=config.targets,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        init=config.init,
+        # One LoftQ step leaves the base exactly what loading it in 4 bits gives, so the adapter
+        # also fits the base that `generate`, `serve` and PEFT load; more steps would not.
+        loftq_iters=1,
+        loftq_quant=quant_config(config) if config.init == "loftq" else None,
+    )
+
+
+def _quantize_all_but(model: nn.Module, adapted: list[str], quant: QuantConfig) -> None:
+    """The linear layers a QLoRA load would quantize, but those the adapter takes (LoftQ's)."""
+    skip = set(adapted)
+    rest = [name for name in select_linear_layers(model) if name not in skip]
+    if rest:
+        quantize_model(model, quant, targets=rest)
 
 
 def build_data(config: TrainConfig, tokenizer, info=None):
@@ -96,6 +128,8 @@ def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -
     else:
         from slimtune.lora import save_adapter
 
+        if config.init == "pissa":
+            pissa_to_lora(model)  # a plain LoRA adapter on the original weights, as PEFT saves it
         save_adapter(model, output, base_model_name_or_path=config.model or DEFAULT_BASE_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
