@@ -132,3 +132,11 @@ def test_variant_flag_errors_name_the_flag():
         load_config(None, overrides_from_args(_parse(["--blocksize", "48"])))
     with pytest.raises(SlimtuneError, match=r"--init: loftq needs method qlora"):
         load_config(None, overrides_from_args(_parse(["--method", "lora", "--init", "loftq"])))
+
+
+def test_full_fine_tuning_refuses_a_low_precision_compute_dtype(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: full\ncompute_dtype: bfloat16\n")
+    with pytest.raises(SlimtuneError, match=r"run\.yaml:2: key 'compute_dtype'.*not method full"):
+        load_config(path)
+    assert load_config(None, {"method": "full", "compute_dtype": "auto"}).compute_dtype == "auto"

@@ -13,10 +13,12 @@ shared expert with its sigmoid gate. slimtune holds each expert as its own layer
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.patterns import pattern_value
 
 
 @dataclass(frozen=True)
@@ -258,3 +260,47 @@ def resolve_architecture(source: str) -> Architecture:
             raise SlimtuneError(f"{path}: cannot read as a JSON config: {error}") from None
         return architecture_from_config(config, name=str(source))
     return builtin_architecture(source)
+
+
+def lora_targets(arch: Architecture, targets: str | list[str]) -> list[tuple[str, int, int]]:
+    """The block linears that get an adapter: 'all-linear', a list of names, or a regex."""
+    linears = arch.block_linears()
+    if targets == "all-linear":
+        chosen = linears
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [
+            x
+            for x in linears
+            if pattern.fullmatch(f"model.layers.0.x.{x[0]}") or pattern.search(x[0])
+        ]
+    else:
+        # a list of names, and for experts PEFT's target_parameters names (experts.down_proj)
+        chosen = [x for x in linears if x[0] in targets or x[0].rpartition(".")[2] in targets
+                  and not x[0].startswith("experts.")]  # fmt: skip
+    if not chosen:
+        names = ", ".join(name for name, _, _ in linears)
+        raise SlimtuneError(f"targets: {targets!r} matches none of this model's layers ({names})")
+    return chosen
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+def adapter_ranks(
+    arch: Architecture, targets: str | list[str], rank: int, rank_pattern: dict[str, int]
+) -> list[tuple[str, int, int, list[int]]]:
+    """(name, in, out, rank in each block) of the block linears that get an adapter: `rank`,
+    or the first of `rank_pattern` matching the layer's path (LLaMA-family paths). Experts
+    take `rank` whatever the patterns, as slimtune.lora.inject_adapter gives them."""
+    shapes = []
+    for name, n_in, n_out in lora_targets(arch, targets):
+        parent = "self_attn" if name in ATTENTION else "mlp"
+        ranks = [
+            rank
+            if name.startswith("experts.")
+            else pattern_value(rank_pattern, f"model.layers.{i}.{parent}.{name}", rank)
+            for i in range(arch.num_layers)
+        ]
+        shapes.append((name, n_in, n_out, ranks))
+    return shapes

@@ -1,4 +1,4 @@
-"""Byte sizes as people write them: 24GB (decimal), 24GiB (binary), 512M, 1.5T."""
+"""Byte sizes as people write them: 24GB (decimal), 24GiB (binary), 512M, 1.5T; bytes per dtype."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import re
 
 from slimtune.errors import SlimtuneError
 
+# Bytes per element of the dtypes the planner knows, by the names settings use.
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 

@@ -50,7 +50,7 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of data")
     method: Literal[METHODS] = "qlora"
     # the 4-bit base (method qlora)
-    quant_type: Literal[QUANT_TYPES] = Field("nf4", description="4-bit code book: nf4, fp4, int4")
+    quant_type: Literal[QUANT_TYPES] = Field("nf4", description="the 4-bit code book")
     blocksize: int = Field(64, description="weights per absmax scale: 32, 64, ... 4096")
     double_quant: bool = Field(True, description="store the absmax scales in 8 bits")
     # the adapter
@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), not alpha/rank")
     use_dora: bool = Field(False, description="DoRA: train a magnitude per output row too")
     init: Literal[LORA_INITS] = Field(
-        "kaiming", description="how A and B start: kaiming, gaussian, pissa (lora), loftq (qlora)"
+        "kaiming", description="how A and B start (pissa: method lora; loftq: method qlora)"
     )
     # the data
     max_length: int = Field(512, gt=1)
@@ -155,6 +155,14 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{value} needs method {needs[0]} ({needs[1]}), not {method}")
         return value
 
+    @field_validator("compute_dtype")
+    @classmethod
+    def _full_computes_in_float32(cls, value: str, info: ValidationInfo) -> str:
+        # No float32 master copies are kept: a run that trains every weight trains it in float32.
+        if info.data.get("method") == "full" and value not in (AUTO, "float32"):
+            raise ValueError(f"{value} needs a frozen base (method lora or qlora), not method full")
+        return value
+
     @property
     def global_batch_rows(self) -> int:
         return self.batch_size * self.grad_accum
@@ -228,6 +236,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (default: {field.default!r})"
+        choices = [v for a in _args_of(field.annotation) if typing.get_origin(a) is Literal
+                   for v in typing.get_args(a)]  # fmt: skip
+        if choices:
+            help_text += f"; one of {', '.join(choices)}"
         if _is_bool(field.annotation) and name != "resume":
             group.add_argument(
                 flag,
