@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from slimtune.cli._inference import add_inference_arguments, add_quant_arguments
+
 HELP = "Serve a model and its LoRA adapters behind an OpenAI-compatible HTTP API."
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -14,7 +16,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2)")
-    parser.add_argument("--qlora", action="store_true", help="hold the base model in NF4 4 bits")
+    parser.add_argument(
+        "--qlora", action="store_true", help="hold the base model in 4 bits (format: below)"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -45,9 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not mix adapters in a batch (a baseline for benchmarks)",
     )
-    from slimtune.cli._inference import add_inference_arguments
-
     add_inference_arguments(parser, quant=False)
+    add_quant_arguments(parser, "with --qlora: how the base is held, as `slimtune train` has it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-batch-size must be >= 1 and --max-queue >= 0")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
-    from slimtune.cli._inference import compute_dtype
+    from slimtune.cli._inference import base_quant, compute_dtype
 
     engine, registry = build_engine(
         args.model,
-        qlora=args.qlora,
+        qlora=base_quant(args) if args.qlora else False,
         four_bit=args.four_bit,
         compute_dtype=compute_dtype(args),
         adapters=[parse_adapter_flag(value) for value in args.adapter],

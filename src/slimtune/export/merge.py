@@ -2,8 +2,8 @@
 
 The adapter is merged layer by layer, in place (`slimtune.lora.merge_adapter`), and the LoRA
 wrappers are then replaced by their merged base layers: the model is never copied whole.
-With `qlora=True` the base is loaded in NF4 as QLoRA trained on it, and merging happens on the
-dequantized weights; `quantize="nf4"` writes the merged model back in 4 bits (bitsandbytes'
+With `qlora` the base is loaded in 4 bits as QLoRA trained on it (True: QLoRA's NF4, or the
+QuantConfig of the run), and merging happens on the dequantized weights; `quantize="nf4"` writes the merged model back in 4 bits (bitsandbytes'
 layout), which is where merged QLoRA adapters lose accuracy: the re-quantization error of the
 merged weights is measured and returned.
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.export.folder import DTYPES, write_model_folder
+from slimtune.quant import QuantConfig
 
 ADAPTER = "default"
 
@@ -44,7 +45,7 @@ def merge_to_folder(
     *,
     dtype: str = "fp32",
     quantize: str | None = None,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     max_shard_bytes: int = 2 * 1024**3,
     calibration: list[dict] | None = None,
 ) -> ExportReport:
@@ -60,11 +61,12 @@ def merge_to_folder(
         raise SlimtuneError(f"--quantize {quantize!r}: only 'nf4' is supported")
     if dtype not in DTYPES:
         raise SlimtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    network, tokenizer = load_model(model, quant=_nf4() if qlora else None)
+    base = trained_base(qlora)
+    network, tokenizer = load_model(model, quant=base)
     load_adapter(network, adapter, ADAPTER)
-    merged = merge_adapter(
-        network, ADAPTER, requantize=bool(quantize and qlora and not calibration)
-    )
+    # A base already in the output's format is re-quantized layer by layer where merged.
+    requantize = bool(quantize and base and base.quant_type == quantize and not calibration)
+    merged = merge_adapter(network, ADAPTER, requantize=requantize)
     unwrap_lora_layers(network)
     error = merged.requant_rel_error if merged.requantized else None
     if quantize:
@@ -73,7 +75,8 @@ def merge_to_folder(
         if calibration:
             dequantize_layers(network)
             error = gptq_quantize_layers(network, tokenizer, calibration)
-        elif not qlora:
+        elif not requantize:
+            dequantize_layers(network)  # a base in another 4-bit format: float first
             error = quantize_float_layers(network)
         save_quantized_model(network, tokenizer, output)
     else:
@@ -85,9 +88,15 @@ def merge_to_folder(
     return ExportReport(Path(output), merged.layers, bool(quantize), error)
 
 
-def _nf4():
-    from slimtune.quant import QuantConfig
+def trained_base(qlora: bool | QuantConfig) -> QuantConfig | None:
+    """The 4-bit format of the base an adapter was trained on: None for a float base, QLoRA's
+    NF4 for True, else the QuantConfig given."""
+    if not qlora:
+        return None
+    return qlora if isinstance(qlora, QuantConfig) else QuantConfig()
 
+
+def _nf4() -> QuantConfig:
     return QuantConfig()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from slimtune.errors import SlimtuneError
 from slimtune.export.survival import Survival, exact_match
+from slimtune.quant import QuantConfig
 
 ADAPTER = "default"
 
@@ -44,16 +45,16 @@ def merged_model(
     model: str | Path | None,
     adapter: str | Path,
     *,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     eval_rows: list[dict] | None = None,
 ):
     """(float model with the adapter merged in, tokenizer, number of merged layers, scores):
     scores are the exact match of the base and of base + adapter on `eval_rows` (or None)."""
-    from slimtune.export.merge import _nf4, dequantize_layers, unwrap_lora_layers
+    from slimtune.export.merge import dequantize_layers, trained_base, unwrap_lora_layers
     from slimtune.lora import load_adapter, merge_adapter
     from slimtune.models import load_model
 
-    network, tokenizer = load_model(model, quant=_nf4() if qlora else None)
+    network, tokenizer = load_model(model, quant=trained_base(qlora))
     scores = None
     if eval_rows:
         scores = (exact_match(network, tokenizer, eval_rows),)
@@ -91,7 +92,7 @@ def export_merged_gguf(
     output: str | Path,
     qtype: str = "f16",
     *,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     eval_rows: list[dict] | None = None,
     calibration: list[dict] | None = None,
 ) -> GGUFExport:

@@ -13,6 +13,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ from slimtune.choices import (
 )
 from slimtune.errors import SlimtuneError
 
+# The keys that say how a QLoRA base is stored: `quantize`, `serve` and `merge` take them too.
+QUANT_KEYS = ("quant_type", "blocksize", "double_quant")
 # Inits tied to a method: (the method, why).
 INIT_METHODS = {
     "pissa": ("lora", "it rewrites the float base weights"),
@@ -230,10 +233,17 @@ def _explain(error: ValidationError, path, lines: dict[str, int], from_flags: se
 # ------------------------------------------------------------------------------- CLI flags
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, generated from the model so the two never drift."""
-    group = parser.add_argument_group("training options (each also a key of CONFIG.yaml)")
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    names: Sequence[str] | None = None,
+    title: str = "training options (each also a key of CONFIG.yaml)",
+) -> None:
+    """One flag per TrainConfig field (or per field of `names`), generated from the model so
+    the two never drift."""
+    group = parser.add_argument_group(title)
     for name, field in TrainConfig.model_fields.items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (default: {field.default!r})"
         choices = [v for a in _args_of(field.annotation) if typing.get_origin(a) is Literal
@@ -266,11 +276,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys given as flags, with their values parsed like YAML scalars."""
+def overrides_from_args(
+    args: argparse.Namespace, names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The config keys (of `names`, if given) given as flags, their values parsed like YAML
+    scalars."""
     overrides = {}
     for name, field in TrainConfig.model_fields.items():
-        if name not in vars(args):
+        if name not in vars(args) or (names is not None and name not in names):
             continue
         value = getattr(args, name)
         if isinstance(value, str):

@@ -233,19 +233,23 @@ def greedy_answers(
     return answers
 
 
-def trained_quant(adapter: str | None) -> QuantConfig | None:
-    """The 4-bit storage of the base an adapter was trained on with QLoRA, read from the
-    config.yaml `slimtune train` writes next to it; None for LoRA, full, or no readable file."""
-    if not adapter:
-        return None
-    path = Path(adapter) / "config.yaml"
-    if not path.is_file():
+def trained_config(adapter: str | Path | None) -> TrainConfig | None:
+    """The training config of an adapter: the config.yaml `slimtune train` writes next to it;
+    None where there is none, or none this version reads."""
+    path = Path(adapter) / "config.yaml" if adapter else None
+    if path is None or not path.is_file():
         return None
     try:
-        config = load_config(path)
+        return load_config(path)
     except SlimtuneError:
-        return None  # not a training config this version reads: the caller's settings hold
-    return quant_config(config) if config.method == "qlora" else None
+        return None  # the caller's own settings hold
+
+
+def trained_quant(adapter: str | Path | None) -> QuantConfig | None:
+    """The 4-bit storage of the base an adapter was trained on with QLoRA (from its training
+    config); None for LoRA, full, or no readable config."""
+    config = trained_config(adapter)
+    return quant_config(config) if config is not None and config.method == "qlora" else None
 
 
 def load_for_inference(

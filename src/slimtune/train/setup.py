@@ -11,7 +11,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora
 from slimtune.quant import QuantConfig, quantize_model, select_linear_layers
-from slimtune.train.config import TrainConfig
+from slimtune.train.config import QUANT_KEYS, TrainConfig
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -44,9 +44,7 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
 
 def quant_config(config: TrainConfig) -> QuantConfig:
     """The 4-bit storage of a QLoRA run's base."""
-    return QuantConfig(
-        quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant
-    )
+    return QuantConfig(**{key: getattr(config, key) for key in QUANT_KEYS})
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
