@@ -210,6 +210,7 @@ def _train_tiny(tiny_folder, tmp_path, **settings):
     """train() on the tiny model for two steps with `settings` on top; the TrainResult."""
     from slimtune.train import load_config, train
 
+    tmp_path.mkdir(exist_ok=True)
     data = write_jsonl(tmp_path / "train.jsonl", sums())
     values = dict(model=str(tiny_folder), data=str(data), output=str(tmp_path / "out"), rank=8,
                   alpha=16, lr=0.01, batch_size=8, max_steps=2, threads=1,
@@ -344,3 +345,17 @@ def test_loftq_and_gaussian_inits_start_as_configured(tiny_folder):
     A = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert A.std().item() == pytest.approx(1 / 16, rel=0.1)
     assert not model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.any()
+
+
+def test_pissa_run_resumes_to_the_adapter_of_an_unbroken_run(tiny_folder, tmp_path):
+    """Checkpoints hold the PiSSA form; resume recomputes the start from the base."""
+    from safetensors.torch import load_file
+
+    settings = dict(method="lora", init="pissa", max_steps=4, save_every=2, dropout=0.0)
+    whole = _train_tiny(tiny_folder, tmp_path / "whole", **settings)
+    part = tmp_path / "part"
+    _train_tiny(tiny_folder, part, **{**settings, "max_steps": 2})
+    resumed = _train_tiny(tiny_folder, part, **settings, resume=True)
+    a = load_file(whole.output / "adapter_model.safetensors")
+    b = load_file(resumed.output / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

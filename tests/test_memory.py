@@ -203,7 +203,7 @@ def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
     unquantized = arch.num_params() - arch.num_layers * arch.block_linear_params()
     head_copy = arch.vocab_size * arch.hidden_size * 2  # slimtune's bf16 copy of the output layer
     paper = qlora.total - 2 * 2 * qlora.trainable_params - 2 * unquantized - head_copy
-    assert 40 * GB < paper < 48 * GB  # 46.5 GB
+    assert 40 * GB < paper < 48 * GB  # 47.5 GB
     assert 48 * GB < qlora.total < 56 * GB  # 52.3 GB: slimtune's float32 adapters and embeddings
     assert full.total - 2 * 2 * arch.num_params() > 780 * GB  # 2 + 2 + 8 bytes per parameter
     assert full.parts["optimizer_state"] == 8 * arch.num_params()

@@ -16,6 +16,8 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # What the frozen base multiplies in; "auto" picks bfloat16 where the device has it natively.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 AUTO = "auto"
+# The dtype a merged model folder is written in (the short names of `slimtune merge --dtype`).
+MERGED_DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 # How `generate`, `eval` and `serve` hold a base: as the adapter was trained, 4 bits, or float.
 INFERENCE_QUANTS = (AUTO, *QUANT_TYPES, "none")

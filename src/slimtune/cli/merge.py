@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.choices import MERGED_DTYPES
 from slimtune.cli._inference import add_quant_arguments
 
 HELP = "Merge a LoRA adapter into its base model and write a standalone model folder."
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", required=True, help="folder to write (must not exist or be empty)"
     )
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--dtype", choices=MERGED_DTYPES, default="fp32")
     parser.add_argument(
         "--quantize", choices=("nf4",), default=None, help="write the merged model in NF4 4 bits"
     )
