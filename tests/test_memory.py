@@ -131,6 +131,18 @@ def test_rank_patterns_and_dora_count_as_the_injected_adapter(tiny_llama):
     assert plan.parts["optimizer_state"] == 8 * plan.trainable_params
 
 
+def test_pissa_counts_the_starting_adapter_it_keeps(tiny_llama):
+    from slimtune.lora import LoraConfig, inject_adapter, lora_layers
+
+    arch = architecture_from_config(tiny_llama.config.to_dict())
+    plan = estimate(arch, TrainConfig(method="lora", rank=8, init="pissa", use_dora=True))
+    inject_adapter(tiny_llama, LoraConfig(r=8, init="pissa", use_dora=True))
+    trained = sum(p.numel() * 4 for p in tiny_llama.parameters() if p.requires_grad)
+    kept = sum(t.numel() * 4 for _, layer in lora_layers(tiny_llama)
+               for t in layer.pissa_start["default"])  # fmt: skip
+    assert plan.parts["lora_weights"] == trained + kept
+
+
 def test_compute_dtype_stores_the_frozen_bases_under_lora_and_a_head_copy(tiny_llama):
     from slimtune.lora import LoraConfig, inject_adapter
     from slimtune.train.precision import cast_frozen

@@ -190,6 +190,8 @@ def estimate(
         trainable = sum(trainable_sizes)
         parts["lora_weights"] = trainable * FLOAT32
         parts["gradients"] = trainable * FLOAT32
+        if config.init == "pissa":  # the starting A and B, kept for the conversion on save
+            parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
     parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
     if config.optimizer.startswith("paged") and device == "cuda":
         notes.append("paged optimizer: its state lives in host RAM and is counted here anyway")
