@@ -304,7 +304,7 @@ def main() -> int:
                         help="lean: glibc tunables as `slimtune train` sets them (default); "
                         "mmap: limit_heap_fragmentation(); glibc: the defaults")  # fmt: skip
     args = parser.parse_args()
-    from slimtune.memory.heap import limit_heap_fragmentation, reexec_with_lean_heap
+    from slimtune.runtime.heap import limit_heap_fragmentation, reexec_with_lean_heap
 
     if args.heap == "lean":
         reexec_with_lean_heap([sys.executable, *sys.argv])  # returns once the tunables are set

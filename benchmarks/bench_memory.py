@@ -192,7 +192,7 @@ def main() -> int:
 
 def _run_one(case, method, ckpt, rank, optimizer, extra, *, steps, json_out) -> dict | None:
     """One case in a fresh process, under the malloc settings `slimtune train` runs with."""
-    from slimtune.memory.heap import lean_heap_environment
+    from slimtune.runtime.heap import lean_heap_environment
 
     cmd = [sys.executable, __file__, "--one", f"{case},{method},{int(ckpt)}", "--rank", str(rank),
            "--optimizer", optimizer, "--steps", str(steps), *extra]  # fmt: skip

@@ -114,7 +114,7 @@ def main() -> int:
         print(json.dumps(row))
         return 0
     from slimtune.hardware import machine_record
-    from slimtune.memory.heap import lean_heap_environment
+    from slimtune.runtime.heap import lean_heap_environment
 
     rows = []
     for mode in args.modes:

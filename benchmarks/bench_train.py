@@ -274,7 +274,7 @@ def matmul_floor(args) -> dict:
 
 
 def run_all(args) -> list[dict]:
-    from slimtune.memory.heap import lean_heap_environment
+    from slimtune.runtime.heap import lean_heap_environment
 
     chosen = args.only.split(",") if args.only else VARIANTS + [FLOOR]
     results = []
@@ -298,7 +298,7 @@ def run_all(args) -> list[dict]:
         print(f"=== {variant}", file=sys.stderr, flush=True)
         env = dict(os.environ)
         if variant.startswith("slimtune") or variant.endswith("+lean"):
-            # slimtune's CLI trains under these malloc settings (slimtune.memory.heap).
+            # slimtune's CLI trains under these malloc settings (slimtune.runtime.heap).
             env = lean_heap_environment(env) or env
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads spin by default; on a busy 2-core machine that stalls every parallel op.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from slimtune.runtime import tune_process
+
+# The thread policy `slimtune` itself runs under (spinning OpenMP threads stall a busy machine);
+# set before torch loads OpenMP.
+tune_process()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

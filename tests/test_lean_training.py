@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 
-from slimtune.lora import LoraConfig, inject_adapter
+from slimtune.lora import LoraConfig, inject_adapter, lora_layers
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
 from slimtune.models import lean_mlp
 from slimtune.models.lean_mlp import use_lean_mlp
@@ -209,3 +209,20 @@ def test_sparse_dropout_has_peft_dropouts_expectation_and_drop_counts():
     ours_count = drop_positions(n, p, seed=11).numel()
     theirs_count = int((torch.nn.functional.dropout(torch.ones(n), p) == 0).sum())
     assert abs(ours_count - n * p) < 5 * sigma and abs(theirs_count - n * p) < 5 * sigma
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["default", "switched-off"])
+def test_train_applies_both_as_its_config_says(tmp_path, on):
+    from architectures import make_tiny
+
+    from slimtune.train import TrainConfig, TrainData, train
+
+    model = inject_adapter(make_tiny("llama"), LoraConfig(r=4, alpha=8, dropout=0.1))
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]}] * 4
+    settings = dict(lean_mlp=on, sparse_dropout=on) if not on else {}  # True is the default
+    config = TrainConfig(output=str(tmp_path), method="lora", max_steps=1, batch_size=2, **settings)
+    trained = train(config, model=model, data=TrainData(train=rows), progress=False).model
+    mlps = [block.mlp for block in trained.model.layers]
+    assert [hasattr(mlp, "_lean_gated") for mlp in mlps] == [on] * len(mlps)
+    layers = [layer for _, layer in lora_layers(trained)]
+    assert layers and all(layer.sparse_dropout is on for layer in layers)

@@ -7,7 +7,14 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from slimtune.lora import LoraConfig, LoraLinear, fuse_shared_inputs, inject_adapter, save_adapter
+from slimtune.lora import (
+    LoraConfig,
+    LoraLinear,
+    fuse_shared_inputs,
+    inject_adapter,
+    save_adapter,
+    set_sparse_dropout,
+)
 from slimtune.lora import fused as fused_module
 from slimtune.lora.fused import down_products
 from slimtune.lora.sparse_dropout import _new_seed, drop_positions
@@ -163,8 +170,9 @@ def test_dense_fallback_gives_each_adapter_its_own_mask(monkeypatch):
     expected = [torch.nn.functional.dropout(x, 0.5) @ a.t() for a in weights]
     torch.testing.assert_close(low, torch.cat(expected, 1))
     assert fused_module.fusable(lora_llama().model.layers[0].self_attn.q_proj)
-    monkeypatch.setattr(LoraLinear, "sparse_dropout", False)  # PEFT-exact masks: layer by layer
-    assert not fused_module.fusable(lora_llama().model.layers[0].self_attn.q_proj.train())
+    exact = lora_llama()
+    set_sparse_dropout(exact, False)  # PEFT-exact masks: layer by layer
+    assert not fused_module.fusable(exact.model.layers[0].self_attn.q_proj.train())
 
 
 def test_fused_under_gradient_checkpointing():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from slimtune.memory import (
     parse_bytes,
     resolve_architecture,
 )
-from slimtune.memory.heap import LEAN_HEAP_TUNABLES, lean_heap_environment
+from slimtune.runtime import lean_heap_environment
 from slimtune.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,40 +305,6 @@ def test_prediction_within_15_percent_of_measured_peak_rss():
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["peak_rss_bytes"] > 200 * 2**20  # torch + transformers alone are ~350 MiB
     assert abs(row["error"]) < 0.15, row
-
-
-def test_limit_heap_fragmentation_applies_on_glibc():
-    code = "from slimtune.memory.heap import limit_heap_fragmentation as f; print(f())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.stdout.strip() == ("True" if sys.platform == "linux" else "False"), done.stderr
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc tunables")
-def test_reexec_runs_the_command_under_the_lean_heap_tunables():
-    show = "import os; print(os.environ['GLIBC_TUNABLES'])"
-    code = (
-        "import sys; from slimtune.memory.heap import reexec_with_lean_heap as r; "
-        f"r([sys.executable, '-c', {show!r}]); print('not replaced')"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SLIMTUNE_LEAN_HEAP")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert done.stdout.strip() == LEAN_HEAP_TUNABLES, done.stderr
-    opted_out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-        env={**env, "SLIMTUNE_LEAN_HEAP": "0"},
-    )  # fmt: skip
-    assert opted_out.stdout.strip() == "not replaced", opted_out.stderr
-
-
-def test_lean_heap_environment_keeps_a_users_tunables():
-    if platform.libc_ver()[0] != "glibc":
-        assert lean_heap_environment({}) is None
-        return
-    assert lean_heap_environment({"GLIBC_TUNABLES": "glibc.malloc.mxfast=64"}) is None
-    merged = lean_heap_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
-    assert merged == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{LEAN_HEAP_TUNABLES}", "X": "1"}
 
 
 def test_empty_large_asks_for_huge_pages_inside_the_tensor(monkeypatch):

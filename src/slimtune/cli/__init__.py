@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
 from slimtune.errors import SlimtuneError
+from slimtune.runtime import tune_process
 
 # The order commands are listed in `slimtune --help`; modules not listed come after.
 ORDER = ["demo", "train", "eval", "generate", "quantize", "merge", "serve", "estimate"]
 ORDER.insert(ORDER.index("merge") + 1, "export")
-# Commands that train: they run under the lean-heap malloc settings (slimtune.memory.heap).
+# Commands that train: they run under the lean-heap malloc settings (slimtune.runtime.heap).
 TRAINING = {"demo", "train"}
 
 
@@ -40,15 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads spin by default: on a machine with other work running, every parallel
-    # op then waits for a descheduled spinner (a QLoRA step of the demo measured 47 s instead of
-    # 4.4 s). Set before torch loads OpenMP; a user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    if argv is None and args.command in TRAINING:  # a process of its own, not a library call
-        from slimtune.memory.heap import reexec_with_lean_heap
-
-        reexec_with_lean_heap([sys.executable, "-m", "slimtune", *sys.argv[1:]])
+    args = build_parser().parse_args(argv)  # loads no torch yet: the thread settings still apply
+    tune_process(_restart_command(args.command, argv))  # the one place process tuning starts
     try:
         return int(args._run(args) or 0)
     except SlimtuneError as error:
@@ -57,3 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _restart_command(command: str, argv: list[str] | None) -> list[str] | None:
+    """The argv that starts this run again under the lean heap: training commands in a process
+    of their own (`main()` given no argv), not a library call of `main(argv)`."""
+    if argv is not None or command not in TRAINING:
+        return None
+    return [sys.executable, "-m", "slimtune", *sys.argv[1:]]

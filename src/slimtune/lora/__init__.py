@@ -12,7 +12,7 @@ from slimtune.lora.config import LoraConfig
 from slimtune.lora.fused import fuse_shared_inputs
 from slimtune.lora.inject import find_targets, inject_adapter, lora_configs, lora_layers
 from slimtune.lora.io import load_adapter, save_adapter
-from slimtune.lora.layer import LoraLinear
+from slimtune.lora.layer import LoraLinear, set_sparse_dropout
 from slimtune.lora.merge import MergeReport, merge_adapter, unmerge_adapter
 from slimtune.lora.params import count_parameters, lora_parameters, trainable_summary
 from slimtune.lora.pissa import pissa_to_lora
@@ -38,6 +38,7 @@ __all__ = [
     "pissa_to_lora",
     "save_adapter",
     "set_active_adapters",
+    "set_sparse_dropout",
     "trainable_summary",
     "unmerge_adapter",
 ]

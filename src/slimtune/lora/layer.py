@@ -23,9 +23,6 @@ from slimtune.models.device import device_of
 
 
 class LoraLinear(nn.Module):
-    # Training-mode dropout through SparseDropoutLora (fast, keeps no dropped copy). False: draw
-    # the masks with nn.Dropout, exactly as PEFT does (same seed, same masks).
-    sparse_dropout = True
     # The SharedInput group of sibling layers reading the same input (see lora/fused.py), if any.
     shared = None
 
@@ -44,6 +41,9 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Training-mode dropout through SparseDropoutLora (fast, keeps no dropped copy). False:
+        # masks drawn by nn.Dropout, exactly as PEFT draws them. See set_sparse_dropout.
+        self.sparse_dropout = True
         # per_sample_adapters: [(name, row indices or None for the whole batch)], and the batch size
         self.sample_groups: list[tuple[str, torch.Tensor | None]] | None = None
         self.sample_batch = 0
@@ -317,6 +317,15 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}"
+
+
+def set_sparse_dropout(model: nn.Module, enabled: bool) -> int:
+    """Draw the training dropout of every LoRA layer in `model` sparsely (the default) or, with
+    `enabled` False, with nn.Dropout's masks as PEFT does; returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.sparse_dropout = enabled
+    return len(layers)
 
 
 def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:

@@ -39,7 +39,7 @@ BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a blo
 # Fitted: RSS grows faster than the kept tensors during the forward pass, because the freed
 # temporaries between them leave holes in the C heap that later, differently sized tensors do
 # not fill. Fitted with the lean-heap malloc settings `slimtune train` runs under
-# (slimtune.memory.heap).
+# (slimtune.runtime.heap).
 HEAP_OVERHEAD = 1.3
 # Fitted: with checkpointing, the block being recomputed holds its activations and, while its
 # backward runs, gradients of about the same size.

@@ -8,8 +8,6 @@ copy is dropped, so at most one float layer is alive besides the parts that stay
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +21,10 @@ from slimtune.models.experts import unfuse_experts
 from slimtune.models.skeleton import build_skeleton, checkpoint_name, finish, set_tensor
 from slimtune.models.source import safetensors_files
 from slimtune.quant import Linear4bit, QuantConfig, select_linear_layers
+from slimtune.runtime.heap import release_freed_memory
 
 FUSED_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
-TRIM_EVERY = 16  # layers between two malloc_trim calls (each takes about a millisecond)
+TRIM_EVERY = 16  # layers between two release_freed_memory calls (each takes about a millisecond)
 
 
 def load_streaming_4bit(
@@ -61,17 +60,6 @@ def load_streaming_4bit(
         raise SlimtuneError(f"model folder {folder}: incomplete tensors for {incomplete}")
     release_freed_memory()
     return finish(model, folder)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
-
-    Each layer leaves float temporaries behind, interleaved on the heap with the small 4-bit
-    tensors that stay; glibc keeps such fragmented pages, so RSS would creep up layer by layer
-    (by ~180 MiB over SmolLM2's 210 layers) although the memory is free.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _model_tensors(

@@ -36,7 +36,7 @@ _CHUNK_ROWS = 64
 @cache
 def _compiled():
     """The compiled (build_table, serial gemv, parallel gemv), or None without numba."""
-    if kernels.kernel() is None:  # also sets numba's threading layer as the decode kernel does
+    if kernels.kernel() is None:
         return None
     import numba
     import numpy as np

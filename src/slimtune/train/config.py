@@ -114,6 +114,11 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, gt=0)
     resume: bool | str = Field(False, description="true: latest checkpoint in output; or a path")
     log_every: int = Field(1, gt=0)
+    # how a training step is computed (same values either way; see docs/training.md)
+    lean_mlp: bool = Field(True, description="gated MLPs keep gate(x) and up(x) only for backward")
+    sparse_dropout: bool = Field(
+        True, description="LoRA dropout keeps no mask or dropped copy; false: PEFT's exact masks"
+    )
 
     @field_validator("targets")
     @classmethod

@@ -33,7 +33,7 @@ from slimtune.dist import (
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.lora.fused import fuse_shared_inputs
+from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
 from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.train.batching import StepPlan
@@ -116,7 +116,9 @@ def train(
     if info.is_main:
         print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
-    use_lean_mlp(model)  # same values, half the MLP activations
+    if config.lean_mlp:
+        use_lean_mlp(model)  # same values, half the MLP activations
+    set_sparse_dropout(model, config.sparse_dropout)
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
