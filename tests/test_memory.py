@@ -163,6 +163,44 @@ def test_compute_dtype_stores_the_frozen_bases_under_lora_and_a_head_copy(tiny_l
     assert as_float.parts["activations"] == plan.parts["activations"]  # float32 stream either way
 
 
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward in one training forward: each storage once, the
+    model's own parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("sparse_dropout", [True, False])
+def test_activations_without_the_lean_mlp_follow_what_autograd_keeps(tiny_llama, sparse_dropout):
+    """`lean_mlp: false` keeps act(gate) and the product; `sparse_dropout: false` a dropped copy
+    and a mask per adapter. (The lean MLP itself steps aside under outer saved-tensor hooks, so
+    it cannot be measured this way.)"""
+    from slimtune.lora import LoraConfig, inject_adapter, set_sparse_dropout
+    from slimtune.memory.activations import block_bytes
+    from slimtune.memory.architecture import adapter_ranks
+
+    arch = architecture_from_config(tiny_llama.config.to_dict())
+    config = TrainConfig(method="lora", rank=8, dropout=0.1, batch_size=2, max_length=16,
+                         lean_mlp=False, sparse_dropout=sparse_dropout)  # fmt: skip
+    model = inject_adapter(tiny_llama, LoraConfig(r=8, dropout=0.1)).train()
+    set_sparse_dropout(model, sparse_dropout)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    measured = _saved_bytes(model, ids)
+    adapted = adapter_ranks(arch, config.targets, config.rank, config.rank_pattern)
+    counted = arch.num_layers * block_bytes(arch, config, adapted, tokens=2 * 16)
+    assert counted == pytest.approx(measured, rel=0.06)
+
+
 def test_qlora_parts_match_slimtune_quant(tiny_llama):
     from slimtune.quant import QuantConfig, quantize_model
 

@@ -5,11 +5,13 @@ and the adapters compute in float32 whatever the frozen base multiplies in):
 
 - always: the block input (the RMSNorm keeps it), the post-attention residual, the query, key,
   value and output of attention (scaled_dot_product_attention keeps them), and in the MLP the
-  gate and up outputs (slimtune.models.lean_mlp rebuilds silu(gate) * up when backward needs it);
+  gate and up outputs (`lean_mlp`: slimtune.models.lean_mlp rebuilds silu(gate) * up when
+  backward needs it; without it act(gate) and the product too);
 - per group of adapted layers that share an input (q/k/v; o; gate/up): that input, kept for the
   LoRA A gradient (down's input is the rebuilt product); per adapted layer with dropout p: the
-  dropped positions, int64, p x 8 bytes per input value (slimtune.lora.sparse_dropout keeps no
-  mask or dropped copy); per adapted layer: the rank-r output of A, kept for the B gradient.
+  dropped positions, int64, p x 8 bytes per input value (`sparse_dropout`:
+  slimtune.lora.sparse_dropout keeps no mask or dropped copy; without it a float32 dropped copy
+  and a bool mask); per adapted layer: the rank-r output of A, kept for the B gradient.
 
 Frozen base weights keep nothing (no weight gradient). With gradient checkpointing only each
 block's input is kept, and one block's activations exist again while it is recomputed.
@@ -59,14 +61,16 @@ def block_bytes(arch: Architecture, config: TrainConfig, adapted: list[tuple], t
     h, i = arch.hidden_size, arch.mlp_width()
     q = arch.num_heads * arch.head_size
     kv = arch.num_kv_heads * arch.head_size
-    # gate and up outputs; without the lean MLP (Phi-3's fused gate_up, the experts' loop) also
-    # act(gate) and the product. The experts keep each token's gathered input per expert.
-    mlp = 2 * i if arch.gated_lean and not arch.num_experts else 4 * i
+    # gate and up outputs; without the lean MLP (`lean_mlp: false`, Phi-3's fused gate_up) also
+    # act(gate), and the product where down is adapted (mlp_out below); the experts' loop keeps
+    # the product too, and each token's gathered input per expert.
+    lean = arch.gated_lean and not arch.num_experts and config.lean_mlp
+    mlp = 2 * i if lean else 4 * i if arch.num_experts else 3 * i
     routed = arch.experts_per_token * h
     kept = (2 * h + 2 * q + 2 * kv + mlp + routed) * ITEM
     if config.method != "full":
         widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": 0}  # mlp_out: rebuilt
-        if not arch.gated_lean or arch.num_experts:
+        if not lean:
             widths["mlp_out"] = i  # the product itself is kept
         groups = {GROUPS.get(name, name) for name, _, _, _ in adapted}
         kept += sum(widths.get(g, 0) for g in groups) * ITEM
@@ -77,7 +81,10 @@ def block_bytes(arch: Architecture, config: TrainConfig, adapted: list[tuple], t
         kept += int(sum(r * ITEM * w for r, w in zip(mean_ranks, weights, strict=True)))
         if config.dropout > 0:  # experts take no dropout (slimtune.lora.experts)
             dense = [n for name, n, _, _ in adapted if not name.startswith("experts.")]
-            kept += int(sum(n * config.dropout * 8 for n in dense))
+            if config.sparse_dropout:  # the dropped positions, int64
+                kept += int(sum(n * config.dropout * 8 for n in dense))
+            else:  # nn.Dropout: a dropped copy and a bool mask per adapter
+                kept += sum(dense) * (ITEM + 1)
     else:
         # Full fine-tuning: every linear keeps its input for the weight gradient (down's is
         # rebuilt from gate and up).

@@ -43,7 +43,7 @@ PARTS = (
 PLAN_KEYS = (
     "method", "objective", "rank", "rank_pattern", "targets", "use_dora", "init", "dropout",
     "batch_size", "max_length", "gradient_checkpointing", "optimizer", "compute_dtype",
-    "quant_type", "blocksize", "double_quant",
+    "quant_type", "blocksize", "double_quant", "lean_mlp", "sparse_dropout",
 )  # fmt: skip
 # RSS of a process that imported torch, transformers and slimtune and ran a first step on
 # this CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
@@ -151,7 +151,8 @@ def estimate(
     cbytes = DTYPE_BYTES[compute]
     parts = dict.fromkeys(PARTS, 0)
     parts["runtime"] = RUNTIME_BYTES[device]
-    uses_numba = config.method == "qlora" or (config.method == "lora" and config.dropout > 0)
+    sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
+    uses_numba = config.method == "qlora" or sparse_dropout
     if uses_numba and device == "cpu":
         parts["runtime"] += KERNEL_RUNTIME_BYTES
     block_linear = arch.num_layers * arch.block_linear_params()
