@@ -148,37 +148,17 @@ def estimate(
     if device not in DEVICES:
         raise SlimtuneError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     compute = planned_compute_dtype(config, auto_dtype)
-    cbytes = DTYPE_BYTES[compute]
     parts = dict.fromkeys(PARTS, 0)
     parts["runtime"] = RUNTIME_BYTES[device]
     sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
     uses_numba = config.method == "qlora" or sparse_dropout
     if uses_numba and device == "cpu":
         parts["runtime"] += KERNEL_RUNTIME_BYTES
-    block_linear = arch.num_layers * arch.block_linear_params()
-    other = arch.num_params() - block_linear
-    head = arch.vocab_size * arch.hidden_size
+    other = arch.num_params() - arch.num_layers * arch.block_linear_params()
     adapted = [] if config.method == "full" else adapter_ranks(
         arch, config.targets, config.rank, config.rank_pattern
     )  # fmt: skip
-
-    if config.method == "qlora":
-        codes = constants = 0
-        for _, n_in, n_out in arch.block_linears():
-            c, k = quantized_bytes(n_in * n_out, config)
-            codes, constants = codes + c, constants + k
-        parts["weights"] = codes * arch.num_layers + other * FLOAT32
-        parts["quant_constants"] = constants * arch.num_layers
-    elif config.method == "lora":
-        # The frozen bases under an adapter are stored in the compute dtype, the rest float32.
-        under = sum(n_in * n_out for _, n_in, n_out, _ in adapted) * arch.num_layers
-        parts["weights"] = under * cbytes + (arch.num_params() - under) * FLOAT32
-    else:
-        parts["weights"] = arch.num_params() * FLOAT32
-    if config.method != "full" and compute != "float32":
-        parts["weights"] += head * cbytes  # the frozen output layer's cast copy
-
-    notes: list[str] = []
+    parts["weights"], parts["quant_constants"] = _weight_bytes(arch, config, adapted, compute)
     if config.method == "full":
         trainable_sizes = [
             n_in * n_out for _, n_in, n_out in arch.block_linears()
@@ -194,9 +174,40 @@ def estimate(
         if config.init == "pissa":  # the starting A and B, kept for the conversion on save
             parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
     parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
+    parts["activations"] = activation_bytes(arch, config, adapted, device, DTYPE_BYTES[compute])
+    return MemoryEstimate(
+        arch, config, device, compute, parts, trainable, _notes(arch, config, device)
+    )
+
+
+def _weight_bytes(
+    arch: Architecture, config: TrainConfig, adapted: list[tuple], compute: str
+) -> tuple[int, int]:
+    """(weights, quantization constants): 4-bit codes for QLoRA's block linears, the frozen
+    bases under a LoRA adapter in the compute dtype, everything else float32."""
+    constants = 0
+    if config.method == "qlora":
+        codes = 0
+        for _, n_in, n_out in arch.block_linears():
+            c, k = quantized_bytes(n_in * n_out, config)
+            codes, constants = codes + c, constants + k
+        codes, constants = codes * arch.num_layers, constants * arch.num_layers
+        other = arch.num_params() - arch.num_layers * arch.block_linear_params()
+        weights = codes + other * FLOAT32
+    elif config.method == "lora":
+        under = sum(n_in * n_out for _, n_in, n_out, _ in adapted) * arch.num_layers
+        weights = under * DTYPE_BYTES[compute] + (arch.num_params() - under) * FLOAT32
+    else:
+        weights = arch.num_params() * FLOAT32
+    if config.method != "full" and compute != "float32":
+        weights += arch.vocab_size * arch.hidden_size * DTYPE_BYTES[compute]  # the head's copy
+    return weights, constants
+
+
+def _notes(arch: Architecture, config: TrainConfig, device: str) -> list[str]:
+    notes = []
     if config.optimizer.startswith("paged") and device == "cuda":
         notes.append("paged optimizer: its state lives in host RAM and is counted here anyway")
-    parts["activations"] = activation_bytes(arch, config, adapted, device, cbytes)
     if config.objective != "sft":
         # A preference step keeps one side's activations at a time (B rows of up to
         # max_length, as a supervised step of that batch); the other side's forward pass
@@ -210,7 +221,7 @@ def estimate(
     if config.init == "loftq":
         float_bytes = arch.num_params() * FLOAT32
         notes.append(f"init loftq: the base loads in float32 first ({float_bytes / 2**30:.1f} GiB)")
-    return MemoryEstimate(arch, config, device, compute, parts, trainable, notes)
+    return notes
 
 
 def _adapter_sizes(adapted: list[tuple[str, int, int, list[int]]], dora: bool) -> list[int]:
