@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from slimtune.choices import AUTO, COMPUTE_DTYPES, INFERENCE_QUANTS
 from slimtune.train.config import QUANT_KEYS, add_config_arguments
+
+if TYPE_CHECKING:  # the command modules import torch only when they run
+    from slimtune.quant import QuantConfig
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True) -> None:
@@ -43,9 +47,9 @@ def add_quant_arguments(parser: argparse.ArgumentParser, title: str) -> None:
     add_config_arguments(parser, QUANT_KEYS, title)
 
 
-def base_quant(args: argparse.Namespace, adapter: str | None = None):
-    """The 4-bit format (slimtune.quant.QuantConfig) of a base: the flags given, else what
-    `adapter` was trained with (the config.yaml beside it), else the training defaults."""
+def base_quant(args: argparse.Namespace, adapter: str | None = None) -> QuantConfig:
+    """The 4-bit format of a base: the flags given, else what `adapter` was trained with (the
+    config.yaml beside it), else the training defaults."""
     from slimtune.train.config import load_config, overrides_from_args
     from slimtune.train.generation import trained_config
     from slimtune.train.setup import quant_config
