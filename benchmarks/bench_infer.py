@@ -68,7 +68,7 @@ def bytes_per_token(model) -> int:
 
 
 def prompt_ids(tokenizer) -> torch.Tensor:
-    from slimtune.train.generation import format_prompt
+    from slimtune.infer import format_prompt
 
     text = format_prompt(tokenizer, PROMPT)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -359,3 +359,18 @@ def test_pissa_run_resumes_to_the_adapter_of_an_unbroken_run(tiny_folder, tmp_pa
     a = load_file(whole.output / "adapter_model.safetensors")
     b = load_file(resumed.output / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_help_does_not_import_torch():
+    """`slimtune --help` builds every subcommand's flags; none of that may load torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from slimtune.cli import build_parser; build_parser(); print(*sys.modules)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "slimtune.cli.train" in loaded  # the subcommands were imported
+    assert not loaded & {"torch", "transformers", "numba"}

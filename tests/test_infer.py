@@ -89,7 +89,7 @@ def test_streaming_callback_sees_every_token(one_thread):
 
 
 def test_four_bit_path_equals_decode_then_matmul(one_thread):
-    from slimtune.train.generation import decoded_weights
+    from slimtune.infer import decoded_weights
 
     model = quantize_model(make_tiny_llama(seed=6), QuantConfig(double_quant=True))
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(7))
@@ -147,8 +147,8 @@ def test_smollm2_four_bit_greedy_equals_float_reference():
     """The 4-bit path against transformers computing with the same weights decoded to float32:
     greedy tokens equal, last-prompt-position logits within 1e-3 (float32 sums in another order
     over 30 layers)."""
+    from slimtune.infer import decoded_weights, format_prompt
     from slimtune.models import load_model
-    from slimtune.train.generation import decoded_weights, format_prompt
 
     model, tokenizer = load_model(quant=QuantConfig())
     prompts = ["What is the capital of France?", "Write a haiku about the sea.",

@@ -346,17 +346,17 @@ def test_prediction_within_15_percent_of_measured_peak_rss():
 
 
 def test_empty_large_asks_for_huge_pages_inside_the_tensor(monkeypatch):
-    from slimtune.memory import pages
+    from slimtune import buffers
 
     calls = []
-    monkeypatch.setattr(pages, "_madvise", lambda: lambda *args: calls.append(args))
-    small = pages.empty_large((1024,), torch.float32)
+    monkeypatch.setattr(buffers, "_madvise", lambda: lambda *args: calls.append(args))
+    small = buffers.empty_large((1024,), torch.float32)
     assert small.shape == (1024,) and not calls  # below MIN_BYTES: plain torch.empty
-    big = pages.empty_large((4096, 4096), torch.float32)
+    big = buffers.empty_large((4096, 4096), torch.float32)
     assert big.shape == (4096, 4096) and big.dtype == torch.float32
     ((start, length, advice),) = calls
-    assert advice == pages.MADV_HUGEPAGE
-    assert start % pages.HUGE_PAGE == 0 and length % pages.HUGE_PAGE == 0 and length > 0
+    assert advice == buffers.MADV_HUGEPAGE
+    assert start % buffers.HUGE_PAGE == 0 and length % buffers.HUGE_PAGE == 0 and length > 0
     assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.nbytes
     big.fill_(1.0)  # the memory is ordinary memory
     assert float(big.sum()) == 4096 * 4096

@@ -9,10 +9,9 @@ from conftest import make_tiny_llama
 from test_serve_engine import ADAPTERS, PROMPTS, _request
 from test_serve_support import make_char_tokenizer, make_peft_adapter
 
-from slimtune.infer import inference_context
+from slimtune.infer import decoded_weights, inference_context
 from slimtune.quant import Linear4bit, QuantConfig, quantize_model
 from slimtune.serve import Engine
-from slimtune.train.generation import decoded_weights
 
 
 def _engine(adapters, four_bit: bool):

@@ -1,7 +1,8 @@
 """The `slimtune` command: a thin layer over the library.
 
 Every public module in this package is one subcommand. It defines
-`HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+`HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. `slimtune --help` imports
+every one of them, so each imports the library (and with it torch) inside `run`, not at its top.
 """
 
 from __future__ import annotations

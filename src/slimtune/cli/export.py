@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from slimtune.cli._inference import add_quant_arguments
+from slimtune.cli._inference import add_quant_arguments, base_quant
+from slimtune.errors import SlimtuneError
 
 HELP = "Export a fine-tune as GGUF for llama.cpp and Ollama (merged model, or LoRA adapter)."
 
@@ -62,9 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from slimtune.cli._inference import base_quant
     from slimtune.data import read_rows
-    from slimtune.errors import SlimtuneError
     from slimtune.export import export_adapter_gguf, export_merged_gguf
 
     rows = read_rows(args.eval)[: args.eval_limit] if args.eval else None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from slimtune.cli._inference import add_inference_arguments, compute_dtype
+from slimtune.errors import SlimtuneError
 
 HELP = "generate text from a prompt (chat template for chat models), streamed"
 
@@ -32,13 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.errors import SlimtuneError
-
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SlimtuneError("--temperature must be >= 0 and --top-p in (0, 1]")
-    import json
-
-    from slimtune.train.generation import generate_result, load_for_inference
+    from slimtune.infer import generate_result
+    from slimtune.train.generation import load_for_inference
 
     dtype = compute_dtype(args)
     model, tokenizer = load_for_inference(

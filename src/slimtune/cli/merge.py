@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from slimtune.choices import MERGED_DTYPES
-from slimtune.cli._inference import add_quant_arguments
+from slimtune.cli._inference import add_quant_arguments, base_quant
+from slimtune.errors import SlimtuneError
 
 HELP = "Merge a LoRA adapter into its base model and write a standalone model folder."
 
@@ -53,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.cli._inference import base_quant
-    from slimtune.errors import SlimtuneError
     from slimtune.export import merge_to_folder
 
     calibration = None

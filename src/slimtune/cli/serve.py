@@ -7,7 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from slimtune.cli._inference import add_inference_arguments, add_quant_arguments
+from slimtune.cli._inference import (
+    add_inference_arguments,
+    add_quant_arguments,
+    base_quant,
+    compute_dtype,
+)
+from slimtune.errors import SlimtuneError
 
 HELP = "Serve a model and its LoRA adapters behind an OpenAI-compatible HTTP API."
 
@@ -54,7 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.errors import SlimtuneError
     from slimtune.serve import create_app
     from slimtune.serve.adapters import parse_adapter_flag
     from slimtune.serve.build import build_engine
@@ -64,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
         raise SlimtuneError("--max-batch-size must be >= 1 and --max-queue >= 0")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
-    from slimtune.cli._inference import base_quant, compute_dtype
-
     engine, registry = build_engine(
         args.model,
         qlora=base_quant(args) if args.qlora else False,

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.train.config import add_config_arguments, load_config, overrides_from_args
+
 HELP = "fine-tune a model with LoRA or QLoRA (config file and/or flags)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from slimtune.train.config import add_config_arguments
-
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of options")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.train.config import load_config, overrides_from_args
-
     config = load_config(args.config, overrides_from_args(args))
 
     from slimtune.train import train

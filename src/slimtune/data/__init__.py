@@ -9,24 +9,12 @@ See docs/data.md for the formats and the masking rules.
 from slimtune.data.collate import Collator, pack
 from slimtune.data.dataset import DatasetSplits, load_dataset, split_examples
 from slimtune.data.demo import demo_data_path
-from slimtune.data.encode import IGNORE_INDEX, encode
-from slimtune.data.formats import FORMATS, detect_format
-from slimtune.data.preference import PreferencePair, load_preference_dataset, to_pair
+from slimtune.data.encode import encode
+from slimtune.data.formats import FORMATS, PreferencePair, detect_format, to_pair
+from slimtune.data.preference import load_preference_dataset
 from slimtune.data.reading import BadRow, read_rows
 from slimtune.data.render import render, split_prompt_answer
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else EOS, else 0 (also without a
-    tokenizer): pads are never trained on nor attended to."""
-    for token_id in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
+from slimtune.tokens import IGNORE_INDEX, pad_token_id
 
 __all__ = [
     "FORMATS",

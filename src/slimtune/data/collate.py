@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.data.encode import IGNORE_INDEX
+from slimtune.tokens import IGNORE_INDEX
 
 
 class Collator:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from slimtune.data.render import Rendered
 from slimtune.errors import SlimtuneError
-
-IGNORE_INDEX = -100
+from slimtune.tokens import IGNORE_INDEX
 
 
 def encode(rendered: Rendered, tokenizer, max_length: int | None = None) -> dict:

@@ -5,7 +5,7 @@
     alpaca      {"instruction": ..., "input": ... (optional), "output": ...}
     messages    {"messages": [{"role": "user", "content": ...}, ...]}        (OpenAI style)
     sharegpt    {"conversations": [{"from": "human", "value": ...}, ...]}
-    preference  {"chosen": ..., "rejected": ..., "prompt": ... (optional)}  (see preference.py)
+    preference  {"chosen": ..., "rejected": ..., "prompt": ... (optional)}  (see to_pair)
 
 Supervised training on preference rows learns the chosen answers; DPO and ORPO read them
 through preference.py. A checked row becomes an `Example`: either plain `text`, or a `prompt` and an `answer`
@@ -115,8 +115,6 @@ def to_example(row: dict, fmt: str | None = None, where: str = "row") -> Example
     if fmt == "messages":
         return Example(fmt, messages=_messages(row, where, "messages", "role", "content", None))
     if fmt == "preference":
-        from slimtune.data.preference import to_pair
-
         return to_pair(row, where).example("chosen")
     return Example(
         fmt, messages=_messages(row, where, "conversations", "from", "value", SHAREGPT_ROLES)
@@ -202,3 +200,103 @@ def _content(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
         raise _wrong_type(where, name, "a string", value)
     return value
+
+
+# ------------------------------------------------------------------------- preference rows
+# The row shapes TRL's preference data sets use (preference.py's docstring lists them).
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    """A checked row: the prompt and the two answers, as text or as chat turns."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+
+    @property
+    def is_chat(self) -> bool:
+        return any(isinstance(part, list) for part in (self.prompt, self.chosen, self.rejected))
+
+    def example(self, side: str) -> Example:
+        """One side as an Example that render() understands (prompt + answer, or chat turns)."""
+        answer = getattr(self, side)
+        if not self.is_chat:
+            return Example("completion", prompt=self.prompt, answer=answer)
+        return Example("messages", messages=_as_turns(self.prompt, "user") + _as_turns(answer))
+
+    def prompt_turns(self) -> list[dict]:
+        return _as_turns(self.prompt, "user")
+
+
+def _as_turns(part: str | list[dict], role: str = "assistant") -> list[dict]:
+    if isinstance(part, list):
+        return part
+    return [{"role": role, "content": part}] if part else []
+
+
+def to_pair(row: dict, where: str = "row") -> PreferencePair:
+    """Check a preference row and normalize it; BadRow naming `where` and the field if broken."""
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: expected an object (a dict of fields), got {type(row).__name__}")
+    for name in SIDES:
+        if name not in row:
+            raise BadRow(f"{where}: missing field {name!r}")
+    prompt = row.get("prompt")
+    if prompt is None:
+        if not all(isinstance(row[name], list) for name in SIDES):
+            raise BadRow(
+                f"{where}: missing field 'prompt' (needed unless 'chosen' and 'rejected' are "
+                "whole conversations that share their first turns)"
+            )
+        chosen, rejected = (_turns(row, name, where) for name in SIDES)
+        shared = _shared_prefix(chosen, rejected)
+        if shared == 0:
+            raise BadRow(f"{where}: 'chosen' and 'rejected' share no first turn to use as prompt")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            _check_answer_turns(answer, where, name)
+    else:
+        prompt = _prompt(row, where)
+        chosen, rejected = (_pair_answer(row, name, where) for name in SIDES)
+    if chosen == rejected:
+        raise BadRow(f"{where}: 'chosen' and 'rejected' are the same answer")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _prompt(row: dict, where: str) -> str | list[dict]:
+    if isinstance(row["prompt"], list):
+        return _turns(row, "prompt", where, need_assistant=False)
+    return _string(row, "prompt", where, allow_empty=True)
+
+
+def _pair_answer(row: dict, name: str, where: str) -> str | list[dict]:
+    if isinstance(row[name], list):
+        turns = _turns(row, name, where)
+        _check_answer_turns(turns, where, name)
+        return turns
+    return _string(row, name, where)
+
+
+def _turns(row: dict, name: str, where: str, need_assistant: bool = True) -> list[dict]:
+    """The turns of a list field, in either turn style, checked like SFT's chat rows."""
+    value = row[name]
+    sharegpt = bool(value) and isinstance(value[0], dict) and "from" in value[0]
+    keys = ("from", "value", SHAREGPT_ROLES) if sharegpt else ("role", "content", None)
+    return _messages(row, where, name, *keys, need_assistant=need_assistant)
+
+
+def _check_answer_turns(turns: list[dict], where: str, name: str) -> None:
+    if not turns:
+        raise BadRow(f"{where}: field {name!r}: no turn after the prompt, so no answer")
+    if turns[0]["role"] != "assistant":
+        raise BadRow(f"{where}: field {name!r}: the answer must start with an assistant turn")
+
+
+def _shared_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

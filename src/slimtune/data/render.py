@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from slimtune.data.formats import Example, to_example
 from slimtune.data.reading import BadRow
 from slimtune.errors import SlimtuneError
+from slimtune.tokens import has_chat_template
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -47,10 +48,6 @@ class Rendered:
 
     text: str
     spans: list[tuple[int, int]]
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def render(

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +17,7 @@ from torch import nn
 
 from slimtune.choices import MERGED_DTYPES
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_folder
 
 DTYPES = dict(zip(MERGED_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,20 +63,11 @@ def write_model_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise SlimtuneError(f"output folder {output_dir} exists and is not empty")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as tmp:
         _write_weights(model, tmp, DTYPES[dtype], max_shard_bytes)
         _write_config(model, tmp, DTYPES[dtype])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -15,8 +15,6 @@ multiple of the type's block size falls back to F16, as the converter does.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,26 +23,16 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.folder import unique_state_dict
+from slimtune.export.gguf_tokenizer import add_tokenizer
+from slimtune.export.gptq import gptq_q4_0
+from slimtune.files import atomic_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # model_type in the HF config -> llama.cpp architecture name, for the models written here.
 ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 # Matrices kept in Q8_0 under q4_0: they hurt most when rounded (llama.cpp does the same).
 KEEP_Q8 = ("token_embd.weight", "output.weight")
-
-
-def atomic_file(target: Path, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a temporary file beside `target`, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gguf_arch(config) -> str:
@@ -151,8 +139,6 @@ def file_type(qtype: str):
 def model_tensors(model: nn.Module, arch: str):
     """(HF name, llama.cpp name, float32 array) of every tensor, q/k permuted; a tied output is left
     out (llama.cpp then reads the embedding, as for models converted by llama.cpp)."""
-    from slimtune.export.folder import unique_state_dict
-
     config = model.config
     name_of = tensor_names(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -184,14 +170,12 @@ def write_gguf(
     """
     import gguf
 
-    from slimtune.export.gguf_tokenizer import add_tokenizer
-
     if qtype not in TYPES:
         raise SlimtuneError(f"GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
     path = Path(path)
     arch = gguf_arch(model.config)
 
-    def write(tmp: str) -> None:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or path.stem)
@@ -203,8 +187,6 @@ def write_gguf(
             ggml_type = tensor_type(gguf_name, array.shape, qtype)
             hessian = (hessians or {}).get(hf_name.removesuffix(".weight"))
             if hessian is not None and ggml_type == gguf.GGMLQuantizationType.Q4_0:
-                from slimtune.export.gptq import gptq_q4_0
-
                 data = gptq_q4_0(torch.from_numpy(array), hessian)
             else:
                 data = encode(array, ggml_type)
@@ -213,6 +195,4 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-    atomic_file(path, write)
     return path

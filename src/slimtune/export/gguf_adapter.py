@@ -19,6 +19,9 @@ import numpy as np
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.gguf import encode, gguf_arch, permute_for_arch, tensor_names, tensor_type
+from slimtune.files import atomic_file
+from slimtune.lora import load_adapter, lora_layers
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 ADAPTER = "default"
@@ -26,9 +29,6 @@ ADAPTER = "default"
 
 def adapter_tensors(model: nn.Module, arch: str, adapter_name: str = ADAPTER):
     """(alpha, [(llama.cpp name, float32 array)]) of the adapter `adapter_name` in `model`."""
-    from slimtune.export.gguf import permute_for_arch, tensor_names
-    from slimtune.lora import lora_layers
-
     config = model.config
     name_of = tensor_names(arch, config.num_hidden_layers)
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora_A]
@@ -63,9 +63,6 @@ def write_adapter_gguf(
     """Load `adapter` (PEFT format) into `model` (the float base) and write it as `path`."""
     import gguf
 
-    from slimtune.export.gguf import atomic_file, encode, gguf_arch, tensor_type
-    from slimtune.lora import load_adapter
-
     if qtype not in TYPES:
         raise SlimtuneError(f"adapter GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
     arch = gguf_arch(model.config)
@@ -73,7 +70,7 @@ def write_adapter_gguf(
     alpha, tensors = adapter_tensors(model, arch)
     path = Path(path)
 
-    def write(tmp: str) -> None:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -86,6 +83,4 @@ def write_adapter_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-    atomic_file(path, write)
     return path

@@ -21,6 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtune.quant import Linear4bit, QuantConfig, codebook, dynamic_map
+from slimtune.quant.blockwise import QuantState, nearest_code
+from slimtune.quant.double_quant import dequantize_absmax, quantize_absmax
+
 COLUMNS_PER_STEP = 128  # GPTQ's lazy batch: columns updated together before the rest
 
 
@@ -55,8 +59,6 @@ def input_hessians(
 
 def fixed_scales(weight: torch.Tensor, blocksize: int, double_quant: bool):
     """(absmax as stored in the QuantState, float32 absmax the codes are scaled by)."""
-    from slimtune.quant.double_quant import dequantize_absmax, quantize_absmax
-
     absmax = weight.reshape(-1, blocksize).abs().amax(dim=1)
     if not double_quant:
         return absmax, absmax, None
@@ -102,9 +104,6 @@ def gptq_codes(
     damp: float = 0.01,
 ) -> torch.Tensor:
     """NF4 codes of `weight`; `scales`: one float32 absmax per `blocksize` values of a row."""
-    from slimtune.quant import codebook
-    from slimtune.quant.blockwise import nearest_code
-
     rows, columns = weight.shape
     scale = scales.reshape(rows, columns // blocksize).clamp(min=1e-38)
     values = codebook("nf4")
@@ -145,9 +144,6 @@ def gptq_q4_0(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -
 def gptq_linear4bit(linear: nn.Linear, hessian: torch.Tensor, config=None):
     """An NF4 `Linear4bit` of `linear` with GPTQ-rounded codes (see the module docstring)."""
     from dataclasses import replace
-
-    from slimtune.quant import Linear4bit, QuantConfig, codebook, dynamic_map
-    from slimtune.quant.blockwise import QuantState
 
     config = config or QuantConfig()
     weight = linear.weight.detach().float()

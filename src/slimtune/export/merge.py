@@ -3,9 +3,10 @@
 The adapter is merged layer by layer, in place (`slimtune.lora.merge_adapter`), and the LoRA
 wrappers are then replaced by their merged base layers: the model is never copied whole.
 With `qlora` the base is loaded in 4 bits as QLoRA trained on it (True: QLoRA's NF4, or the
-QuantConfig of the run), and merging happens on the dequantized weights; `quantize="nf4"` writes the merged model back in 4 bits (bitsandbytes'
-layout), which is where merged QLoRA adapters lose accuracy: the re-quantization error of the
-merged weights is measured and returned.
+QuantConfig of the run), and merging happens on the dequantized weights; `quantize="nf4"`
+writes the merged model back in 4 bits (bitsandbytes' layout), which is where merged QLoRA
+adapters lose accuracy: the re-quantization error of the merged weights is measured and
+returned.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from pathlib import Path
 
 from torch import nn
 
+from slimtune.data import split_prompt_answer
 from slimtune.errors import SlimtuneError
 from slimtune.export.folder import DTYPES, write_model_folder
-from slimtune.quant import QuantConfig
+from slimtune.export.gptq import gptq_linear4bit, input_hessians
+from slimtune.lora import load_adapter, lora_configs, lora_layers, merge_adapter
+from slimtune.models import load_model, save_quantized_model
+from slimtune.models.experts import fuse_experts
+from slimtune.quant import Linear4bit, QuantConfig, frozen_linear, select_linear_layers
 
 ADAPTER = "default"
 
@@ -54,9 +60,6 @@ def merge_to_folder(
     With `quantize="nf4"` and `calibration` rows (a few hundred rows of the training data), the
     merged weights are rounded to NF4 with error compensation (`slimtune.export.gptq`) instead
     of plainly, which keeps the fine-tune that plain rounding erases."""
-    from slimtune.lora import load_adapter, merge_adapter
-    from slimtune.models import load_model
-
     if quantize not in (None, "nf4"):
         raise SlimtuneError(f"--quantize {quantize!r}: only 'nf4' is supported")
     if dtype not in DTYPES:
@@ -70,8 +73,6 @@ def merge_to_folder(
     unwrap_lora_layers(network)
     error = merged.requant_rel_error if merged.requantized else None
     if quantize:
-        from slimtune.models import save_quantized_model
-
         if calibration:
             dequantize_layers(network)
             error = gptq_quantize_layers(network, tokenizer, calibration)
@@ -81,8 +82,6 @@ def merge_to_folder(
         save_quantized_model(network, tokenizer, output)
     else:
         dequantize_layers(network)
-        from slimtune.models.experts import fuse_experts
-
         fuse_experts(network)  # a mixture of experts back in transformers' fused layout
         write_model_folder(network, tokenizer, output, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return ExportReport(Path(output), merged.layers, bool(quantize), error)
@@ -96,10 +95,6 @@ def trained_base(qlora: bool | QuantConfig) -> QuantConfig | None:
     return qlora if isinstance(qlora, QuantConfig) else QuantConfig()
 
 
-def _nf4() -> QuantConfig:
-    return QuantConfig()
-
-
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -107,8 +102,6 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def unwrap_lora_layers(model: nn.Module) -> None:
     """Put each (merged) LoRA layer's base layer back in its place."""
-    from slimtune.lora import lora_configs, lora_layers
-
     for path, layer in list(lora_layers(model)):
         _replace(model, path, layer.base_layer)
     lora_configs(model).clear()
@@ -116,23 +109,16 @@ def unwrap_lora_layers(model: nn.Module) -> None:
 
 def dequantize_layers(model: nn.Module) -> None:
     """Turn the 4-bit layers the adapter did not touch into float Linear layers."""
-    from slimtune.quant import Linear4bit
-
     for path, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantize().float()
-            if module.bias is not None:
-                dense.bias.data = module.bias.detach().float().clone()
-            _replace(model, path, dense.requires_grad_(False))
+            bias = None if module.bias is None else module.bias.float()
+            _replace(model, path, frozen_linear(module.dequantize().float(), bias))
 
 
 def quantize_float_layers(model: nn.Module) -> float:
     """Quantize every Linear layer but the output head to NF4, one layer at a time (as
     `quantize_model` does); return the relative weight error that quantization added."""
-    from slimtune.quant import Linear4bit, select_linear_layers
-
-    config = _nf4()
+    config = QuantConfig("nf4")
     err = norm = 0.0
     for path in select_linear_layers(model):
         module = model.get_submodule(path)
@@ -148,8 +134,6 @@ def calibration_batches(tokenizer, rows: list[dict]):
     """Input ids of each row as trained on (prompt as the model sees it, then the answer)."""
     import torch
 
-    from slimtune.data import split_prompt_answer
-
     for row in rows:
         prompt, answer = split_prompt_answer(row, tokenizer)
         ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
@@ -159,12 +143,9 @@ def calibration_batches(tokenizer, rows: list[dict]):
 def gptq_quantize_layers(model: nn.Module, tokenizer, rows: list[dict]) -> float:
     """`quantize_float_layers` with GPTQ rounding on Hessians from `rows`; returns the relative
     weight error added (larger than plain rounding's: GPTQ trades weight error for output error)."""
-    from slimtune.export.gptq import gptq_linear4bit, input_hessians
-    from slimtune.quant import select_linear_layers
-
     paths = select_linear_layers(model)
     hessians = input_hessians(model, paths, calibration_batches(tokenizer, rows))
-    config = _nf4()
+    config = QuantConfig("nf4")
     err = norm = 0.0
     for path in paths:
         module = model.get_submodule(path)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimtune.files import write_text
+
 SYS, USER, ASSISTANT = "SLIMTUNE_SYSTEM_MARK", "SLIMTUNE_USER_MARK", "SLIMTUNE_ASSISTANT_MARK"
 
 
@@ -141,12 +143,10 @@ def modelfile_text(base: Path, adapter: Path | None, tokenizer) -> tuple[str, st
 
 
 def write_modelfile(path: Path, base: Path, adapter: Path | None, tokenizer) -> Path:
-    from slimtune.export.gguf import atomic_file
-
     text, problem = modelfile_text(base, adapter, tokenizer)
     if problem:
         import warnings
 
         warnings.warn(f"Modelfile without TEMPLATE: {problem}", stacklevel=2)
-    atomic_file(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_text(path, text)
     return Path(path)

@@ -21,6 +21,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from slimtune import infer
+from slimtune.data import demo_data_path, read_rows, split_prompt_answer
+from slimtune.export.merge import merge_to_folder
+from slimtune.lora import load_adapter
+from slimtune.models import load_model
+from slimtune.quant import QuantConfig
+
 WARN_BELOW = 0.9  # an export that loses more than 10% of the fine-tune's gain is flagged
 
 
@@ -59,12 +68,10 @@ class Survival:
         return text
 
 
-def exact_match(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
-    from slimtune.data import split_prompt_answer
-    from slimtune.train.evaluate import evaluate
-
+def exact_match(model, tokenizer, rows: list[dict]) -> float | None:
+    """The share of `rows` (data rows) whose greedy answer is exactly the row's answer."""
     pairs = [split_prompt_answer(row, tokenizer) for row in rows]
-    return evaluate(model, tokenizer, pairs=pairs, batch_size=batch_size).exact_match
+    return infer.exact_match(model, tokenizer, pairs)
 
 
 def measure(
@@ -76,11 +83,6 @@ def measure(
     work_dir: Path | None = None,
 ) -> dict:
     """Accuracies of the variants above and the share of the gain each export keeps."""
-    from slimtune.export.merge import merge_to_folder
-    from slimtune.lora import load_adapter
-    from slimtune.models import load_model
-    from slimtune.quant import QuantConfig
-
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="slimtune-survival-"))
     scores = {}
     network, tokenizer = load_model(model)
@@ -111,10 +113,6 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from slimtune.data import demo_data_path, read_rows
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--adapter", required=True)

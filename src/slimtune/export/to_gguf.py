@@ -11,8 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.export.gguf import encode, tensor_type, write_gguf
+from slimtune.export.gguf_adapter import write_adapter_gguf
+from slimtune.export.gptq import input_hessians
+from slimtune.export.merge import (
+    calibration_batches,
+    dequantize_layers,
+    trained_base,
+    unwrap_lora_layers,
+)
+from slimtune.export.ollama import write_modelfile
 from slimtune.export.survival import Survival, exact_match
-from slimtune.quant import QuantConfig
+from slimtune.lora import load_adapter, lora_layers, merge_adapter
+from slimtune.models import default_model_file, load_model
+from slimtune.quant import QuantConfig, select_linear_layers
 
 ADAPTER = "default"
 
@@ -33,8 +45,6 @@ class GGUFExport:
 
 def source_gguf(model: str | Path | None) -> Path | None:
     """The GGUF file a base model is read from, if it is one (the default model is)."""
-    from slimtune.models import default_model_file
-
     if model is None:
         return default_model_file()
     path = Path(model).expanduser()
@@ -50,10 +60,6 @@ def merged_model(
 ):
     """(float model with the adapter merged in, tokenizer, number of merged layers, scores):
     scores are the exact match of the base and of base + adapter on `eval_rows` (or None)."""
-    from slimtune.export.merge import dequantize_layers, trained_base, unwrap_lora_layers
-    from slimtune.lora import load_adapter, merge_adapter
-    from slimtune.models import load_model
-
     network, tokenizer = load_model(model, quant=trained_base(qlora))
     scores = None
     if eval_rows:
@@ -69,10 +75,6 @@ def merged_model(
 
 def calibration_hessians(network, tokenizer, rows: list[dict]) -> dict:
     """Input Hessians of every block Linear layer on `rows` (see `slimtune.export.gptq`)."""
-    from slimtune.export.gptq import input_hessians
-    from slimtune.export.merge import calibration_batches
-    from slimtune.quant import select_linear_layers
-
     paths = select_linear_layers(network)
     return input_hessians(network, paths, calibration_batches(tokenizer, rows))
 
@@ -99,8 +101,6 @@ def export_merged_gguf(
     """Merge `adapter` into `model` and write one GGUF file `output` of type `qtype`; with
     `eval_rows`, measure how much of the fine-tune's gain the written file keeps; with
     `calibration` rows (training data) and `qtype="q4_0"`, round with error compensation."""
-    from slimtune.export.gguf import write_gguf
-
     output = _check_output(output)
     if calibration and qtype != "q4_0":
         raise SlimtuneError(f"calibration rows round to Q4_0: they do not apply to {qtype}")
@@ -131,11 +131,6 @@ def export_adapter_gguf(
     """Write `output_dir/adapter.gguf`, `output_dir/Modelfile` and, for a base that is not a
     GGUF file already, `output_dir/base.gguf`. With `eval_rows`, the gain kept is measured on
     the base with the adapter's weights as the file stores them (rounded to `qtype`)."""
-    from slimtune.export.gguf import write_gguf
-    from slimtune.export.gguf_adapter import write_adapter_gguf
-    from slimtune.export.ollama import write_modelfile
-    from slimtune.models import load_model
-
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise SlimtuneError(f"output folder {output_dir} exists and is not empty")
@@ -166,9 +161,6 @@ def round_adapter_weights(model, qtype: str) -> None:
     import gguf
     import numpy as np
     import torch
-
-    from slimtune.export.gguf import encode, tensor_type
-    from slimtune.lora import lora_layers
 
     for _, layer in lora_layers(model):
         for store in (layer.lora_A, layer.lora_B):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimtune.devices import device_of
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
 
@@ -148,8 +149,6 @@ def _transformers(
     model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, on_token, pad_token_id
 ):
     """transformers' generate, for architectures the lean forward does not cover."""
-    from slimtune.models.device import device_of
-
     start = time.perf_counter()
     device = device_of(model)
     inputs = {"input_ids": input_ids.to(device)}

@@ -4,13 +4,14 @@ from slimtune.lora.adapters import (
     active_adapters,
     delete_adapter,
     disable_adapters,
+    lora_configs,
+    lora_layers,
     per_sample_adapters,
     set_active_adapters,
 )
 from slimtune.lora.combine import combine_adapters
 from slimtune.lora.config import LoraConfig
-from slimtune.lora.fused import fuse_shared_inputs
-from slimtune.lora.inject import find_targets, inject_adapter, lora_configs, lora_layers
+from slimtune.lora.inject import find_targets, fuse_shared_inputs, inject_adapter
 from slimtune.lora.io import load_adapter, save_adapter
 from slimtune.lora.layer import LoraLinear, set_sparse_dropout
 from slimtune.lora.merge import MergeReport, merge_adapter, unmerge_adapter

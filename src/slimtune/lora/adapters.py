@@ -1,4 +1,5 @@
-"""Many named adapters on one base: activate, disable, delete, and one adapter per sample."""
+"""Many named adapters on one base: where they are, activate, disable, delete, and one adapter
+per sample."""
 
 from __future__ import annotations
 
@@ -8,12 +9,36 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from slimtune.devices import device_of
 from slimtune.errors import SlimtuneError
-from slimtune.lora.inject import adapter_parameters, lora_configs, lora_layers
-from slimtune.models.device import device_of
+from slimtune.lora.config import LoraConfig
+from slimtune.lora.layer import LoraLinear
+
+CONFIGS_ATTR = "lora_configs"  # model attribute: {adapter name: LoraConfig}
 
 
-def _check_names(model: nn.Module, names: Sequence[str | None], allow_none: bool = False) -> None:
+def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters injected into `model`, by name (empty dict when none)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def adapter_parameters(layer: LoraLinear, name: str | None = None) -> list[nn.Parameter]:
+    """A layer's LoRA parameters: of adapter `name`, or of all adapters."""
+    params = []
+    for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        for key, module in store.items():
+            if name is None or key == name:
+                params.extend(module.parameters())
+    return params
+
+
+def check_names(model: nn.Module, names: Sequence[str | None], allow_none: bool = False) -> None:
     known = lora_configs(model)
     for name in names:
         if name is None and allow_none:
@@ -33,7 +58,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make `names` the active adapters (their outputs are summed) and the only trainable ones."""
     names = [names] if isinstance(names, str) else list(names)
-    _check_names(model, names)
+    check_names(model, names)
     for _, layer in lora_layers(model):
         layer.set_active(names)
         for adapter in layer.lora_A:
@@ -59,7 +84,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere; a layer left without adapters is its base layer again."""
-    _check_names(model, [name])
+    check_names(model, [name])
     for path, layer in list(lora_layers(model)):
         layer.delete_adapter(name)
         if not layer.lora_A:
@@ -76,7 +101,7 @@ def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterat
     merged. Batches must have len(names) rows.
     """
     names = list(names)
-    _check_names(model, names, allow_none=True)
+    check_names(model, names, allow_none=True)
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise SlimtuneError("adapters are merged into the base: unmerge them first")

@@ -6,23 +6,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-def linear4bit_class() -> type | None:
-    """slimtune's 4-bit linear layer, or None while slimtune.quant does not provide it."""
-    try:
-        from slimtune.quant import Linear4bit
-    except ImportError:
-        return None
-    return Linear4bit
-
-
-def is_4bit(module: nn.Module) -> bool:
-    cls = linear4bit_class()
-    return cls is not None and isinstance(module, cls)
+from slimtune.quant import Linear4bit
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | Conv1D) or is_4bit(module)
+    return isinstance(module, nn.Linear | Conv1D | Linear4bit)
 
 
 def features(module: nn.Module) -> tuple[int, int]:

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.lora.adapters import _check_names
+from slimtune.lora.adapters import check_names, lora_configs, lora_layers
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.init import svd
-from slimtune.lora.inject import lora_configs, lora_layers
 from slimtune.lora.layer import LoraLinear
 
 METHODS = ("cat", "svd", "linear")
@@ -35,7 +34,7 @@ def combine_adapters(
     """Add adapter `new_name` combining the adapters in `weights` ({name: weight})."""
     if method not in METHODS:
         raise SlimtuneError(f"combine method must be one of {', '.join(METHODS)}, got {method!r}")
-    _check_names(model, list(weights))
+    check_names(model, list(weights))
     if new_name in lora_configs(model):
         raise SlimtuneError(f"adapter {new_name!r} already exists")
     ranks: dict[str, int] = {}

@@ -243,23 +243,3 @@ def _joins(member: nn.Module, layer: nn.Module) -> bool:
 def dropout_p(layer: nn.Module, name: str) -> float:
     dropout = layer.lora_dropout[name]
     return float(dropout.p) if layer.training and isinstance(dropout, nn.Dropout) else 0.0
-
-
-def fuse_shared_inputs(model: nn.Module) -> int:
-    """Link the LoRA layers of `model` that read one input (SHARED_INPUTS), so that their A
-    products run as one; returns how many groups. Outputs and gradients are unchanged (up to
-    float rounding); idempotent."""
-    from slimtune.lora.layer import LoraLinear
-
-    groups = 0
-    for module in model.modules():
-        for names in SHARED_INPUTS:
-            members = [getattr(module, name, None) for name in names]
-            members = [m for m in members if isinstance(m, LoraLinear)]
-            if len(members) < 2 or len({m.in_features for m in members}) > 1:
-                continue
-            group = SharedInput(members)
-            for member in members:
-                member.shared = group
-            groups += 1
-    return groups

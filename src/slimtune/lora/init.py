@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from slimtune.quant import dequantize_4bit, quantize_4bit
+
 
 def kaiming_(A: torch.Tensor) -> None:
     # PEFT's default: A as nn.Linear initialises its weight; B = 0: the adapter starts as a no-op.
@@ -59,8 +61,6 @@ def loftq(
     Returns (A, B, W_q): the base layer is the 4-bit quantization of W_q (W minus the previous
     low-rank part); A, B approximate what that quantization left out.
     """
-    from slimtune.quant import dequantize_4bit, quantize_4bit
-
     W = W.float()
     target = W
     for step in range(iters):

@@ -1,32 +1,27 @@
-"""Find the layers a LoraConfig targets, wrap them in LoraLinear, freeze everything else."""
+"""Find the layers a LoraConfig targets, wrap them in LoraLinear, freeze everything else; link
+the LoRA layers that read one input (lora/fused.py)."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator
 
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.lora.adapters import (
+    adapter_parameters,
+    lora_configs,
+    lora_layers,
+    set_active_adapters,
+)
 from slimtune.lora.bases import is_supported_base
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.experts import expert_layers, matches_parameter
+from slimtune.lora.fused import SHARED_INPUTS, SharedInput
 from slimtune.lora.layer import LoraLinear
 from slimtune.models.experts import unfuse_experts
-
-CONFIGS_ATTR = "lora_configs"  # model attribute: {adapter name: LoraConfig}
-
-
-def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The adapters injected into `model`, by name (empty dict when none)."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            yield name, module
+from slimtune.quant import QuantConfig
+from slimtune.targets import matches_target, output_head
 
 
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -49,7 +44,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     `config.target_parameters`) select, with PEFT's matching rules."""
     target = config.target_modules
     if target == "all-linear":
-        head = _output_head(model)
+        head = output_head(model)
         return [name for name, m in candidate_layers(model).items() if _unwrap(m) is not head]
     layers = candidate_layers(model)
     experts = expert_layers(model)
@@ -58,7 +53,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     matched = [
         name
         for name, _ in model.named_modules()
-        if _matches(target, name) and not (inside and name.startswith(inside))
+        if matches_target(name, target) and not (inside and name.startswith(inside))
     ]
     matched += [
         path
@@ -73,17 +68,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "wraps only Linear, Conv1D and Linear4bit layers"
             )
     return matched
-
-
-def _matches(target: list[str] | str, name: str) -> bool:
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    return getter() if getter else None
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -112,8 +96,6 @@ def inject_adapter(
         )
     loftq = None
     if config.init == "loftq":
-        from slimtune.quant import QuantConfig
-
         loftq = (config.loftq_quant or QuantConfig(), config.loftq_iters)
     experts = expert_layers(model)
     if config.use_dora and any(name in experts for name in targets):
@@ -137,8 +119,6 @@ def inject_adapter(
     configs[adapter_name] = config
     freeze_base(model)
     if activate:
-        from slimtune.lora.adapters import set_active_adapters
-
         set_active_adapters(model, [adapter_name])
     return model
 
@@ -161,14 +141,22 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def adapter_parameters(layer: LoraLinear, name: str | None = None) -> list[nn.Parameter]:
-    """A layer's LoRA parameters: of adapter `name`, or of all adapters."""
-    params = []
-    for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
-        for key, module in store.items():
-            if name is None or key == name:
-                params.extend(module.parameters())
-    return params
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Link the LoRA layers of `model` that read one input (SHARED_INPUTS), so that their A
+    products run as one; returns how many groups. Outputs and gradients are unchanged (up to
+    float rounding); idempotent."""
+    groups = 0
+    for module in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(module, name, None) for name in names]
+            members = [m for m in members if isinstance(m, LoraLinear)]
+            if len(members) < 2 or len({m.in_features for m in members}) > 1:
+                continue
+            group = SharedInput(members)
+            for member in members:
+                member.shared = group
+            groups += 1
+    return groups
 
 
 def _scaling(config: LoraConfig, r: int, alpha: float) -> float:

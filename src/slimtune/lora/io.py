@@ -2,7 +2,7 @@
 
 Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (and DoRA's
 `.lora_magnitude_vector`), the adapter name left out; an adapter other than "default" lives in a
-subfolder of that name. Files are written atomically (temp file, then os.replace).
+subfolder of that name. Files are written atomically (slimtune.files).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,18 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.lora.adapters import _check_names, set_active_adapters
+from slimtune.files import atomic_file, write_text
+from slimtune.lora.adapters import check_names, lora_configs, lora_layers, set_active_adapters
 from slimtune.lora.bases import features
 from slimtune.lora.config import LoraConfig
 from slimtune.lora.experts import expert_layers, from_peft, target_parameters_of, to_peft
-from slimtune.lora.inject import (
-    candidate_layers,
-    find_targets,
-    inject_adapter,
-    lora_configs,
-    lora_layers,
-    rank_of,
-)
+from slimtune.lora.inject import candidate_layers, find_targets, inject_adapter, rank_of
 from slimtune.models.experts import unfuse_experts
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,7 +55,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter `adapter_name` as PEFT does; returns the folder written."""
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     config = lora_configs(model)[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -96,8 +89,9 @@ def save_adapter(
         peft_config["target_modules"] = peft_config["target_modules"] or None
         peft_config["lora_dropout"] = 0.0  # PEFT's fused experts refuse any (inference has none)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_text(folder / CONFIG_NAME, text)
+    with atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, {"format": "pt"})
     return folder
 
 
@@ -133,17 +127,6 @@ def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
     leaves = sorted({p.rpartition(".")[2] for p in paths})
     selected = [n for n in candidate_layers(model) if n.rpartition(".")[2] in leaves]
     return leaves if sorted(selected) == sorted(paths) else sorted(paths)
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------ load

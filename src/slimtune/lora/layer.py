@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from slimtune.devices import device_of
 from slimtune.errors import SlimtuneError
 from slimtune.lora import fused
 from slimtune.lora import init as inits
-from slimtune.lora.bases import dense_weight, features, is_4bit, linear4bit_class
+from slimtune.lora.bases import dense_weight, features
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
 from slimtune.lora.sparse_dropout import SparseDropoutLora
-from slimtune.models.device import device_of
+from slimtune.quant import Linear4bit, QuantConfig, frozen_linear
 
 
 class LoraLinear(nn.Module):
@@ -135,8 +136,8 @@ class LoraLinear(nn.Module):
         )
         self.lora_A[name].weight.copy_(A)
         self.lora_B[name].weight.copy_(B)
-        dense = _dense_linear(to_quantize, base.bias, base.weight.dtype)
-        self.base_layer = linear4bit_class().from_linear(dense, quant_config)
+        dense = frozen_linear(to_quantize.to(base.weight.dtype), base.bias)
+        self.base_layer = Linear4bit.from_linear(dense, quant_config)
         self.base_layer.requires_grad_(False)
 
     def delete_adapter(self, name: str) -> None:
@@ -260,14 +261,12 @@ class LoraLinear(nn.Module):
         weight = dense_weight(base).float()
         merged, norm = self._merged_weight(name, weight)
         report = None
-        if requantize and not is_4bit(base):
+        if requantize and not isinstance(base, Linear4bit):
             raise SlimtuneError("requantize=True needs a 4-bit base layer")
-        if is_4bit(base):
-            self.base_layer = _dense_linear(merged, base.bias, base.compute_dtype)
+        if isinstance(base, Linear4bit):
+            self.base_layer = frozen_linear(merged.to(base.compute_dtype), base.bias)
             if requantize:
-                self.base_layer = linear4bit_class().from_linear(
-                    self.base_layer, _quant_config(base)
-                )
+                self.base_layer = Linear4bit.from_linear(self.base_layer, _quant_config(base))
                 requant = self.base_layer.dequantize().float()
                 report = (float((requant - merged).square().sum()), float(merged.square().sum()))
             self.base_layer.requires_grad_(False)
@@ -333,19 +332,8 @@ def _minus_bias(result: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return result if bias is None else result - bias
 
 
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    """A frozen float nn.Linear holding `weight` [out, in] (in `dtype`) and `bias`."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return layer
-
-
-def _quant_config(layer: nn.Module):
-    """The QuantConfig a slimtune Linear4bit was built with."""
-    from slimtune.quant import QuantConfig
-
+def _quant_config(layer: Linear4bit) -> QuantConfig:
+    """The QuantConfig a Linear4bit was built with."""
     return QuantConfig(
         quant_type=layer.quant_type,
         blocksize=layer.blocksize,

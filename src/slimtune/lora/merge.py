@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slimtune.lora.adapters import _check_names
-from slimtune.lora.bases import is_4bit
-from slimtune.lora.inject import lora_layers
+from slimtune.lora.adapters import check_names, lora_layers
+from slimtune.quant import Linear4bit
 
 
 @dataclass
@@ -35,13 +34,15 @@ class MergeReport:
 
 
 def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False) -> MergeReport:
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     layers = requantized = 0
     err = norm = 0.0
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
-        report = layer.merge(adapter_name, requantize=requantize and is_4bit(layer.base_layer))
+        report = layer.merge(
+            adapter_name, requantize=requantize and isinstance(layer.base_layer, Linear4bit)
+        )
         layers += 1
         if report is not None:
             requantized += 1
@@ -51,7 +52,7 @@ def merge_adapter(model: nn.Module, adapter_name: str, requantize: bool = False)
 
 
 def unmerge_adapter(model: nn.Module, adapter_name: str) -> None:
-    _check_names(model, [adapter_name])
+    check_names(model, [adapter_name])
     for _, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             layer.unmerge(adapter_name)

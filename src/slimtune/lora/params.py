@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtune.lora.bases import is_4bit
-from slimtune.lora.inject import adapter_parameters, lora_layers
+from slimtune.lora.adapters import adapter_parameters, lora_layers
+from slimtune.quant import Linear4bit
 
 
 def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
@@ -23,7 +23,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for module in model.modules():
         packed = None
-        if is_4bit(module):
+        if isinstance(module, Linear4bit):
             total += module.in_features * module.out_features
             packed = module.weight
         for p in module.parameters(recurse=False):

@@ -10,12 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from slimtune.files import atomic_folder
 from slimtune.models.paths import cache_dir
 
 # Bump when the folder layout written by `convert_gguf` changes.
@@ -41,7 +39,8 @@ def cached_folder(gguf_path: Path) -> Path:
     # The lock makes concurrent first loads (several test processes) convert only once.
     with _locked(root / f"{target.name}.lock"):
         if not target.is_dir():
-            _write_atomically(target, lambda tmp: convert_gguf(gguf_path, tmp))
+            with atomic_folder(target) as tmp:
+                convert_gguf(gguf_path, tmp)
     return target
 
 
@@ -67,18 +66,6 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> None:
 
     fresh.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Run `write(tmp)` on a temporary sibling folder, then rename it to `target`."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

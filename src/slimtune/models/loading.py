@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.quantized import load_4bit_folder
 from slimtune.models.source import resolve_model
-
-if TYPE_CHECKING:
-    from slimtune.quant import QuantConfig
+from slimtune.models.streaming import load_streaming_4bit
+from slimtune.quant import QuantConfig
 
 
 def load_model(
@@ -34,8 +33,6 @@ def load_model(
         _refuse_custom_architecture(folder)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if _is_4bit_folder(folder):
-        from slimtune.models.quantized import load_4bit_folder
-
         network = load_4bit_folder(
             folder,
             dtype=dtype,
@@ -43,8 +40,6 @@ def load_model(
             compute_dtype=quant.compute_dtype if quant is not None else None,
         )
     elif quant is not None:
-        from slimtune.models.streaming import load_streaming_4bit
-
         network = load_streaming_4bit(
             folder, quant, dtype=dtype, trust_remote_code=trust_remote_code
         )

@@ -9,15 +9,13 @@ Layout, as transformers writes it for bitsandbytes 4-bit: config.json with a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from slimtune.choices import BNB_QUANT_TYPES
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_folder
 from slimtune.models.experts import ExpertList
 from slimtune.quant import Linear4bit, save_quantized_safetensors
 
@@ -37,23 +35,13 @@ def save_quantized_model(model: nn.Module, tokenizer, output_dir: str | Path) ->
             "bitsandbytes' layout; write the model in float (e.g. merge without --quantize)"
         )
     check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as tmp:
         save_quantized_safetensors(model, tmp / "model.safetensors")
         _write_config(model, tmp / "config.json")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above): os.replace needs it gone or empty
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -3,20 +3,20 @@
 `torch.optim.Optimizer.state_dict()` is a nested dict of tensors and plain values that is
 usually pickled. We split it: every tensor goes under a flat key `state.<index>.<name>`, and the
 rest (param groups, non-tensor state entries) into a JSON document stored in the safetensors
-header, so one file holds the lot and nothing is ever unpickled.
+header, so one file holds the lot and nothing is ever unpickled. Training checkpoints
+(slimtune.train.checkpoint) store the optimizer this way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_file
 
 METADATA_KEY = "slimtune.optimizer"
 
@@ -31,9 +31,19 @@ def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
                 tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 plain.setdefault(str(index), {})[name] = value
-    document = {"param_groups": state_dict["param_groups"], "plain_state": plain}
+    groups = [_plain(group) for group in state_dict["param_groups"]]
+    document = {"param_groups": groups, "plain_state": plain}
     json.dumps(document)  # fail here, not half-way through writing, if something is not JSON
     return tensors, document
+
+
+def _plain(value: Any) -> Any:
+    """`value` with tensors (e.g. a tensor learning rate) as numbers, for JSON."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value.item() if torch.is_tensor(value) else value
 
 
 def unflatten_state_dict(tensors: dict[str, torch.Tensor], document: dict) -> dict[str, Any]:
@@ -55,16 +65,8 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLi
     from safetensors.torch import save_file
 
     tensors, document = flatten_state_dict(optimizer.state_dict())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(document)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:

@@ -13,36 +13,9 @@ import functools
 
 import torch
 
+from slimtune.quant.codebook import dynamic_map
+
 BLOCKSIZE = 256
-
-
-@functools.cache
-def dynamic_map(
-    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
-) -> torch.Tensor:
-    """bitsandbytes' `create_dynamic_map`: 256 sorted float32 code values on [-1, 1] or [0, 1]."""
-    data: list[float] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        exponent = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
-        boundaries = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + i)
-        # Scaled in float32, as bitsandbytes does, so the codes match it bit for bit.
-        data += (scale * means).tolist()
-        if signed:
-            data += (-scale * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
-        data += (scale * means).tolist()
-        if signed:
-            data += (-scale * means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (2**total_bits - len(data))
-    return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 @functools.cache

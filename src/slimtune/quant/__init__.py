@@ -7,7 +7,7 @@ so a model quantized here and one quantized by bitsandbytes hold the same bytes.
 from slimtune.quant.blockwise import QuantState, dequantize_4bit, quantize_4bit
 from slimtune.quant.codebook import QUANT_TYPES, codebook, dynamic_map
 from slimtune.quant.config import QuantConfig
-from slimtune.quant.linear import Linear4bit
+from slimtune.quant.linear import Linear4bit, frozen_linear
 from slimtune.quant.model import quantize_model, select_linear_layers
 from slimtune.quant.report import LayerStorage, StorageReport, storage_report
 from slimtune.quant.serialize import (
@@ -27,6 +27,7 @@ __all__ = [
     "codebook",
     "dequantize_4bit",
     "dynamic_map",
+    "frozen_linear",
     "load_quantized_safetensors",
     "load_quantized_state_dict",
     "quantize_4bit",

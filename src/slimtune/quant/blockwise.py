@@ -12,9 +12,9 @@ from functools import cache
 
 import torch
 
+from slimtune.buffers import empty_large
 from slimtune.choices import BLOCKSIZES
 from slimtune.errors import SlimtuneError
-from slimtune.memory.pages import empty_large
 from slimtune.quant import gpu_kernels, kernels
 from slimtune.quant.codebook import (
     check_quant_type,

@@ -1,4 +1,4 @@
-"""The 4-bit code books (NF4, FP4, Int4) and the 8-bit dynamic map used by double quantization.
+"""The 4-bit code books (NF4, FP4, Int4) and bitsandbytes' 8-bit dynamic maps.
 
 NF4 and FP4 are bitsandbytes' exact float32 values in bitsandbytes' index order (the index is the
 4-bit code stored on disk), so our packed weights and bitsandbytes' are interchangeable.
@@ -109,20 +109,33 @@ def pair_table(quant_type: str) -> torch.Tensor:
 
 
 @cache
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)), 256 values.
+def dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> torch.Tensor:
+    """bitsandbytes' `create_dynamic_map`: 256 sorted float32 code values on [-1, 1] or [0, 1].
 
-    Built with the same float32 operations as bitsandbytes so the values agree bit for bit:
-    for each exponent 10^-6 .. 10^0 a linear fraction grid, both signs, plus 0 and 1.
+    The signed map scales double quantization's absmax values and 8-bit optimizers' first
+    moment; the unsigned one their second moment, which is never negative.
     """
-    max_exponent_bits, non_sign_bits = 7, 7
     data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for i in range(max_exponent_bits):
-        items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
-        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
+        exponent = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        boundaries = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
+        # Scaled in float32, as bitsandbytes does, so the codes match it bit for bit.
         data += (scale * means).tolist()
-        data += (-scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
     data += [0.0, 1.0]
+    data += [0.0] * (2**total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)

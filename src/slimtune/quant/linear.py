@@ -45,6 +45,16 @@ class _Dequantize4bitLinear(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None
 
 
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A frozen float nn.Linear holding `weight` [out, in] (not copied) and a copy of `bias`: a
+    4-bit layer decoded, or a merged weight."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
 class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as blockwise 4-bit codes (NF4, FP4 or Int4).
 

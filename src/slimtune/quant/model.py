@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import nn
@@ -10,6 +9,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit
+from slimtune.targets import matches_target, output_head
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -17,29 +17,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {name for name, module in model.named_modules() if head is not None and module is head}
-
-
-def _matches(name: str, targets: str | Sequence[str] | None) -> bool:
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def select_linear_layers(
     model: nn.Module, targets: str | Sequence[str] | None = None, include_lm_head: bool = False
 ) -> list[str]:
     """Names of the linear layers quantize_model would replace (see there)."""
-    heads = set() if include_lm_head else _output_head_names(model)
+    head = None if include_lm_head else output_head(model)
     return [
         name
         for name, module in model.named_modules()
-        if _is_linear(module) and name not in heads and _matches(name, targets)
+        if _is_linear(module) and module is not head and matches_target(name, targets)
     ]
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_file
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit
 from slimtune.quant.model import _is_linear
@@ -110,15 +110,8 @@ def save_quantized_safetensors(
         if any(t in tensors for t in tied.get(key, [])):
             continue
         tensors[key] = value.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.infer import decoded_weights, inference_context
+from slimtune.models import load_model
 from slimtune.quant import QuantConfig
 from slimtune.serve.adapters import AdapterRegistry, check_name
 from slimtune.serve.engine import Engine
@@ -34,10 +36,9 @@ def build_engine(
 ) -> tuple[Engine, AdapterRegistry]:
     """A started Engine with `adapters` loaded, and the registry of the names clients use.
 
-    A 4-bit base (`qlora`: True for QLoRA's NF4, or its QuantConfig; or a 4-bit model folder) computes from its packed codes for the
-    engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead."""
-    from slimtune.models import load_model
-
+    A 4-bit base (`qlora`: True for QLoRA's NF4, or its QuantConfig; or a 4-bit model folder)
+    computes from its packed codes for the engine's life (`slimtune.quant.inference`);
+    `four_bit=False` decodes float copies instead."""
     quant = None
     if qlora:
         quant = qlora if isinstance(qlora, QuantConfig) else QuantConfig()
@@ -46,12 +47,8 @@ def build_engine(
     network, tokenizer = load_model(model, quant=quant)
     stack = contextlib.ExitStack()
     if four_bit:
-        from slimtune.infer import inference_context
-
         stack.enter_context(inference_context(network, True, compute_dtype))
     else:
-        from slimtune.train.generation import decoded_weights
-
         stack.enter_context(decoded_weights(network))
     registry = AdapterRegistry(base_name or base_model_name(model), adapter_dir)
     if adapter_dir is not None and not adapter_dir.is_dir():

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimtune.data import pad_token_id
+from slimtune.infer import eos_ids
+from slimtune.lora import delete_adapter, load_adapter, per_sample_adapters
 from slimtune.serve import kv
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
-from slimtune.train.generation import eos_ids
+from slimtune.tokens import pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,6 @@ class Engine:
         return future
 
     def load_adapter(self, name: str, path) -> concurrent.futures.Future:
-        from slimtune.lora import load_adapter
-
         def load() -> None:
             load_adapter(self.model, str(path), adapter_name=name)
             self.model.eval()
@@ -355,8 +354,6 @@ class Engine:
     def _adapters(self, names: list[str | None]):
         if not self.adapters:
             return contextlib.nullcontext()  # no LoRA layers in the model yet
-        from slimtune.lora import per_sample_adapters
-
         return per_sample_adapters(self.model, names)
 
     def _unload_unused(self) -> None:
@@ -367,8 +364,6 @@ class Engine:
             ready = self._unloading - busy
             self._unloading -= ready
         if ready:
-            from slimtune.lora import delete_adapter
-
             for name in ready:
                 if name in self.adapters:
                     delete_adapter(self.model, name)

@@ -1,4 +1,4 @@
-"""Training: the config, the loop, checkpoints and resume, metrics, evaluation, generation.
+"""Training: the config, the loop, checkpoints and resume, metrics, evaluation.
 
 Names are imported on first use, so that `slimtune --help` (which reads TrainConfig to build
 the flags of `slimtune train`) does not import torch.
@@ -13,8 +13,7 @@ _WHERE = {
     "load_config": "config",
     "EvalResult": "evaluate",
     "evaluate": "evaluate",
-    "generate": "generation",
-    "TrainData": "loop",
+    "TrainData": "setup",
     "TrainingDiverged": "loop",
     "TrainResult": "loop",
     "train": "loop",

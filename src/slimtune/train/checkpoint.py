@@ -2,18 +2,17 @@
 
 A checkpoint is a folder `checkpoints/step-000042/` holding:
 - `trainable.safetensors`: every trainable parameter by name (the LoRA matrices);
-- `optimizer.safetensors` + `optimizer.json`: the optimizer's state dict, tensors and the rest;
+- `optimizer.safetensors`: the optimizer's state dict (slimtune.optim.save_optimizer_state);
 - `rng.safetensors`: torch's RNG states (dropout draws continue where they stopped);
 - `trainer_state.json`: the step (which fixes the data position and the learning rate), the
   epoch and the config digest.
-Each file is written to a temporary name and renamed; the folder is assembled under a temporary
-name and renamed into place last, so a folder named `step-N` is always complete.
+The folder is filled under a temporary name and renamed into place (slimtune.files), so a
+folder named `step-N` is always complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,70 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimtune.errors import SlimtuneError
+from slimtune.files import atomic_folder
+from slimtune.optim import load_optimizer_state, save_optimizer_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# ------------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # safetensors refuses views that share storage (tied weights): store plain copies.
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------- optimizer
-
-
-def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split torch's optimizer state dict into tensors (safetensors) and everything else (JSON)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value
-            elif isinstance(value, (int, float, bool, str)) or value is None:
-                scalars.setdefault(str(index), {})[key] = value
-            else:
-                raise TypeError(f"optimizer state {index}.{key} has unsupported type {type(value)}")
-    groups = [_jsonable(group) for group in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, entries in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
-
-
-# ------------------------------------------------------------------------------- save / load
 
 
 def save_checkpoint(
@@ -98,23 +37,22 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` under `folder` atomically, then delete all but the last `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    tmp = folder / f".step-{step:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    atomic_save_tensors(trainable, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    atomic_save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    atomic_write_text(tmp / "optimizer.json", json.dumps(opt_meta))
-    atomic_save_tensors(_rng_states(), tmp / "rng.safetensors")
-    atomic_write_text(tmp / "trainer_state.json", json.dumps({**trainer_state, "step": step}))
-    if final.exists():  # a rerun of the same step (resume from an older checkpoint)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # replace: a rerun of the same step (resume from an older checkpoint) writes it again.
+    with atomic_folder(final, replace=True) as tmp:
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        _save_tensors(trainable, tmp / "trainable.safetensors")
+        save_optimizer_state(optimizer, tmp / "optimizer.safetensors")
+        _save_tensors(_rng_states(), tmp / "rng.safetensors")
+        state = json.dumps({**trainer_state, "step": step})
+        (tmp / "trainer_state.json").write_text(state)
     _prune(folder, keep)
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses views that share storage (tied weights): store plain copies.
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -140,9 +78,7 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name])
-    meta = json.loads((path / "optimizer.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    load_optimizer_state(optimizer, path / "optimizer.safetensors")
     _set_rng_states(load_file(str(path / "rng.safetensors")))
     return json.loads((path / "trainer_state.json").read_text())
 
@@ -157,7 +93,8 @@ def _checkpoints(folder: Path) -> list[Path]:
 def _prune(folder: Path, keep: int) -> None:
     for old in _checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for partial in folder.glob(".step-*.tmp-*"):  # left by a run killed while saving
+    # A run killed while saving leaves a folder under slimtune.files' temporary name.
+    for partial in folder.glob(".step-*.tmp-*"):
         shutil.rmtree(partial, ignore_errors=True)
 
 

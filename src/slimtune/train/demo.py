@@ -12,7 +12,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slimtune.data.demo import SYSTEM as DEMO_SYSTEM
+from slimtune.data.demo import demo_data_path
 from slimtune.train.config import TrainConfig
+from slimtune.train.evaluate import evaluate
+from slimtune.train.loop import train
+from slimtune.train.setup import build_data, build_model
 
 # Tuned for a 2-core CPU: 30 steps of 8 rows (240 of the 360 training rows). The rows are ~53
 # tokens of which ~11 are trained (the answer + end of turn), so a higher lr than the paper's
@@ -49,8 +53,6 @@ class DemoResult:
 
 
 def demo_config(output: str = "slimtune-demo", **overrides) -> TrainConfig:
-    from slimtune.data.demo import demo_data_path
-
     settings = dict(
         DEMO_SETTINGS,
         data=str(demo_data_path("train")),
@@ -65,10 +67,6 @@ def run_demo(
     config: TrainConfig, *, show: int = 4, progress: bool = True, echo=print
 ) -> DemoResult:
     """Base accuracy, fine-tune, accuracy after, a few answers side by side."""
-    from slimtune.train.evaluate import evaluate
-    from slimtune.train.loop import train
-    from slimtune.train.setup import build_data, build_model
-
     start = time.perf_counter()
     echo(f"Loading the model ({config.model or 'SmolLM2-135M-Instruct'}) in 4 bits (NF4) ...")
     model, tokenizer = build_model(config)

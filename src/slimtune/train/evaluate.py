@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from slimtune.data import Collator
-from slimtune.data import pad_token_id as default_pad_id
+from slimtune.infer import evaluation, scored_answers
+from slimtune.tokens import pad_token_id as default_pad_id
 from slimtune.train.forward import loss_on
-from slimtune.train.generation import decoded_weights, greedy_answers
 
 
 @dataclass
@@ -33,11 +33,6 @@ class EvalResult:
         }
 
 
-def is_exact_match(answer: str, reference: str) -> bool:
-    """The stripped generated answer equals the stripped reference answer."""
-    return answer.strip() == reference.strip()
-
-
 def evaluate(
     model: nn.Module,
     tokenizer,
@@ -56,46 +51,27 @@ def evaluate(
     4-bit layers compute from their packed codes (`slimtune.quant.inference`), so a 4-bit model
     is evaluated in the memory it trained in; `four_bit=False` decodes them into float copies
     for the time of the evaluation instead."""
-    from slimtune.infer import inference_context
-
-    was_training = model.training
-    model.eval()
-    weights = inference_context(model, True, compute_dtype) if four_bit else decoded_weights(model)
-    try:
-        with weights, torch.no_grad():
-            loss, perplexity, n = float("nan"), float("nan"), 0
-            if examples:
-                pad = pad_token_id if pad_token_id is not None else default_pad_id(tokenizer)
-                collate = Collator(pad)
-                batches = [
-                    collate(examples[i : i + batch_size])
-                    for i in range(0, len(examples), batch_size)
-                ]
-                total, count = loss_on(model, batches)
-                loss = total / max(count, 1)
-                perplexity = math.exp(min(loss, 80.0))
-                n = len(examples)
-            accuracy, samples = None, []
-            if pairs:
-                prompts = [p for p, _ in pairs]
-                answers = greedy_answers(
-                    model,
-                    tokenizer,
-                    prompts,
-                    max_new_tokens=max_new_tokens,
-                    four_bit=four_bit,
-                    compute_dtype=compute_dtype,
-                )
-                for (prompt, reference), answer in zip(pairs, answers, strict=True):
-                    samples.append(
-                        dict(
-                            prompt=prompt,
-                            reference=reference,
-                            answer=answer,
-                            correct=is_exact_match(answer, reference),
-                        )
-                    )
-                accuracy = sum(s["correct"] for s in samples) / len(samples)
-    finally:
-        model.train(was_training)
+    loss, perplexity, n = float("nan"), float("nan"), 0
+    accuracy, samples = None, []
+    with evaluation(model, four_bit, compute_dtype):
+        if examples:
+            pad = pad_token_id if pad_token_id is not None else default_pad_id(tokenizer)
+            collate = Collator(pad)
+            batches = [
+                collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)
+            ]
+            total, count = loss_on(model, batches)
+            loss = total / max(count, 1)
+            perplexity = math.exp(min(loss, 80.0))
+            n = len(examples)
+        if pairs:
+            samples = scored_answers(
+                model,
+                tokenizer,
+                pairs,
+                max_new_tokens=max_new_tokens,
+                four_bit=four_bit,
+                compute_dtype=compute_dtype,
+            )
+            accuracy = sum(s["correct"] for s in samples) / len(samples)
     return EvalResult(loss, perplexity, accuracy, n, len(samples), samples)

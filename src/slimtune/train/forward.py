@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimtune.models.device import device_of, to_device
+from slimtune.devices import device_of, to_device
+from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.loss import causal_lm_loss
 
 
@@ -17,7 +18,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Sum of the token losses of `batch` (labels -100 are skipped; no full logits are made)."""
+    """Sum of the token losses of `batch` (IGNORE_INDEX labels are skipped; no full logits are made)."""
     body, head = decoder_and_head(model)
     if "position_ids" in batch:
         # Packed rows: position_ids restarting at 0 and no mask make transformers keep attention
@@ -32,8 +33,8 @@ def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def count_trained_tokens(batch: dict[str, Tensor]) -> int:
-    """Tokens whose prediction is trained: next-token labels that are not -100."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    """Tokens whose prediction is trained: next-token labels that are not IGNORE_INDEX."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

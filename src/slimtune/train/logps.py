@@ -13,14 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.forward import decoder_and_head
-from slimtune.train.loss import (
-    IGNORE_INDEX,
-    _chunk_logits,
-    _head_weights,
-    _in_dtype,
-    _logits_buffers,
-)
+from slimtune.train.loss import _chunk_logits, _head_weights, _in_dtype, _logits_buffers
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slimtune.data import Collator
+from slimtune.devices import to_device
 from slimtune.dist import (
     all_reduce_gradients,
     all_reduce_sum,
@@ -34,8 +35,8 @@ from slimtune.dist import (
 )
 from slimtune.errors import SlimtuneError
 from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
-from slimtune.models.device import to_device
 from slimtune.models.lean_mlp import use_lean_mlp
+from slimtune.optim import build_optimizer
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig
@@ -51,20 +52,11 @@ from slimtune.train.precision import (
 )
 from slimtune.train.preference import PreferenceObjective, evaluate_pairs, preference_backward
 from slimtune.train.schedule import lr_at, warmup_steps
+from slimtune.train.setup import TrainData, build_data, build_model, save_final
 
 
 class TrainingDiverged(SlimtuneError):
     """The loss or the gradients became NaN or infinite."""
-
-
-@dataclass
-class TrainData:
-    """Tokenized rows ({"input_ids", "labels"}) and, for accuracy, (prompt, answer) pairs."""
-
-    train: list[dict]
-    eval: list[dict] = field(default_factory=list)
-    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
-    pad_token_id: int = 0
 
 
 @dataclass
@@ -101,12 +93,8 @@ def train(
     if data is None and config.data is None:  # before the (slow) model load
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
     if model is None:
-        from slimtune.train.setup import build_model
-
         model, tokenizer = build_model(config)
     if data is None:
-        from slimtune.train.setup import build_data
-
         data = build_data(config, tokenizer, info)
     if not data.train:
         raise SlimtuneError(f"no training rows in {config.data}")
@@ -126,7 +114,9 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise SlimtuneError("the model has no trainable parameters (no adapter injected?)")
-    optimizer = _build_optimizer(config, trainable)
+    optimizer = build_optimizer(
+        config.optimizer, trainable, lr=config.lr, weight_decay=config.weight_decay
+    )
     collate = Collator(data.pad_token_id)
     preference = PreferenceObjective.from_config(config)  # None: supervised fine-tuning
 
@@ -247,8 +237,6 @@ def train(
 
     # --- 3. the results ----------------------------------------------------------------
     if info.is_main:
-        from slimtune.train.setup import save_final
-
         save_final(model, tokenizer, config, output)
         plot_losses(metrics.records, output / "loss.png")
     shutdown_distributed(info)
@@ -256,16 +244,6 @@ def train(
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    try:
-        from slimtune.optim import build_optimizer
-    except ImportError:  # slimtune.optim not there yet: plain AdamW only
-        if config.optimizer != "adamw":
-            raise SlimtuneError(f"optimizer {config.optimizer!r} needs slimtune.optim") from None
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _resume(config, checkpoints: Path, model, optimizer, metrics: MetricsLog) -> int:

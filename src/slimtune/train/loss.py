@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.memory.pages import empty_large
-
-IGNORE_INDEX = -100
+from slimtune.buffers import empty_large
+from slimtune.tokens import IGNORE_INDEX
 
 
 def causal_lm_loss(
@@ -28,7 +27,7 @@ def causal_lm_loss(
     reduction: str = "mean",
     chunk_size: int = 512,
 ) -> Tensor:
-    """Cross-entropy of next-token prediction over the positions whose label is not -100.
+    """Cross-entropy of next-token prediction over the positions whose label is not IGNORE_INDEX.
 
     hidden: (batch, seq, dim) final hidden states; labels: (batch, seq), aligned with the
     inputs (the shift happens here). reduction: "mean" over trained tokens, or "sum" (the

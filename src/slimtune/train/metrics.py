@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from slimtune.train.checkpoint import atomic_write_text
+from slimtune.files import atomic_file, write_text
 
 
 class MetricsLog:
@@ -32,7 +32,7 @@ class MetricsLog:
                 kept.append(record)
         self.records = kept
         if self.enabled:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         record = {k: _clean(v) for k, v in record.items()}
@@ -72,10 +72,9 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _plot_preference(ax, records: list[dict[str, Any]]) -> None:

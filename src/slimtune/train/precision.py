@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.hardware import dtype_name, resolve_compute_dtype
+from slimtune.hardware import cpu_model, device_has_native_bf16, dtype_name, resolve_compute_dtype
+from slimtune.quant import Linear4bit
 from slimtune.train.loss import release_loss_buffers
 
 
@@ -50,7 +51,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     how many layers. Idempotent; `dtype` float32 puts float bases back in float32."""
     count = 0
     for module in model.modules():
-        if _is_4bit(module):
+        if isinstance(module, Linear4bit):
             module.compute_dtype = dtype
             count += 1
         elif _is_frozen_float_base(module):
@@ -84,7 +85,7 @@ def _frozen_output_layer(model: nn.Module) -> nn.Module | None:
 def float32_compute(model: nn.Module) -> Iterator[None]:
     """4-bit layers compute in float32 inside the block (evaluation decodes them into float32
     copies that take the float32 hidden states as they are), and go back after."""
-    layers = [m for m in model.modules() if _is_4bit(m)]
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     before = [m.compute_dtype for m in layers]
     for layer in layers:
         layer.compute_dtype = torch.float32
@@ -93,10 +94,6 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, dtype in zip(layers, before, strict=True):
             layer.compute_dtype = dtype
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return hasattr(module, "compute_dtype") and hasattr(module, "dequantize")
 
 
 def _is_frozen_float_base(module: nn.Module) -> bool:
@@ -119,8 +116,6 @@ def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor)
 
 def describe_compute_dtype(name: str, dtype: torch.dtype, device: torch.device | str) -> str:
     """The line a run prints before training: the dtype and, for `auto`, what decided it."""
-    from slimtune.hardware import cpu_model, device_has_native_bf16
-
     text = f"compute dtype: {dtype_name(dtype)}"
     if name != "auto":
         return text

@@ -32,9 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.data.collate import Collator
-from slimtune.data.preference import SIDES, pair_side
+from slimtune.data.formats import SIDES
+from slimtune.data.preference import pair_side
+from slimtune.devices import device_of, to_device
+from slimtune.dist import all_reduce_sum
 from slimtune.errors import SlimtuneError
-from slimtune.models.device import device_of, to_device
+from slimtune.lora import disable_adapters, lora_layers
+from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.logps import sequence_logps
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -190,9 +194,6 @@ def adapter_off(model: nn.Module):
         with model.disable_adapter():
             yield
         return
-    from slimtune.lora import disable_adapters
-    from slimtune.lora.inject import lora_layers
-
     if not any(True for _ in lora_layers(model)):
         raise SlimtuneError(
             "DPO's reference is the base with the adapter switched off, and this model has no "
@@ -315,8 +316,6 @@ def preference_backward(
     the same batch), for one more forward pass without gradients (see _backward_by_side);
     False runs both sides as one batch of 2B rows, as TRL does.
     """
-    from slimtune.dist import all_reduce_sum
-
     if objective.needs_reference:
         cache_reference(model, [p for shard in shards for p in shard], pad_token_id)
     pairs = all_reduce_sum(sum(len(s) for s in shards), info)
@@ -388,4 +387,4 @@ def _set_rng_state(device: torch.device, state) -> None:
 
 def _answer_tokens(pair: dict, side: str) -> int:
     """Labelled next-token positions of one side (as sequence_logps counts them)."""
-    return sum(label != -100 for label in pair[f"{side}_labels"][1:])
+    return sum(label != IGNORE_INDEX for label in pair[f"{side}_labels"][1:])

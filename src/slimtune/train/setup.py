@@ -3,30 +3,41 @@ at the end the files a user keeps. This is where train/ meets models/, quant/, l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimtune.data import load_dataset, load_preference_dataset, pack, split_prompt_answer
 from slimtune.errors import SlimtuneError
-from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora
+from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora, save_adapter
+from slimtune.models import load_model
+from slimtune.models.chat_templates import set_chat_template
 from slimtune.quant import QuantConfig, quantize_model, select_linear_layers
+from slimtune.tokens import pad_token_id
 from slimtune.train.config import QUANT_KEYS, TrainConfig
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+@dataclass
+class TrainData:
+    """Tokenized rows ({"input_ids", "labels"}) and, for accuracy, (prompt, answer) pairs."""
+
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
+    pad_token_id: int = 0
+
+
 def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
     """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train."""
-    from slimtune.models import load_model
-
     quant = quant_config(config) if config.method == "qlora" else None
     # LoftQ quantizes the layers it adapts itself, from their float weights: they load in float.
     load_quant = None if config.init == "loftq" else quant
     model, tokenizer = load_model(config.model, quant=load_quant, dtype=torch.float32)
     if config.chat_template is not None:
-        from slimtune.models.chat_templates import set_chat_template
-
         set_chat_template(tokenizer, config.chat_template)  # saved with the adapter (save_final)
     model.config.use_cache = False
     if config.method == "full":
@@ -76,9 +87,6 @@ def _quantize_all_but(model: nn.Module, adapted: list[str], quant: QuantConfig) 
 
 def build_data(config: TrainConfig, tokenizer, info=None):
     """Tokenized train/eval rows and the (prompt, answer) pairs that accuracy is measured on."""
-    from slimtune.data import load_dataset, pack, pad_token_id, split_prompt_answer
-    from slimtune.train.loop import TrainData
-
     if config.data is None:
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
     if config.objective != "sft":
@@ -101,10 +109,6 @@ def build_data(config: TrainConfig, tokenizer, info=None):
 
 def _preference_data(config: TrainConfig, tokenizer):
     """Tokenized preference pairs for DPO / ORPO (their eval is on pairs, not generation)."""
-    from slimtune.data import pad_token_id
-    from slimtune.data.preference import load_preference_dataset
-    from slimtune.train.loop import TrainData
-
     if config.packing:
         raise SlimtuneError(f"packing: not supported with objective {config.objective}")
     splits = load_preference_dataset(
@@ -124,8 +128,6 @@ def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -
         # A whole model, or a model PEFT wrapped (a library caller's): its own safetensors save.
         model.save_pretrained(output)
     else:
-        from slimtune.lora import save_adapter
-
         if config.init == "pissa":
             pissa_to_lora(model)  # a plain LoRA adapter on the original weights, as PEFT saves it
         save_adapter(model, output, base_model_name_or_path=config.model or DEFAULT_BASE_NAME)

@@ -11,7 +11,6 @@ Safety, since a browser can be made to call a local server by any web page it vi
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from slimtune.data.reading import SUFFIXES
 from slimtune.errors import SlimtuneError
+from slimtune.files import write_bytes
 from slimtune.ui import exports, runs
 from slimtune.ui.paths import Allowed, OutsideAllowed, safe_name
 from slimtune.ui.plan import memory_plan
@@ -134,9 +134,7 @@ def create_app(allowed: Allowed, *, token: str | None = None, loopback: bool = T
         folder = allowed.resolve(allowed.home / UPLOADS)
         folder.mkdir(exist_ok=True)
         path = allowed.resolve(folder / name)
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)
+        write_bytes(path, body)
         return {"path": allowed.display(path)}
 
     @app.post("/api/preview")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from slimtune.train.checkpoint import atomic_write_text
+from slimtune.files import write_text
 
 _children: dict[int, subprocess.Popen] = {}  # started by this UI: reaped for their exit code
 
@@ -40,7 +40,7 @@ def start(command: list[str], record: Path, log: Path, cwd: Path, **extra) -> di
         )
     _children[child.pid] = child
     info = {"pid": child.pid, "argv": argv, "started": time.time(), **extra}
-    atomic_write_text(record, json.dumps(info))
+    write_text(record, json.dumps(info))
     return info
 
 
@@ -53,7 +53,7 @@ def read(record: Path) -> dict | None:
 
 def update(record: Path, **values) -> dict:
     info = {**(read(record) or {}), **values}
-    atomic_write_text(record, json.dumps(info))
+    write_text(record, json.dumps(info))
     return info
 
 

@@ -33,6 +33,7 @@ class Playground:
 
     def engine(self, model: str | None, qlora: bool):
         """The engine for this base model, built on first use (replacing another one)."""
+        # Imported on first use: the UI starts without loading the model stack (transformers).
         from slimtune.serve.build import build_engine
 
         key = (model, qlora)
@@ -63,7 +64,7 @@ class Playground:
         temperature: float = 0.0,
     ) -> list[dict[str, Any]]:
         """One answer per column: the base (if asked) and each adapter, in that order."""
-        from slimtune.serve import GenerationRequest
+        from slimtune.serve import GenerationRequest  # on first use, as build_engine above
 
         if not messages or not any(m.get("content", "").strip() for m in messages):
             raise SlimtuneError("the prompt is empty")

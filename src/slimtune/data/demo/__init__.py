@@ -17,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from slimtune.errors import SlimtuneError
+
 SEED = 1234
 N_TRAIN = 360
 N_TEST = 80
@@ -84,8 +86,6 @@ def generate(seed: int = SEED, n_train: int = N_TRAIN, n_test: int = N_TEST) -> 
 def demo_data_path(split: str) -> Path:
     """Path of the bundled demo file for `split` ("train" or "test")."""
     if split not in ("train", "test"):
-        from slimtune.errors import SlimtuneError
-
         raise SlimtuneError(f"demo split must be 'train' or 'test', got {split!r}")
     return Path(__file__).with_name(f"{split}.jsonl")
 

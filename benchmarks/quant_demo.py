@@ -1,24 +1,21 @@
 """The quantization demo: SmolLM2-135M-Instruct in NF4 + double quantization answers a question.
 
-python -m slimtune.quant [--prompt "..."] [--max-new-tokens 24] [--quant-type nf4]
+.venv/bin/python benchmarks/quant_demo.py [--prompt "..."] [--max-new-tokens 24] [--quant-type nf4]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
-from slimtune.choices import QUANT_TYPES
+import torch
+
+from slimtune.models import load_model
+from slimtune.quant import QUANT_TYPES, QuantConfig, quantize_model, storage_report
 
 
 def run_demo(prompt: str, max_new_tokens: int, quant_type: str, double_quant: bool) -> str:
-    import copy
-
-    import torch
-
-    from slimtune.models import load_model
-    from slimtune.quant import QuantConfig, quantize_model, storage_report
-
     model, tokenizer = load_model()
     float_model = copy.deepcopy(model)
     start = time.perf_counter()
@@ -39,7 +36,7 @@ def run_demo(prompt: str, max_new_tokens: int, quant_type: str, double_quant: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slimtune.quant", description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default="What is the capital of France?")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES)
@@ -48,3 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prompt: {args.prompt!r}")
     print(run_demo(args.prompt, args.max_new_tokens, args.quant_type, not args.no_double_quant))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from slimtune.quant.demo import main
-
-sys.exit(main())
