@@ -9,7 +9,7 @@ from typing import Any
 
 from slimtune.choices import LORA_INITS
 from slimtune.errors import SlimtuneError
-from slimtune.patterns import pattern_value
+from slimtune.targets import pattern_value
 
 
 @dataclass

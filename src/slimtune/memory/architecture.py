@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
-from slimtune.patterns import pattern_value
+from slimtune.targets import pattern_value
 
 
 @dataclass(frozen=True)
