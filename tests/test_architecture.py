@@ -18,14 +18,14 @@ SRC = Path(slimtune.__file__).parent
 # Bottom to top. A package may import packages of lower layers only; packages in one layer do
 # not import each other.
 LAYERS = [
-    {"errors"},
+    {"errors", "choices"},
     {"hardware", "runtime", "files", "devices", "buffers", "tokens", "targets"},
     {"quant"},
     {"models", "optim"},
-    {"lora", "data", "dist", "memory"},
+    {"lora", "data", "dist"},
     {"infer"},
     {"train"},
-    {"serve", "export"},
+    {"serve", "export", "memory"},
     {"ui"},
     {"cli"},
     {"__main__"},
@@ -46,9 +46,12 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
     for node in nodes:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("slimtune.")}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.startswith("slimtune."):
-                found.add(node.module)
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("slimtune.")
+        ):
+            found.add(node.module)
     return found
 
 
