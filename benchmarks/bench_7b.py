@@ -273,13 +273,19 @@ def _train(step, args, build_s: float, build_peak: float, trainable: int) -> dic
 
 
 def prediction(args) -> dict:
-    from slimtune.memory import PlanSettings, architecture_from_config, estimate
+    from slimtune.memory import architecture_from_config, estimate
+    from slimtune.train import TrainConfig
 
     arch = architecture_from_config(config(args.layers).to_dict(), name="llama-2-7b (random)")
-    settings = PlanSettings(method="qlora", rank=args.rank, batch_size=1, max_length=args.length,
-                            gradient_checkpointing=True, optimizer=args.optimizer,
-                            weight_dtype=args.embed_dtype)  # fmt: skip
-    return estimate(arch, settings).to_dict()
+    settings = TrainConfig(method="qlora", rank=args.rank, batch_size=1, max_length=args.length,
+                           gradient_checkpointing=True, optimizer=args.optimizer,
+                           compute_dtype="float32")  # fmt: skip
+    out = estimate(arch, settings).to_dict()
+    if args.embed_dtype == "bfloat16":  # `slimtune train` keeps them float32; this build may not
+        saved = 2 * (arch.num_params() - arch.num_layers * arch.block_linear_params())
+        out["weights_bytes"] -= saved
+        out["total_bytes"] -= saved
+    return out
 
 
 def main() -> int:

@@ -137,14 +137,17 @@ def predict(
     case: str, method: str, checkpointing: bool, rank: int, optimizer: str,
     batch: int | None = None, length: int | None = None,
 ) -> dict:  # fmt: skip
-    from slimtune.memory import PlanSettings, estimate
+    from slimtune.memory import estimate
     from slimtune.memory.architecture import architecture_from_config
+    from slimtune.train import TrainConfig
 
     _, _, case_batch, case_length = CASES[case]
     batch, length = batch or case_batch, length or case_length
     arch = architecture_from_config(_llama_config(case).to_dict(), name=case)
-    settings = PlanSettings(method=method, rank=rank, batch_size=batch, max_length=length,
-                            gradient_checkpointing=checkpointing, optimizer=optimizer)  # fmt: skip
+    # measure() runs the step in float32, as `slimtune train --compute-dtype float32` does
+    settings = TrainConfig(method=method, rank=rank, batch_size=batch, max_length=length,
+                           gradient_checkpointing=checkpointing, optimizer=optimizer,
+                           compute_dtype="float32")  # fmt: skip
     return estimate(arch, settings).to_dict()
 
 

@@ -18,14 +18,14 @@ SRC = Path(slimtune.__file__).parent
 # Bottom to top. A package may import packages of lower layers only; packages in one layer do
 # not import each other.
 LAYERS = [
-    {"errors"},
+    {"errors", "choices"},
     {"hardware", "runtime", "files", "devices", "buffers", "tokens", "targets"},
     {"quant"},
     {"models", "optim"},
-    {"lora", "data", "dist", "memory"},
+    {"lora", "data", "dist"},
     {"infer"},
     {"train"},
-    {"serve", "export"},
+    {"serve", "export", "memory"},
     {"ui"},
     {"cli"},
     {"__main__"},

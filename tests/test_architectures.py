@@ -226,11 +226,12 @@ def test_planner_counts_the_parameters_of_each_architecture(arch, folders):
     """The planner's shapes, read from the folder's config.json, give exactly the model's own
     parameter count and, for all-linear LoRA, the adapter's."""
     from slimtune.lora import inject_adapter, lora_parameters
-    from slimtune.memory import PlanSettings, estimate, resolve_architecture
+    from slimtune.memory import estimate, resolve_architecture
+    from slimtune.train import TrainConfig
 
     shapes = resolve_architecture(str(folders[arch]))
     model = make_tiny(arch)
     assert shapes.num_params() == sum(p.numel() for p in model.parameters())
-    plan = estimate(shapes, PlanSettings(rank=4, dropout=0.0))
+    plan = estimate(shapes, TrainConfig(rank=4, dropout=0.0))
     inject_adapter(model, LoraConfig(r=4))
     assert plan.trainable_params == sum(p.numel() for p in lora_parameters(model))

@@ -164,6 +164,168 @@ def test_train_without_data_fails_before_loading_a_model(capsys):
     assert "no training data" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------ quantization and LoRA variants
+
+
+def _tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 64, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _train_tiny(tiny_folder, tmp_path, **settings):
+    """train() on the tiny model for two steps with `settings` on top; the TrainResult."""
+    from slimtune.train import load_config, train
+
+    tmp_path.mkdir(exist_ok=True)
+    data = write_jsonl(tmp_path / "train.jsonl", sums())
+    values = dict(model=str(tiny_folder), data=str(data), output=str(tmp_path / "out"), rank=8,
+                  alpha=16, lr=0.01, batch_size=8, max_steps=2, threads=1,
+                  compute_dtype="float32")  # fmt: skip
+    return train(load_config(None, {**values, **settings}), progress=False)
+
+
+def _linear4bit_settings(model) -> set[tuple]:
+    from slimtune.quant import Linear4bit
+
+    return {
+        (m.quant_type, m.blocksize, m.double_quant)
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+    }
+
+
+def test_train_quantizes_the_base_as_configured_and_generate_loads_it_so(tiny_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("quant_type: fp4\nblocksize: 128\n")
+    data = write_jsonl(tmp_path / "train.jsonl", sums())
+    output = tmp_path / "out"
+    argv = ["train", str(config), "--model", str(tiny_folder), "--data", str(data), "--rank", "4",
+            "--max-steps", "1", "--batch-size", "8", "--no-double-quant", "--output", str(output),
+            "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    saved = (output / "config.yaml").read_text()
+    assert "quant_type: fp4" in saved and "blocksize: 128" in saved
+    assert "double_quant: false" in saved
+
+    from slimtune.train.generation import load_for_inference
+
+    model, _ = load_for_inference(str(tiny_folder), str(output))  # quant "auto": as trained
+    assert _linear4bit_settings(model) == {("fp4", 128, False)}
+
+
+def test_train_holds_the_base_in_the_configured_4bit_format(tiny_folder, tmp_path):
+    result = _train_tiny(tiny_folder, tmp_path, quant_type="int4", blocksize=32)
+    assert _linear4bit_settings(result.model) == {("int4", 32, True)}
+
+
+def test_train_cli_dora_rslora_patterns_write_what_peft_loads(tiny_folder, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", sums())
+    output = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_folder), "--data", str(data), "--method", "lora",
+            "--rank", "8", "--alpha", "16", "--use-dora", "--use-rslora", "--init", "gaussian",
+            "--rank-pattern", "{v_proj: 4}", "--alpha-pattern", "{o_proj: 4}", "--lr", "0.01",
+            "--max-steps", "2", "--batch-size", "8", "--compute-dtype", "float32",
+            "--output", str(output), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads((output / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    assert (saved["r"], saved["lora_alpha"]) == (8, 16)
+    assert len(saved["rank_pattern"]) == 2 and set(saved["rank_pattern"].values()) == {4}
+    assert all("v_proj" in key for key in saved["rank_pattern"])
+    assert len(saved["alpha_pattern"]) == 2 and set(saved["alpha_pattern"].values()) == {4}
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.lora import load_adapter, lora_layers
+    from slimtune.models import load_model
+
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), output)
+    ours, _ = load_model(str(tiny_folder))
+    load_adapter(ours, output)
+    ours.eval()  # the adapter's new layers start in training mode, with dropout
+    magnitudes = [m for _, layer in lora_layers(ours) for m in layer.lora_magnitude_vector]
+    assert len(magnitudes) == 14  # DoRA on every linear layer of the two blocks
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(_tokens()).logits, theirs(_tokens()).logits, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_train_pissa_saves_a_lora_adapter_for_the_original_weights(tiny_folder, tmp_path):
+    """The trained PiSSA model (residual base + adapter) and PEFT with the saved adapter on
+    the untouched base give the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = _train_tiny(tiny_folder, tmp_path, method="lora", init="pissa", use_rslora=True)
+    saved = json.loads((result.output / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (16, pytest.approx(16 * 2**0.5))
+    assert saved["use_rslora"] is True
+    base = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    theirs = PeftModel.from_pretrained(base, result.output).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            result.model.eval()(_tokens()).logits, theirs(_tokens()).logits, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_train_loftq_adapter_fits_the_base_a_qlora_load_gives(tiny_folder, tmp_path):
+    from slimtune.lora import load_adapter
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    result = _train_tiny(tiny_folder, tmp_path, init="loftq", quant_type="fp4")
+    ours = dict(result.model.named_buffers())
+    loaded, _ = load_model(str(tiny_folder), quant=QuantConfig(quant_type="fp4"))
+    codes = {k: v for k, v in loaded.named_buffers() if k.endswith(".weight")}
+    assert len(codes) == 14
+    for name, value in codes.items():
+        lora_name = name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(ours[lora_name], value), name
+    load_adapter(loaded, result.output)
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(_tokens()).logits, result.model.eval()(_tokens()).logits, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_loftq_and_gaussian_inits_start_as_configured(tiny_folder):
+    """LoftQ's adapter starts as the best rank-r approximation of what 4 bits lose of W;
+    gaussian draws A ~ N(0, 1/r) and B = 0."""
+    from slimtune.train import TrainConfig
+    from slimtune.train.setup import build_model
+
+    original = dict(make_tiny_llama(vocab_size=64, initializer_range=0.3).named_parameters())
+    model, _ = build_model(TrainConfig(model=str(tiny_folder), init="loftq", rank=8))
+    layer = model.model.layers[0].mlp.down_proj
+    W = original["model.layers.0.mlp.down_proj.weight"]
+    quantized = layer.base_layer.dequantize().float()
+    with torch.no_grad():
+        left = (quantized + layer.delta_weight("default") - W).norm()
+        best = torch.linalg.svdvals(W - quantized)[8:].square().sum().sqrt()  # Eckart-Young
+    assert left.item() == pytest.approx(best.item(), rel=1e-4)
+
+    model, _ = build_model(TrainConfig(model=str(tiny_folder), init="gaussian", rank=16))
+    A = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert A.std().item() == pytest.approx(1 / 16, rel=0.1)
+    assert not model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.any()
+
+
+def test_pissa_run_resumes_to_the_adapter_of_an_unbroken_run(tiny_folder, tmp_path):
+    """Checkpoints hold the PiSSA form; resume recomputes the start from the base."""
+    from safetensors.torch import load_file
+
+    settings = dict(method="lora", init="pissa", max_steps=4, save_every=2, dropout=0.0)
+    whole = _train_tiny(tiny_folder, tmp_path / "whole", **settings)
+    part = tmp_path / "part"
+    _train_tiny(tiny_folder, part, **{**settings, "max_steps": 2})
+    resumed = _train_tiny(tiny_folder, part, **settings, resume=True)
+    a = load_file(whole.output / "adapter_model.safetensors")
+    b = load_file(resumed.output / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_help_does_not_import_torch():
     """`slimtune --help` builds every subcommand's flags; none of that may load torch."""
     import os

@@ -95,6 +95,41 @@ def test_qlora_merge_uses_the_dequantized_nf4_base(base, tmp_path):
     torch.testing.assert_close(_logits(merged), _logits(qlora_model), atol=1e-4, rtol=1e-4)
 
 
+def test_cli_qlora_merge_uses_the_format_the_adapter_was_trained_on(base, tmp_path):
+    """`merge --qlora` merges into the base as the adapter's training config quantized it
+    (here FP4, blocksize 128, no double quantization); flags override the file."""
+    import shutil
+
+    from slimtune.lora import load_adapter
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    folder, adapter = base
+    trained = shutil.copytree(adapter, tmp_path / "adapter")
+    (trained / "config.yaml").write_text("quant_type: fp4\nblocksize: 128\ndouble_quant: false\n")
+
+    def merged(name: str, *flags: str) -> torch.Tensor:
+        argv = ["merge", "--model", str(folder), "--adapter", str(trained), "--qlora",
+                "--output", str(tmp_path / name), *flags]  # fmt: skip
+        assert main(argv) == 0
+        return _logits(AutoModelForCausalLM.from_pretrained(tmp_path / name).eval())
+
+    def qlora_logits(config: QuantConfig) -> torch.Tensor:
+        model, _ = load_model(folder, quant=config)
+        load_adapter(model, trained)
+        return _logits(model.eval())
+
+    fp4 = qlora_logits(QuantConfig("fp4", 128, False))
+    torch.testing.assert_close(merged("fp4"), fp4, atol=1e-4, rtol=1e-4)
+    nf4 = qlora_logits(QuantConfig())
+    assert not torch.allclose(fp4, nf4, atol=1e-3)  # the formats differ where it shows
+    flags = ["--quant-type", "nf4", "--blocksize", "64", "--double-quant"]
+    torch.testing.assert_close(merged("nf4", *flags), nf4, atol=1e-4, rtol=1e-4)
+    merged("requantized", "--quantize", "nf4")
+    config = json.loads((tmp_path / "requantized" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
 def test_nf4_export_holds_the_bytes_bitsandbytes_would_write(base, tmp_path):
     import bitsandbytes.functional as bnbf
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import peft
@@ -29,10 +30,13 @@ from slimtune.lora import (
     disable_adapters,
     find_targets,
     inject_adapter,
+    lora_configs,
     lora_layers,
     lora_parameters,
     merge_adapter,
     per_sample_adapters,
+    pissa_to_lora,
+    save_adapter,
     set_active_adapters,
     set_sparse_dropout,
     trainable_summary,
@@ -129,6 +133,43 @@ def test_pissa_keeps_outputs_and_takes_principal_directions():
     S = torch.linalg.svdvals(W)
     torch.testing.assert_close(torch.linalg.svdvals(layer.delta_weight("default"))[:4], S[:4])
     torch.testing.assert_close(torch.linalg.svdvals(layer.base_layer.weight)[:4], S[4:8])
+
+
+@pytest.mark.parametrize("variant", ["plain", "use_rslora", "use_dora"])
+def test_trained_pissa_adapter_becomes_lora_on_the_original_weights(tmp_path, variant):
+    """PiSSA moves the principal part of W into the adapter; converted, the adapter is a rank-2r
+    LoRA that PEFT applies to the original base with the trained model's outputs."""
+    base = make_tiny_llama()
+    flags = {} if variant == "plain" else {variant: True}
+    config = LoraConfig(r=4, alpha=8, init="pissa", rank_pattern={"v_proj": 2}, **flags)
+    ours = inject_adapter(copy.deepcopy(base), config)
+    with torch.no_grad():  # as if trained: A, B (and DoRA's magnitude) away from their start
+        for param in lora_parameters(ours):
+            param.add_(0.05 * torch.randn_like(param))
+    trained = ours(ids()).logits
+    assert pissa_to_lora(ours) == 14
+    torch.testing.assert_close(ours(ids()).logits, trained, rtol=1e-5, atol=1e-5)
+    originals = dict(base.named_parameters())
+    for name, layer in lora_layers(ours):
+        torch.testing.assert_close(
+            layer.base_layer.weight, originals[name + ".weight"], rtol=0, atol=1e-5
+        )
+
+    save_adapter(ours, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    grow = 2**0.5 if variant == "use_rslora" else 2
+    assert (saved["r"], saved["lora_alpha"]) == (8, pytest.approx(8 * grow))
+    assert set(saved["rank_pattern"].values()) == {4}
+    assert saved["use_dora"] == (variant == "use_dora")
+    assert saved["use_rslora"] == (variant == "use_rslora")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(theirs(ids()).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_to_lora_leaves_other_adapters_alone():
+    model = inject_adapter(make_tiny_llama(), LoraConfig(r=4))
+    assert pissa_to_lora(model) == 0
+    assert lora_configs(model)["default"].r == 4
 
 
 def test_lora_weights_stay_fp32_on_a_bf16_base():

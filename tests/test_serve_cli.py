@@ -68,3 +68,27 @@ def test_serve_command_takes_a_chat_template(tmp_path, monkeypatch, capsys):
     bad.write_text("{% for %}")
     assert main(["serve", "--model", str(model), "--chat-template", str(bad)]) == 2
     assert "bad.jinja:1: not a valid Jinja template" in capsys.readouterr().err
+
+
+def test_serve_qlora_holds_the_base_in_the_format_given(tmp_path, monkeypatch):
+    """--qlora with the training config's --quant-type/--blocksize/--double-quant flags."""
+    import slimtune.serve.build
+    from slimtune.quant import Linear4bit
+
+    model = save_tiny_model(tmp_path / "tiny")
+    build, seen = slimtune.serve.build.build_engine, {}
+
+    def spy(*args, **kwargs):
+        engine, registry = build(*args, **kwargs)
+        layers = [m for m in engine.model.modules() if isinstance(m, Linear4bit)]
+        seen["formats"] = {(m.quant_type, m.blocksize, m.double_quant) for m in layers}
+        return engine, registry
+
+    monkeypatch.setattr(slimtune.serve.build, "build_engine", spy)
+    monkeypatch.setattr(slimtune.serve.server, "serve_forever", lambda app, host, port: None)
+    argv = ["serve", "--model", str(model), "--qlora", "--quant-type", "fp4", "--blocksize", "128",
+            "--no-double-quant"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["formats"] == {("fp4", 128, False)}
+    assert main(["serve", "--model", str(model), "--qlora"]) == 0
+    assert seen["formats"] == {("nf4", 64, True)}  # QLoRA's recipe, `slimtune train`'s default

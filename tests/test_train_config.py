@@ -86,3 +86,57 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
+
+
+def test_quantization_and_lora_variant_keys(tmp_path):
+    config = TrainConfig()
+    assert (config.blocksize, config.init, config.use_dora, config.use_rslora) == (
+        64,
+        "kaiming",
+        False,
+        False,
+    )
+    assert config.rank_pattern == {} and config.alpha_pattern == {}
+    path = tmp_path / "run.yaml"
+    path.write_text("method: lora\nrank_pattern: {v_proj: 4}\nblocksize: 128\n")
+    args = _parse([str(path), "--use-dora", "--init", "pissa", "--alpha-pattern", "{o_proj: 2.5}"])
+    config = load_config(args.config, overrides_from_args(args))
+    assert config.rank_pattern == {"v_proj": 4} and config.alpha_pattern == {"o_proj": 2.5}
+    assert (config.blocksize, config.init, config.use_dora) == (128, "pissa", True)
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("blocksize: 100\n", r"run\.yaml:2: key 'blocksize': must be one of 32, 64, 128"),
+        ("quant_type: nf8\n", r"run\.yaml:2: key 'quant_type': Input should be 'nf4', 'fp4'"),
+        ("init: pissa\n", r"run\.yaml:2: key 'init': pissa needs method lora .*not qlora"),
+        ("method: lora\ninit: loftq\n", r"run\.yaml:3: key 'init': loftq needs method qlora"),
+        ("method: full\nuse_dora: true\n", r"run\.yaml:3: key 'use_dora': method full trains"),
+        ("rank_pattern: {'q_(': 4}\n", r"run\.yaml:2: key 'rank_pattern': 'q_\(' is not a valid"),
+        ("alpha_pattern: {q_proj: 0}\n", r"key 'alpha_pattern': 'q_proj': must be greater than 0"),
+        ("init: svd\n", r"key 'init': Input should be 'kaiming', 'gaussian', 'pissa' or 'loftq'"),
+    ],
+)
+def test_variant_errors_name_the_file_line_and_key(tmp_path, text, error):
+    path = tmp_path / "run.yaml"
+    path.write_text("rank: 8\n" + text)
+    with pytest.raises(SlimtuneError, match=error):
+        load_config(path)
+
+
+def test_variant_flag_errors_name_the_flag():
+    with pytest.raises(SlimtuneError, match=r"--blocksize: must be one of"):
+        load_config(None, overrides_from_args(_parse(["--blocksize", "48"])))
+    with pytest.raises(SlimtuneError, match=r"--init: loftq needs method qlora"):
+        load_config(None, overrides_from_args(_parse(["--method", "lora", "--init", "loftq"])))
+
+
+def test_full_fine_tuning_refuses_a_low_precision_compute_dtype(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: full\ncompute_dtype: bfloat16\n")
+    with pytest.raises(SlimtuneError, match=r"run\.yaml:2: key 'compute_dtype'.*not method full"):
+        load_config(path)
+    assert load_config(None, {"method": "full", "compute_dtype": "auto"}).compute_dtype == "auto"

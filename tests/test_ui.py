@@ -133,14 +133,18 @@ def test_preview_names_the_format_and_each_bad_row_with_its_line(tmp_path):
 
 
 def test_memory_plan_is_the_planners_and_follows_the_settings(tmp_path):
-    from slimtune.memory import PlanSettings, builtin_architecture, estimate
+    from slimtune.memory import builtin_architecture, estimate
+    from slimtune.train import TrainConfig
+    from slimtune.ui.plan import _auto_dtype
 
     api = client(tmp_path)
     small = api.post("/api/plan", json={"method": "qlora", "rank": 8}, headers=POST).json()
     big = api.post("/api/plan", json={"method": "qlora", "rank": 64}, headers=POST).json()
     arch = builtin_architecture("smollm2-135m")
-    assert small["total_bytes"] == estimate(arch, PlanSettings(method="qlora", rank=8)).total
-    assert big["total_bytes"] == estimate(arch, PlanSettings(method="qlora", rank=64)).total
+    auto = _auto_dtype()  # the form's compute_dtype is auto: as `slimtune train` resolves it here
+    for plan, rank in ((small, 8), (big, 64)):
+        config = TrainConfig(method="qlora", rank=rank)
+        assert plan["total_bytes"] == estimate(arch, config, "cpu", auto).total
     assert big["total_bytes"] > small["total_bytes"]
     assert small["memory_bytes"] > 0 and small["fits"] == (
         small["total_bytes"] <= small["available_bytes"]

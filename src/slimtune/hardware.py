@@ -15,17 +15,18 @@ from typing import Any
 
 import torch
 
+from slimtune.choices import AUTO, COMPUTE_DTYPES
 from slimtune.errors import SlimtuneError
 
 # The flags that decide which kernels are fast; every benchmark records them.
 NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
 
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name config files and flags use for `dtype`: "bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
 
 
 @functools.cache
@@ -71,14 +72,12 @@ def resolve_compute_dtype(
     """`auto` -> bfloat16 where `device` multiplies it natively, else float32; names -> dtypes."""
     if isinstance(name, torch.dtype):
         return name
-    if name not in COMPUTE_DTYPES:
-        raise SlimtuneError(
-            f"compute_dtype: unknown value {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}"
-        )
-    dtype = COMPUTE_DTYPES[name]
-    if dtype is None:
+    if name == AUTO:
         return torch.bfloat16 if device_has_native_bf16(device) else torch.float32
-    return dtype
+    if name not in TORCH_DTYPES:
+        expected = ", ".join((AUTO, *COMPUTE_DTYPES))
+        raise SlimtuneError(f"compute_dtype: unknown value {name!r}; expected one of {expected}")
+    return TORCH_DTYPES[name]
 
 
 def blas_name() -> str:

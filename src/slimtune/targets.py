@@ -1,14 +1,18 @@
-"""Which layers of a model a `targets` setting names, by PEFT's rules for `target_modules`.
+"""Which layers of a model a setting names, by PEFT's rules: `target_modules` (which layers)
+and `rank_pattern` / `alpha_pattern` (a value per layer).
 
-quantize_model's targets and LoRA's target_modules both read it this way.
+quantize_model's targets and LoRA's target_modules both read it this way. Torch-free at run
+time: the memory planner applies the pattern rule to layer paths it only knows by name.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def matches_target(name: str, targets: str | Sequence[str] | None) -> bool:
@@ -27,3 +31,12 @@ def output_head(model: nn.Module) -> nn.Module | None:
     out; None when the model has no such method or layer."""
     getter = getattr(model, "get_output_embeddings", None)
     return getter() if callable(getter) else None
+
+
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """The value of the first pattern matching a suffix of `path` (PEFT's get_pattern_key), or
+    `default`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default

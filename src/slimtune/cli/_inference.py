@@ -1,18 +1,23 @@
-"""Flags `generate`, `eval` and `serve` share: how the base is held and what it computes in."""
+"""Flags commands share: how the base is held (`generate`, `eval`, `serve`, `merge`, `export`,
+`quantize`) and what it computes in."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-# slimtune.train.generation.QUANT_CHOICES (not imported: `slimtune --help` stays light)
-QUANT_CHOICES = ("auto", "nf4", "fp4", "int4", "none")
+from slimtune.choices import AUTO, COMPUTE_DTYPES, INFERENCE_QUANTS
+from slimtune.train.config import QUANT_KEYS, add_config_arguments
+
+if TYPE_CHECKING:  # the command modules import torch only when they run
+    from slimtune.quant import QuantConfig
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True) -> None:
     if quant:
         parser.add_argument(
             "--quant",
-            choices=QUANT_CHOICES,
+            choices=INFERENCE_QUANTS,
             default="auto",
             help="hold the base in 4 bits (auto: as the adapter was trained; none: float)",
         )
@@ -25,7 +30,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True)
     parser.add_argument(
         "--compute-dtype",
         default="float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=(AUTO, *COMPUTE_DTYPES),
         help="dtype of the matmuls (auto: bfloat16 where the hardware multiplies it natively)",
     )
 
@@ -34,3 +39,24 @@ def compute_dtype(args: argparse.Namespace):
     from slimtune.hardware import resolve_compute_dtype
 
     return resolve_compute_dtype(args.compute_dtype)
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser, title: str) -> None:
+    """--quant-type, --blocksize, --double-quant: the training config's keys, with its names,
+    defaults and checks."""
+    add_config_arguments(parser, QUANT_KEYS, title)
+
+
+def base_quant(args: argparse.Namespace, adapter: str | None = None) -> QuantConfig:
+    """The 4-bit format of a base: the flags given, else what `adapter` was trained with (the
+    config.yaml beside it), else the training defaults."""
+    from slimtune.train.config import load_config, overrides_from_args
+    from slimtune.train.generation import trained_config
+    from slimtune.train.setup import quant_config
+
+    trained = trained_config(adapter)
+    values = {}
+    if trained is not None and trained.method == "qlora":
+        values = {key: getattr(trained, key) for key in QUANT_KEYS}
+    values.update(overrides_from_args(args, QUANT_KEYS))
+    return quant_config(load_config(None, values))

@@ -5,85 +5,53 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimtune.errors import SlimtuneError
+from slimtune.memory.planner import DEVICES
+
 HELP = "predict the memory of a training run (weights, adapters, optimizer, activations)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_arg", nargs="?", metavar="MODEL",
-                        help="a model folder, config.json, .gguf file, or a built-in name "
-                             "(see --list); default: the default model, smollm2-135m")  # fmt: skip
-    parser.add_argument("--model", help="same as MODEL")
+    from slimtune.train.config import add_config_arguments
+
+    parser.add_argument("source", nargs="?", metavar="CONFIG.yaml | MODEL",
+                        help="the training config `slimtune train` reads, or a model: a folder, "
+                             "config.json, .gguf file or built-in name (see --list); default: "
+                             "the config's model, else smollm2-135m")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the built-in model names")
-    parser.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
-    parser.add_argument(
-        "--objective",
-        choices=["sft", "dpo", "orpo"],
-        default="sft",
-        help="dpo / orpo: --batch-size counts preference pairs",
-    )
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--targets", default="all-linear",
-                        help="'all-linear', a regex, or comma-separated layer names")  # fmt: skip
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                        default=False)  # fmt: skip
-    parser.add_argument("--optimizer", default="adamw",
-                        choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"])  # fmt: skip
-    dtypes = ["float32", "bfloat16", "float16"]
-    parser.add_argument("--weight-dtype", choices=dtypes, default="float32",
-                        help="dtype of the weights that are not quantized")  # fmt: skip
-    parser.add_argument("--adapter-dtype", choices=dtypes, default="float32",
-                        help="dtype of the LoRA weights and their gradients")  # fmt: skip
-    parser.add_argument("--compute-dtype", choices=dtypes, default="float32",
-                        help="dtype of the activations")  # fmt: skip
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--blocksize", type=int, default=64)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where it runs: the framework's own overhead differs")  # fmt: skip
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="e.g. 24GB or 16GiB: say whether the run fits, and what to change")  # fmt: skip
     parser.add_argument(
         "--json", action="store_true", help="print JSON (total_bytes, <part>_bytes)"
     )
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.errors import SlimtuneError
-    from slimtune.memory import BUILTIN, PlanSettings, estimate, parse_bytes, resolve_architecture
+    from slimtune.memory import BUILTIN, estimate, parse_bytes, resolve_architecture
     from slimtune.memory.advice import suggest
+    from slimtune.train.config import load_config, overrides_from_args
 
     if args.list:
         for name, arch in BUILTIN.items():
             print(f"{name:16s} {arch.num_params() / 1e9:7.2f}B parameters")
         return 0
-    if args.model and args.model_arg and args.model != args.model_arg:
-        raise SlimtuneError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
-    source = args.model or args.model_arg
-    arch = resolve_architecture(source) if source else _default_architecture()
-    targets = args.targets
-    if "," in targets or targets in {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    }:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    settings = PlanSettings(
-        method=args.method, rank=args.rank, targets=targets, batch_size=args.batch_size,
-        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer, dropout=args.dropout, weight_dtype=args.weight_dtype,
-        adapter_dtype=args.adapter_dtype, compute_dtype=args.compute_dtype,
-        double_quant=args.double_quant, blocksize=args.blocksize, device=args.device,
-        objective=args.objective,
-    )  # fmt: skip
-    result = estimate(arch, settings)
+    config_file, model = _config_or_model(args.source)
+    overrides = overrides_from_args(args)
+    if model is not None:
+        if overrides.get("model", model) != model:
+            raise SlimtuneError(f"two models given: {model!r} and --model {overrides['model']!r}")
+        overrides["model"] = model
+    config = load_config(config_file, overrides)  # what `slimtune train` would run
+    arch = resolve_architecture(config.model) if config.model else _default_architecture()
+    auto = _auto_dtype(args.device)
+    result = estimate(arch, config, args.device, auto)
     budget = parse_bytes(args.device_memory) if args.device_memory else None
-    steps = suggest(arch, settings, budget) if budget is not None and result.total > budget else []
+    steps = []
+    if budget is not None and result.total > budget:
+        steps = suggest(arch, config, budget, args.device, auto)
     if args.json:
         out = result.to_dict()
         if budget is not None:
@@ -101,6 +69,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_or_model(source: str | None) -> tuple[str | None, str | None]:
+    """(config file, model) from the positional argument: a YAML file is a config."""
+    if source is not None and source.lower().endswith((".yaml", ".yml")):
+        return source, None
+    return None, source
+
+
+def _auto_dtype(device: str) -> str:
+    """What compute_dtype auto resolves to on `device`, as `slimtune train` decides it here; for
+    a GPU this machine lacks, bfloat16 (every GPU since Ampere multiplies it natively)."""
+    import torch
+
+    from slimtune.hardware import device_has_native_bf16
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if device_has_native_bf16(device) else "float32"
+
+
 def _default_architecture():
     from slimtune.memory import builtin_architecture
 
@@ -110,13 +97,13 @@ def _default_architecture():
 def _table(result) -> str:
     from slimtune.memory import format_bytes
 
-    s = result.settings
+    s = result.config
     arch = result.architecture
     ckpt = "on" if s.gradient_checkpointing else "off"
     lines = [
         f"{arch.name}: {arch.num_params() / 1e9:.3g}B parameters, {result.trainable_params / 1e6:.3g}M trainable",
         f"{s.method}, rank {s.rank}, batch {s.batch_size} x {s.max_length}, "
-        f"checkpointing {ckpt}, {s.optimizer}, on {s.device}",
+        f"checkpointing {ckpt}, {s.optimizer}, compute {result.compute_dtype}, on {result.device}",
         "",
     ]
     width = max(len(name) for name in result.parts) + 2
@@ -134,7 +121,7 @@ def _band(result) -> str:
 
     if result.error_band is None:
         return (
-            f"  not calibrated on {result.settings.device}: the analytic count (activations, an "
+            f"  not calibrated on {result.device}: the analytic count (activations, an "
             "assumed 1 GiB runtime), never measured against this device: a rough guide"
         )
     low, high = result.error_band

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.cli._inference import add_quant_arguments, base_quant
 from slimtune.errors import SlimtuneError
 
 HELP = "Export a fine-tune as GGUF for llama.cpp and Ollama (merged model, or LoRA adapter)."
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--qlora",
         action="store_true",
-        help="the adapter was trained on the NF4 base: merge into the dequantized NF4 weights",
+        help="the adapter was trained on a 4-bit base: merge into its dequantized weights, in "
+        "the format the adapter's config.yaml (or the flags below) gives",
     )
     parser.add_argument(
         "--eval",
@@ -54,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-rows", type=int, default=256, help="calibration rows to use (256)"
     )
+
+    add_quant_arguments(parser, "with --qlora: the 4-bit format it was trained on")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = export_merged_gguf(args.model, args.adapter, args.output, args.type,
-                                    qlora=args.qlora, eval_rows=rows, calibration=calibration)  # fmt: skip
+                                    qlora=base_quant(args, args.adapter) if args.qlora else False,
+                                    eval_rows=rows, calibration=calibration)  # fmt: skip
     print(result)
     if result.survival is None:
         print("pass --eval ROWS to measure how much of the fine-tune's gain the export keeps")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.choices import MERGED_DTYPES
+from slimtune.cli._inference import add_quant_arguments, base_quant
 from slimtune.errors import SlimtuneError
 
 HELP = "Merge a LoRA adapter into its base model and write a standalone model folder."
@@ -25,14 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", required=True, help="folder to write (must not exist or be empty)"
     )
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--dtype", choices=MERGED_DTYPES, default="fp32")
     parser.add_argument(
         "--quantize", choices=("nf4",), default=None, help="write the merged model in NF4 4 bits"
     )
     parser.add_argument(
         "--qlora",
         action="store_true",
-        help="the adapter was trained on the NF4 base: merge into the dequantized NF4 weights",
+        help="the adapter was trained on a 4-bit base: merge into its dequantized weights, in "
+        "the format the adapter's config.yaml (or the flags below) gives",
     )
     parser.add_argument(
         "--max-shard-size", type=_size, default="2GB", help="largest safetensors file (2GB)"
@@ -46,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-rows", type=int, default=256, help="calibration rows to use (256)"
     )
+
+    add_quant_arguments(parser, "with --qlora: the 4-bit format it was trained on")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         dtype=args.dtype,
         quantize=args.quantize,
-        qlora=args.qlora,
+        qlora=base_quant(args, args.adapter) if args.qlora else False,
         max_shard_bytes=args.max_shard_size,
         calibration=calibration,
     )

@@ -7,7 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from slimtune.cli._inference import add_inference_arguments, compute_dtype
+from slimtune.cli._inference import (
+    add_inference_arguments,
+    add_quant_arguments,
+    base_quant,
+    compute_dtype,
+)
 from slimtune.errors import SlimtuneError
 
 HELP = "Serve a model and its LoRA adapters behind an OpenAI-compatible HTTP API."
@@ -17,7 +22,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2)")
-    parser.add_argument("--qlora", action="store_true", help="hold the base model in NF4 4 bits")
+    parser.add_argument(
+        "--qlora", action="store_true", help="hold the base model in 4 bits (format: below)"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -55,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model's own)",
     )
     add_inference_arguments(parser, quant=False)
+    add_quant_arguments(parser, "with --qlora: how the base is held, as `slimtune train` has it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
     engine, registry = build_engine(
         args.model,
-        qlora=args.qlora,
+        qlora=base_quant(args) if args.qlora else False,
         four_bit=args.four_bit,
         compute_dtype=compute_dtype(args),
         adapters=[parse_adapter_flag(value) for value in args.adapter],

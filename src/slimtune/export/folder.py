@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from slimtune.choices import MERGED_DTYPES
 from slimtune.errors import SlimtuneError
 from slimtune.files import atomic_folder
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(MERGED_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 INDEX_NAME = "model.safetensors.index.json"
 
 

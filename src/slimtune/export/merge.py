@@ -2,10 +2,11 @@
 
 The adapter is merged layer by layer, in place (`slimtune.lora.merge_adapter`), and the LoRA
 wrappers are then replaced by their merged base layers: the model is never copied whole.
-With `qlora=True` the base is loaded in NF4 as QLoRA trained on it, and merging happens on the
-dequantized weights; `quantize="nf4"` writes the merged model back in 4 bits (bitsandbytes'
-layout), which is where merged QLoRA adapters lose accuracy: the re-quantization error of the
-merged weights is measured and returned.
+With `qlora` the base is loaded in 4 bits as QLoRA trained on it (True: QLoRA's NF4, or the
+QuantConfig of the run), and merging happens on the dequantized weights; `quantize="nf4"`
+writes the merged model back in 4 bits (bitsandbytes' layout), which is where merged QLoRA
+adapters lose accuracy: the re-quantization error of the merged weights is measured and
+returned.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def merge_to_folder(
     *,
     dtype: str = "fp32",
     quantize: str | None = None,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     max_shard_bytes: int = 2 * 1024**3,
     calibration: list[dict] | None = None,
 ) -> ExportReport:
@@ -63,18 +64,20 @@ def merge_to_folder(
         raise SlimtuneError(f"--quantize {quantize!r}: only 'nf4' is supported")
     if dtype not in DTYPES:
         raise SlimtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    network, tokenizer = load_model(model, quant=QuantConfig("nf4") if qlora else None)
+    base = trained_base(qlora)
+    network, tokenizer = load_model(model, quant=base)
     load_adapter(network, adapter, ADAPTER)
-    merged = merge_adapter(
-        network, ADAPTER, requantize=bool(quantize and qlora and not calibration)
-    )
+    # A base already in the output's format is re-quantized layer by layer where merged.
+    requantize = bool(quantize and base and base.quant_type == quantize and not calibration)
+    merged = merge_adapter(network, ADAPTER, requantize=requantize)
     unwrap_lora_layers(network)
     error = merged.requant_rel_error if merged.requantized else None
     if quantize:
         if calibration:
             dequantize_layers(network)
             error = gptq_quantize_layers(network, tokenizer, calibration)
-        elif not qlora:
+        elif not requantize:
+            dequantize_layers(network)  # a base in another 4-bit format: float first
             error = quantize_float_layers(network)
         save_quantized_model(network, tokenizer, output)
     else:
@@ -82,6 +85,14 @@ def merge_to_folder(
         fuse_experts(network)  # a mixture of experts back in transformers' fused layout
         write_model_folder(network, tokenizer, output, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return ExportReport(Path(output), merged.layers, bool(quantize), error)
+
+
+def trained_base(qlora: bool | QuantConfig) -> QuantConfig | None:
+    """The 4-bit format of the base an adapter was trained on: None for a float base, QLoRA's
+    NF4 for True, else the QuantConfig given."""
+    if not qlora:
+        return None
+    return qlora if isinstance(qlora, QuantConfig) else QuantConfig()
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

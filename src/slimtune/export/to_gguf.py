@@ -14,7 +14,12 @@ from slimtune.errors import SlimtuneError
 from slimtune.export.gguf import encode, tensor_type, write_gguf
 from slimtune.export.gguf_adapter import write_adapter_gguf
 from slimtune.export.gptq import input_hessians
-from slimtune.export.merge import calibration_batches, dequantize_layers, unwrap_lora_layers
+from slimtune.export.merge import (
+    calibration_batches,
+    dequantize_layers,
+    trained_base,
+    unwrap_lora_layers,
+)
 from slimtune.export.ollama import write_modelfile
 from slimtune.export.survival import Survival, exact_match
 from slimtune.lora import load_adapter, lora_layers, merge_adapter
@@ -50,12 +55,12 @@ def merged_model(
     model: str | Path | None,
     adapter: str | Path,
     *,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     eval_rows: list[dict] | None = None,
 ):
     """(float model with the adapter merged in, tokenizer, number of merged layers, scores):
     scores are the exact match of the base and of base + adapter on `eval_rows` (or None)."""
-    network, tokenizer = load_model(model, quant=QuantConfig("nf4") if qlora else None)
+    network, tokenizer = load_model(model, quant=trained_base(qlora))
     scores = None
     if eval_rows:
         scores = (exact_match(network, tokenizer, eval_rows),)
@@ -89,7 +94,7 @@ def export_merged_gguf(
     output: str | Path,
     qtype: str = "f16",
     *,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     eval_rows: list[dict] | None = None,
     calibration: list[dict] | None = None,
 ) -> GGUFExport:

@@ -16,6 +16,7 @@ from slimtune.lora.io import load_adapter, save_adapter
 from slimtune.lora.layer import LoraLinear, set_sparse_dropout
 from slimtune.lora.merge import MergeReport, merge_adapter, unmerge_adapter
 from slimtune.lora.params import count_parameters, lora_parameters, trainable_summary
+from slimtune.lora.pissa import pissa_to_lora
 
 __all__ = [
     "LoraConfig",
@@ -35,6 +36,7 @@ __all__ = [
     "lora_parameters",
     "merge_adapter",
     "per_sample_adapters",
+    "pissa_to_lora",
     "save_adapter",
     "set_active_adapters",
     "set_sparse_dropout",

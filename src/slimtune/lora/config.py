@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimtune.choices import LORA_INITS
 from slimtune.errors import SlimtuneError
-
-INITS = ("kaiming", "gaussian", "pissa", "loftq")
+from slimtune.targets import pattern_value
 
 
 @dataclass
@@ -45,9 +45,9 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", rank)
         if not 0.0 <= self.dropout < 1.0:
             raise SlimtuneError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout}")
-        if self.init not in INITS:
+        if self.init not in LORA_INITS:
             raise SlimtuneError(
-                f"LoRA init must be one of {', '.join(INITS)}, got init={self.init!r}"
+                f"LoRA init must be one of {', '.join(LORA_INITS)}, got init={self.init!r}"
             )
         if self.loftq_iters < 1:
             raise SlimtuneError(f"loftq_iters must be >= 1, got {self.loftq_iters}")
@@ -60,10 +60,10 @@ class LoraConfig:
                 ) from err
 
     def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
@@ -73,11 +73,3 @@ class LoraConfig:
 def _check_rank(key: str, rank: Any) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise SlimtuneError(f"LoRA {key} must be a positive integer, got {rank!r}")
-
-
-def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: the first pattern that matches a suffix of the path wins.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return default

@@ -52,6 +52,8 @@ class LoraLinear(nn.Module):
         self.sample_batch = 0
         self._live: list[str] = []  # active, present here, not merged: what forward adds
         self._merge_state: dict[str, tuple[nn.Module | None, torch.Tensor | None]] = {}
+        # PiSSA adapters: their starting (A, B), which the base gives back in pissa_to_lora
+        self.pissa_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- adapters
 
@@ -103,6 +105,26 @@ class LoraLinear(nn.Module):
         self.lora_A[name].weight.copy_(A)
         self.lora_B[name].weight.copy_(B)
         self._write_dense(residual)
+        self.pissa_start[name] = (A.clone(), B.clone())
+
+    @torch.no_grad()
+    def pissa_to_lora(self, name: str, alpha: float) -> None:
+        """Turn PiSSA adapter `name` into a plain LoRA adapter of twice the rank on the original
+        weight, with the same output; `alpha`: its alpha at that rank (see slimtune.lora.pissa)."""
+        if name in self.merged_adapters:
+            raise SlimtuneError(f"adapter {name!r} is merged: unmerge it first")
+        A0, B0 = self.pissa_start.pop(name)
+        scaling = self.scaling[name]
+        self._write_dense(dense_weight(self.base_layer).float() + scaling * (B0 @ A0))
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        r, trains = 2 * self.r[name], A.requires_grad
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=A.device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=B.device)
+        self.lora_A[name].weight.copy_(torch.cat([A, -A0]))
+        self.lora_B[name].weight.copy_(torch.cat([B, B0], dim=1))
+        self.lora_A[name].requires_grad_(trains)
+        self.lora_B[name].requires_grad_(trains)
+        self.r[name], self.lora_alpha[name] = r, alpha
 
     def _init_loftq(self, name: str, quant_config, iters: int) -> None:
         if type(self.base_layer) is not nn.Linear:
@@ -126,7 +148,7 @@ class LoraLinear(nn.Module):
         for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in store:
                 del store[name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.pissa_start):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._refresh()

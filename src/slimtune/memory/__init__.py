@@ -1,4 +1,5 @@
-"""The memory planner behind `slimtune estimate`: will this run fit, and what takes the room?"""
+"""The memory planner behind `slimtune estimate`: will this training run (a TrainConfig) fit,
+and what takes the room?"""
 
 from slimtune.memory.architecture import (
     BUILTIN,
@@ -7,7 +8,7 @@ from slimtune.memory.architecture import (
     builtin_architecture,
     resolve_architecture,
 )
-from slimtune.memory.planner import PARTS, MemoryEstimate, PlanSettings, estimate
+from slimtune.memory.planner import PARTS, MemoryEstimate, estimate, planned_compute_dtype
 from slimtune.memory.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -15,11 +16,11 @@ __all__ = [
     "PARTS",
     "Architecture",
     "MemoryEstimate",
-    "PlanSettings",
     "architecture_from_config",
     "builtin_architecture",
     "estimate",
     "format_bytes",
     "parse_bytes",
+    "planned_compute_dtype",
     "resolve_architecture",
 ]

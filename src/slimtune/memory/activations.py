@@ -1,14 +1,17 @@
 """What autograd keeps between the forward and the backward pass of a LLaMA-family model.
 
-Counted per block for `T = batch x length` tokens, in the compute dtype:
+Counted per block for `T = batch x length` tokens, in float32 (the residual stream, attention
+and the adapters compute in float32 whatever the frozen base multiplies in):
 
 - always: the block input (the RMSNorm keeps it), the post-attention residual, the query, key,
   value and output of attention (scaled_dot_product_attention keeps them), and in the MLP the
-  gate and up outputs (slimtune.models.lean_mlp rebuilds silu(gate) * up when backward needs it);
+  gate and up outputs (`lean_mlp`: slimtune.models.lean_mlp rebuilds silu(gate) * up when
+  backward needs it; without it act(gate) and the product too);
 - per group of adapted layers that share an input (q/k/v; o; gate/up): that input, kept for the
   LoRA A gradient (down's input is the rebuilt product); per adapted layer with dropout p: the
-  dropped positions, int64, p x 8 bytes per input value (slimtune.lora.sparse_dropout keeps no
-  mask or dropped copy); per adapted layer: the rank-r output of A, kept for the B gradient.
+  dropped positions, int64, p x 8 bytes per input value (`sparse_dropout`:
+  slimtune.lora.sparse_dropout keeps no mask or dropped copy; without it a float32 dropped copy
+  and a bool mask); per adapted layer: the rank-r output of A, kept for the B gradient.
 
 Frozen base weights keep nothing (no weight gradient). With gradient checkpointing only each
 block's input is kept, and one block's activations exist again while it is recomputed.
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from slimtune.memory.architecture import Architecture, lora_targets
-from slimtune.memory.units import DTYPE_BYTES
+from slimtune.memory.architecture import Architecture
 
-if TYPE_CHECKING:  # for annotations only: the planner imports this module
-    from slimtune.memory.planner import PlanSettings
+if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else of train/
+    from slimtune.train.config import TrainConfig
+
+ITEM = 4  # bytes of a kept float32 value
 
 LOSS_CHUNK = 512  # slimtune.train.loss.causal_lm_loss's chunk_size
 LOSS_BUFFERS = 1  # chunk x vocab float32 buffers: the logits, turned into the softmax in place
@@ -51,59 +55,63 @@ GROUPS = {  # adapted layers that read the same input tensor
 }  # fmt: skip
 
 
-def block_bytes(arch: Architecture, s: PlanSettings, tokens: int, item: int) -> int:
-    """Bytes one block keeps for its backward pass."""
+def block_bytes(arch: Architecture, config: TrainConfig, adapted: list[tuple], tokens: int) -> int:
+    """Bytes one block keeps for its backward pass; `adapted`: (name, in, out, rank per block)
+    of the adapted layers (slimtune.memory.architecture.adapter_ranks)."""
     h, i = arch.hidden_size, arch.mlp_width()
     q = arch.num_heads * arch.head_size
     kv = arch.num_kv_heads * arch.head_size
-    # gate and up outputs; without the lean MLP (Phi-3's fused gate_up, the experts' loop) also
-    # act(gate) and the product. The experts keep each token's gathered input per expert.
-    mlp = 2 * i if arch.gated_lean and not arch.num_experts else 4 * i
+    # gate and up outputs; without the lean MLP (`lean_mlp: false`, Phi-3's fused gate_up) also
+    # act(gate), and the product where down is adapted (mlp_out below); the experts' loop keeps
+    # the product too, and each token's gathered input per expert.
+    lean = arch.gated_lean and not arch.num_experts and config.lean_mlp
+    mlp = 2 * i if lean else 4 * i if arch.num_experts else 3 * i
     routed = arch.experts_per_token * h
-    kept = (2 * h + 2 * q + 2 * kv + mlp + routed) * item
-    if s.method != "full":
+    kept = (2 * h + 2 * q + 2 * kv + mlp + routed) * ITEM
+    if config.method != "full":
         widths = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_out": 0}  # mlp_out: rebuilt
-        if not arch.gated_lean or arch.num_experts:
+        if not lean:
             widths["mlp_out"] = i  # the product itself is kept
-        targets = lora_targets(arch, s.targets)
-        groups = {GROUPS.get(name, name) for name, _, _ in targets}
-        kept += sum(widths.get(g, 0) for g in groups) * item
+        groups = {GROUPS.get(name, name) for name, _, _, _ in adapted}
+        kept += sum(widths.get(g, 0) for g in groups) * ITEM
         # An expert's layers see only its tokens: per token, experts_per_token of them.
         share = arch.experts_per_token / arch.num_experts if arch.num_experts else 1.0
-        weight = [share if name.startswith("experts.") else 1.0 for name, _, _ in targets]
-        kept += int(sum(s.rank * item * w for w in weight))
-        if s.dropout > 0:
-            # experts take no dropout (slimtune.lora.experts)
-            kept += int(
-                sum(
-                    n * s.dropout * 8 for (name, n, _) in targets if not name.startswith("experts.")
-                )
-            )
+        weights = [share if name.startswith("experts.") else 1.0 for name, _, _, _ in adapted]
+        mean_ranks = [sum(ranks) / len(ranks) for _, _, _, ranks in adapted]
+        kept += int(sum(r * ITEM * w for r, w in zip(mean_ranks, weights, strict=True)))
+        if config.dropout > 0:  # experts take no dropout (slimtune.lora.experts)
+            dense = [n for name, n, _, _ in adapted if not name.startswith("experts.")]
+            if config.sparse_dropout:  # the dropped positions, int64
+                kept += int(sum(n * config.dropout * 8 for n in dense))
+            else:  # nn.Dropout: a dropped copy and a bool mask per adapter
+                kept += sum(dense) * (ITEM + 1)
     else:
         # Full fine-tuning: every linear keeps its input for the weight gradient (down's is
         # rebuilt from gate and up).
-        kept += q * item + (h + h) * item  # o's input; the two norm outputs
+        kept += q * ITEM + (h + h) * ITEM  # o's input; the two norm outputs
     return tokens * kept
 
 
-def activation_bytes(arch: Architecture, s: PlanSettings) -> int:
-    """Activation memory at the peak of a training step."""
-    item = DTYPE_BYTES[s.compute_dtype]
-    tokens = s.batch_size * s.max_length
-    one_block = block_bytes(arch, s, tokens, item)
-    if s.gradient_checkpointing:
-        kept = arch.num_layers * tokens * arch.hidden_size * item + RECOMPUTE_BLOCKS * one_block
+def activation_bytes(
+    arch: Architecture, config: TrainConfig, adapted: list[tuple], device: str, compute_bytes: int
+) -> int:
+    """Activation memory at the peak of a training step on `device`; `compute_bytes`: bytes of
+    the compute dtype, which a 4-bit layer decodes its weight into."""
+    tokens = config.batch_size * config.max_length
+    one_block = block_bytes(arch, config, adapted, tokens)
+    if config.gradient_checkpointing:
+        kept = arch.num_layers * tokens * arch.hidden_size * ITEM + RECOMPUTE_BLOCKS * one_block
     else:
         kept = arch.num_layers * one_block
     # Around the body: embedding output, final norm output, and the loss's saved grad_h.
-    kept += 3 * tokens * arch.hidden_size * item
-    if s.device == "cpu":
+    kept += 3 * tokens * arch.hidden_size * ITEM
+    if device == "cpu":
         kept = int(HEAP_OVERHEAD * kept)
-    chunk = min(LOSS_CHUNK, s.batch_size * (s.max_length - 1))
+    chunk = min(LOSS_CHUNK, config.batch_size * (config.max_length - 1))
     loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
-    backward = BACKWARD_BUFFERS * tokens * arch.mlp_width() * item
-    if s.method == "qlora":
+    backward = BACKWARD_BUFFERS * tokens * arch.mlp_width() * ITEM
+    if config.method == "qlora":
         # Linear4bit decodes its weight per call, straight into the compute dtype.
         largest = max(n_in * n_out for _, n_in, n_out in arch.block_linears())
-        backward += largest * item
+        backward += largest * compute_bytes
     return kept + max(loss, backward)

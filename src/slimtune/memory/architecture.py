@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.targets import pattern_value
 
 
 @dataclass(frozen=True)
@@ -281,3 +282,25 @@ def lora_targets(arch: Architecture, targets: str | list[str]) -> list[tuple[str
         names = ", ".join(name for name, _, _ in linears)
         raise SlimtuneError(f"targets: {targets!r} matches none of this model's layers ({names})")
     return chosen
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+def adapter_ranks(
+    arch: Architecture, targets: str | list[str], rank: int, rank_pattern: dict[str, int]
+) -> list[tuple[str, int, int, list[int]]]:
+    """(name, in, out, rank in each block) of the block linears that get an adapter: `rank`,
+    or the first of `rank_pattern` matching the layer's path (LLaMA-family paths). Experts
+    take `rank` whatever the patterns, as slimtune.lora.inject_adapter gives them."""
+    shapes = []
+    for name, n_in, n_out in lora_targets(arch, targets):
+        parent = "self_attn" if name in ATTENTION else "mlp"
+        ranks = [
+            rank
+            if name.startswith("experts.")
+            else pattern_value(rank_pattern, f"model.layers.{i}.{parent}.{name}", rank)
+            for i in range(arch.num_layers)
+        ]
+        shapes.append((name, n_in, n_out, ranks))
+    return shapes

@@ -3,25 +3,33 @@
     total = runtime + weights + quantization constants + LoRA weights + gradients
             + optimizer state + activations
 
+The run is a TrainConfig (the settings `slimtune train` reads) and the device it runs on.
 Every part but two is exact arithmetic over the architecture's shapes. `activations` comes
 from a model of what autograd keeps for the backward pass of a LLaMA block (activations.py),
 calibrated against peak RSS measured on CPU (benchmarks/bench_memory.py). `runtime` is the
 framework itself: Python, torch and transformers in the process (measured on CPU), or a CUDA
 context on a GPU (an assumption, not measured here).
+
+What the trainer keeps in which dtype (slimtune.train.precision): adapters, their gradients and
+optimizer state, the residual stream and every weight that is neither quantized nor under an
+adapter are float32; the compute dtype stores the frozen bases under LoRA (method lora), the
+4-bit layers' decoded weight, and a cast copy of the frozen output layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from slimtune.choices import AUTO, COMPUTE_DTYPES
 from slimtune.errors import SlimtuneError
 from slimtune.memory.activations import activation_bytes
-from slimtune.memory.architecture import Architecture, lora_targets
+from slimtune.memory.architecture import Architecture, adapter_ranks
 from slimtune.memory.units import DTYPE_BYTES
 
-METHODS = ("full", "lora", "qlora")
-OBJECTIVES = ("sft", "dpo", "orpo")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else of train/
+    from slimtune.train.config import TrainConfig
+
 PARTS = (
     "runtime",
     "weights",
@@ -31,10 +39,17 @@ PARTS = (
     "optimizer_state",
     "activations",
 )
+# The TrainConfig keys that decide a run's memory: what an estimate reports as its settings.
+PLAN_KEYS = (
+    "method", "objective", "rank", "rank_pattern", "targets", "use_dora", "init", "dropout",
+    "batch_size", "max_length", "gradient_checkpointing", "optimizer", "compute_dtype",
+    "quant_type", "blocksize", "double_quant", "lean_mlp", "sparse_dropout",
+)  # fmt: skip
 # RSS of a process that imported torch, transformers and slimtune and ran a first step on
 # this CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
 # docs/memory.md). On a GPU: the CUDA context and allocator slack, an assumed 1 GiB.
 RUNTIME_BYTES = {"cpu": 380 * 2**20, "cuda": 2**30}
+DEVICES = tuple(RUNTIME_BYTES)
 # On a CPU numba's compiler comes too, for the 4-bit decode kernel (slimtune.quant.kernels) and
 # for sparse LoRA dropout (slimtune.lora.sparse_dropout): measured 130 MiB of RSS on the tiny
 # case, where the weights are negligible.
@@ -44,53 +59,15 @@ KERNEL_RUNTIME_BYTES = 130 * 2**20
 # were not used to fit the constants (table in benchmarks/reports/memory.md). No device but the
 # CPU has been measured: on CUDA the estimate is the analytic count alone.
 ERROR_BAND: dict[str, tuple[float, float]] = {"cpu": (-0.314, 0.036)}
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class PlanSettings:
-    """The run's settings that decide its memory; names and defaults as in `slimtune train`."""
-
-    method: str = "qlora"
-    rank: int = 64
-    targets: str | list[str] = "all-linear"
-    batch_size: int = 4
-    max_length: int = 512
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    dropout: float = 0.05
-    weight_dtype: str = "float32"  # the base weights that are not quantized
-    adapter_dtype: str = "float32"  # LoRA weights and their gradients
-    compute_dtype: str = "float32"  # activations
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    quantize_lm_head: bool = False
-    device: str = "cpu"
-    objective: str = "sft"  # dpo / orpo: batch_size counts pairs
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("method", self.method, METHODS),
-            ("objective", self.objective, OBJECTIVES),
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("device", self.device, tuple(RUNTIME_BYTES)),
-            ("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES)),
-            ("adapter_dtype", self.adapter_dtype, tuple(DTYPE_BYTES)),
-            ("compute_dtype", self.compute_dtype, tuple(DTYPE_BYTES)),
-        ]
-        for key, value, allowed in checks:
-            if value not in allowed:
-                raise SlimtuneError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-        for key in ("rank", "batch_size", "max_length", "blocksize"):
-            if getattr(self, key) <= 0:
-                raise SlimtuneError(f"{key}: must be positive, got {getattr(self, key)}")
+FLOAT32 = DTYPE_BYTES["float32"]
 
 
 @dataclass
 class MemoryEstimate:
     architecture: Architecture
-    settings: PlanSettings
+    config: TrainConfig
+    device: str
+    compute_dtype: str  # what the frozen base computes in, `auto` resolved
     parts: dict[str, int]
     trainable_params: int
     notes: list[str] = field(default_factory=list)
@@ -102,7 +79,7 @@ class MemoryEstimate:
     @property
     def error_band(self) -> tuple[float, float] | None:
         """(lowest, highest) measured error of the planner on this device; None: uncalibrated."""
-        return ERROR_BAND.get(self.settings.device)
+        return ERROR_BAND.get(self.device)
 
     def likely_range(self) -> tuple[int, int] | None:
         """The peak a run will likely measure, given the planner's measured error band."""
@@ -110,6 +87,11 @@ class MemoryEstimate:
             return None
         low, high = self.error_band
         return int(self.total / (1 + high)), int(self.total / (1 + low))
+
+    def settings(self) -> dict:
+        """The settings that decided this estimate, `compute_dtype` resolved, and the device."""
+        out = {key: getattr(self.config, key) for key in PLAN_KEYS}
+        return {**out, "compute_dtype": self.compute_dtype, "device": self.device}
 
     def to_dict(self) -> dict:
         out: dict = {f"{name}_bytes": value for name, value in self.parts.items()}
@@ -121,7 +103,7 @@ class MemoryEstimate:
         out["trainable_params"] = self.trainable_params
         out["total_params"] = self.architecture.num_params()
         out["model"] = self.architecture.name
-        out["settings"] = asdict(self.settings)
+        out["settings"] = self.settings()
         return out
 
 
@@ -137,63 +119,118 @@ def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str) -> int:
     return total
 
 
-def quantized_bytes(numel: int, s: PlanSettings) -> tuple[int, int]:
+def quantized_bytes(numel: int, config: TrainConfig) -> tuple[int, int]:
     """(packed 4-bit codes, quantization constants) of one weight of `numel` elements."""
-    blocks = -(-numel // s.blocksize)
+    blocks = -(-numel // config.blocksize)
     # Double quantization: uint8 absmax codes, a float32 scale per 256 of them, the offset.
-    constants = blocks + 4 * -(-blocks // 256) + 4 if s.double_quant else 4 * blocks
+    constants = blocks + 4 * -(-blocks // 256) + 4 if config.double_quant else 4 * blocks
     return numel // 2 + numel % 2, constants
 
 
-def estimate(arch: Architecture, s: PlanSettings) -> MemoryEstimate:
-    """The memory a training step of `arch` with settings `s` needs at its peak."""
-    wbytes, abytes = DTYPE_BYTES[s.weight_dtype], DTYPE_BYTES[s.adapter_dtype]
+def planned_compute_dtype(config: TrainConfig, auto: str = "float32") -> str:
+    """The dtype the run's frozen base computes in; `auto` is what compute_dtype auto means on
+    the device (bfloat16 where it multiplies it natively). Full fine-tuning is float32."""
+    if config.method == "full":
+        return "float32"
+    name = auto if config.compute_dtype == AUTO else config.compute_dtype
+    if name not in COMPUTE_DTYPES:
+        raise SlimtuneError(
+            f"auto compute dtype: {name!r} is not one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    return name
+
+
+def estimate(
+    arch: Architecture, config: TrainConfig, device: str = "cpu", auto_dtype: str = "float32"
+) -> MemoryEstimate:
+    """The memory a training step of `arch` under `config` needs at its peak on `device`
+    ("cpu" or "cuda"); `auto_dtype`: what compute_dtype auto resolves to there."""
+    if device not in DEVICES:
+        raise SlimtuneError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    compute = planned_compute_dtype(config, auto_dtype)
     parts = dict.fromkeys(PARTS, 0)
-    parts["runtime"] = RUNTIME_BYTES[s.device]
-    uses_numba = s.method == "qlora" or (s.method == "lora" and s.dropout > 0)
-    if uses_numba and s.device == "cpu":
+    parts["runtime"] = RUNTIME_BYTES[device]
+    sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
+    uses_numba = config.method == "qlora" or sparse_dropout
+    if uses_numba and device == "cpu":
         parts["runtime"] += KERNEL_RUNTIME_BYTES
-    block_linear = arch.num_layers * arch.block_linear_params()
-    other = arch.num_params() - block_linear
-    head = arch.vocab_size * arch.hidden_size
-
-    if s.method == "qlora":
-        codes = constants = 0
-        for _, n_in, n_out in arch.block_linears():
-            c, k = quantized_bytes(n_in * n_out, s)
-            codes, constants = codes + c, constants + k
-        codes, constants = codes * arch.num_layers, constants * arch.num_layers
-        if s.quantize_lm_head and not arch.tie_embeddings:
-            c, k = quantized_bytes(head, s)
-            codes, constants, other = codes + c, constants + k, other - head
-        parts["weights"] = codes + other * wbytes
-        parts["quant_constants"] = constants
-    else:
-        parts["weights"] = arch.num_params() * wbytes
-
-    notes: list[str] = []
-    if s.method == "full":
+    other = arch.num_params() - arch.num_layers * arch.block_linear_params()
+    adapted = [] if config.method == "full" else adapter_ranks(
+        arch, config.targets, config.rank, config.rank_pattern
+    )  # fmt: skip
+    parts["weights"], parts["quant_constants"] = _weight_bytes(arch, config, adapted, compute)
+    if config.method == "full":
         trainable_sizes = [
             n_in * n_out for _, n_in, n_out in arch.block_linears()
         ] * arch.num_layers
         trainable_sizes += [other]  # embeddings, norms: their sizes only matter for 8-bit
         trainable = arch.num_params()
-        parts["gradients"] = trainable * wbytes
+        parts["gradients"] = trainable * FLOAT32
     else:
-        chosen = lora_targets(arch, s.targets)
-        trainable_sizes = [s.rank * n for _, n_in, n_out in chosen for n in (n_in, n_out)]
-        trainable_sizes *= arch.num_layers
+        trainable_sizes = _adapter_sizes(adapted, config.use_dora)
         trainable = sum(trainable_sizes)
-        parts["lora_weights"] = trainable * abytes
-        parts["gradients"] = trainable * abytes
-    parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, s.optimizer)
-    if s.optimizer.startswith("paged") and s.device == "cuda":
+        parts["lora_weights"] = trainable * FLOAT32
+        parts["gradients"] = trainable * FLOAT32
+        if config.init == "pissa":  # the starting A and B, kept for the conversion on save
+            parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
+    parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
+    parts["activations"] = activation_bytes(arch, config, adapted, device, DTYPE_BYTES[compute])
+    return MemoryEstimate(
+        arch, config, device, compute, parts, trainable, _notes(arch, config, device)
+    )
+
+
+def _weight_bytes(
+    arch: Architecture, config: TrainConfig, adapted: list[tuple], compute: str
+) -> tuple[int, int]:
+    """(weights, quantization constants): 4-bit codes for QLoRA's block linears, the frozen
+    bases under a LoRA adapter in the compute dtype, everything else float32."""
+    constants = 0
+    if config.method == "qlora":
+        codes = 0
+        for _, n_in, n_out in arch.block_linears():
+            c, k = quantized_bytes(n_in * n_out, config)
+            codes, constants = codes + c, constants + k
+        codes, constants = codes * arch.num_layers, constants * arch.num_layers
+        other = arch.num_params() - arch.num_layers * arch.block_linear_params()
+        weights = codes + other * FLOAT32
+    elif config.method == "lora":
+        under = sum(n_in * n_out for _, n_in, n_out, _ in adapted) * arch.num_layers
+        weights = under * DTYPE_BYTES[compute] + (arch.num_params() - under) * FLOAT32
+    else:
+        weights = arch.num_params() * FLOAT32
+    if config.method != "full" and compute != "float32":
+        weights += arch.vocab_size * arch.hidden_size * DTYPE_BYTES[compute]  # the head's copy
+    return weights, constants
+
+
+def _notes(arch: Architecture, config: TrainConfig, device: str) -> list[str]:
+    notes = []
+    if config.optimizer.startswith("paged") and device == "cuda":
         notes.append("paged optimizer: its state lives in host RAM and is counted here anyway")
-    parts["activations"] = activation_bytes(arch, s)
-    if s.objective != "sft":
+    if config.objective != "sft":
         # A preference step keeps one side's activations at a time (B rows of up to
         # max_length, as a supervised step of that batch); the other side's forward pass
         # without gradients and the cached reference log-probs add little
         # (benchmarks/bench_preference.py).
-        notes.append(f"{s.objective}: batch_size pairs; one side's activations at a time, as sft")
-    return MemoryEstimate(arch, s, parts, trainable, notes)
+        notes.append(
+            f"{config.objective}: batch_size pairs; one side's activations at a time, as sft"
+        )
+    if config.use_dora:
+        notes.append("DoRA: its magnitudes counted; activations as plain LoRA's (not measured)")
+    if config.init == "loftq":
+        float_bytes = arch.num_params() * FLOAT32
+        notes.append(f"init loftq: the base loads in float32 first ({float_bytes / 2**30:.1f} GiB)")
+    return notes
+
+
+def _adapter_sizes(adapted: list[tuple[str, int, int, list[int]]], dora: bool) -> list[int]:
+    """Element counts of every adapter tensor: A and B per adapted layer, and DoRA's
+    magnitude (one per output row; experts take no DoRA)."""
+    sizes = []
+    for name, n_in, n_out, ranks in adapted:
+        for r in ranks:
+            sizes += [r * n_in, r * n_out]
+            if dora and not name.startswith("experts."):
+                sizes.append(n_out)
+    return sizes

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from torch import nn
 
+from slimtune.choices import BNB_QUANT_TYPES
 from slimtune.errors import SlimtuneError
 from slimtune.files import atomic_folder
 from slimtune.models.experts import ExpertList
 from slimtune.quant import Linear4bit, save_quantized_safetensors
 
-# bitsandbytes knows nf4 and fp4; slimtune's int4 has no transformers counterpart.
-BNB_TYPES = ("nf4", "fp4")
 SLIMTUNE_QUANT_METHOD = "slimtune"
 
 
@@ -72,7 +71,7 @@ def quantization_config(model: nn.Module) -> dict:
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=skip or None,
     ).to_dict()
-    if quant_type not in BNB_TYPES:
+    if quant_type not in BNB_QUANT_TYPES:
         # Not loadable by transformers; a quant_method it does not know makes it refuse.
         settings["quant_method"] = SLIMTUNE_QUANT_METHOD
     return settings

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from slimtune.choices import OPTIMIZERS
 from slimtune.errors import SlimtuneError
 from slimtune.optim.adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
 from slimtune.optim.checkpoint import (
@@ -19,8 +20,6 @@ from slimtune.optim.checkpoint import (
     save_optimizer_state,
     unflatten_state_dict,
 )
-
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 __all__ = [
     "OPTIMIZERS",

@@ -13,6 +13,7 @@ from functools import cache
 import torch
 
 from slimtune.buffers import empty_large
+from slimtune.choices import BLOCKSIZES
 from slimtune.errors import SlimtuneError
 from slimtune.quant import gpu_kernels, kernels
 from slimtune.quant.codebook import (
@@ -25,7 +26,6 @@ from slimtune.quant.codebook import (
 from slimtune.quant.cuda_codes import nearest_code_cuda, scale_blocks_cuda
 from slimtune.quant.double_quant import NESTED_BLOCKSIZE, dequantize_absmax, quantize_absmax
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -10,9 +10,8 @@ from functools import cache
 
 import torch
 
+from slimtune.choices import QUANT_TYPES
 from slimtune.errors import SlimtuneError
-
-QUANT_TYPES = ("nf4", "fp4", "int4")
 
 # NF4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
 # Float32 values read from bitsandbytes.functional.get_4bit_type("nf4") (0.50.2).

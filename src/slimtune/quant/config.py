@@ -7,15 +7,11 @@ from typing import Any
 
 import torch
 
+from slimtune.choices import COMPUTE_DTYPES
 from slimtune.errors import SlimtuneError
+from slimtune.hardware import TORCH_DTYPES, dtype_name
 from slimtune.quant.blockwise import check_blocksize
 from slimtune.quant.codebook import check_quant_type
-
-_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -37,10 +33,10 @@ class QuantConfig:
         if isinstance(self.compute_dtype, str):
             # Accept "bfloat16" etc. from config files.
             object.__setattr__(self, "compute_dtype", _parse_dtype(self.compute_dtype))
-        if self.compute_dtype not in _COMPUTE_DTYPES.values():
+        if self.compute_dtype not in TORCH_DTYPES.values():
             raise SlimtuneError(
                 f"invalid compute_dtype {self.compute_dtype!r}: expected one of "
-                f"{', '.join(_COMPUTE_DTYPES)}"
+                f"{', '.join(COMPUTE_DTYPES)}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +44,7 @@ class QuantConfig:
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
             "double_quant": self.double_quant,
-            "compute_dtype": _dtype_name(self.compute_dtype),
+            "compute_dtype": dtype_name(self.compute_dtype),
         }
 
     @classmethod
@@ -61,8 +57,8 @@ class QuantConfig:
 
 def _parse_dtype(name: str) -> torch.dtype:
     key = name.removeprefix("torch.")
-    if key not in _COMPUTE_DTYPES:
+    if key not in TORCH_DTYPES:
         raise SlimtuneError(
-            f"invalid compute_dtype {name!r}: expected one of {', '.join(_COMPUTE_DTYPES)}"
+            f"invalid compute_dtype {name!r}: expected one of {', '.join(COMPUTE_DTYPES)}"
         )
-    return _COMPUTE_DTYPES[key]
+    return TORCH_DTYPES[key]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.hardware import dtype_name
 from slimtune.quant.blockwise import QuantState, dequantize_4bit, quantize_4bit
 from slimtune.quant.codebook import codebook, dynamic_map
 from slimtune.quant.config import QuantConfig
@@ -23,7 +24,6 @@ from slimtune.quant.matmul import input_grad_4bit, linear_4bit
 
 # Buffers whose dtype is part of the format: model.half() / .to(bfloat16) must not touch them.
 _STATE_BUFFERS = ("weight", "absmax", "nested_absmax", "offset")
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class _Dequantize4bitLinear(torch.autograd.Function):
@@ -191,7 +191,7 @@ class Linear4bit(nn.Module):
         meta: dict[str, Any] = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.weight_dtype],
+            "dtype": dtype_name(self.weight_dtype),
             "shape": [self.out_features, self.in_features],
         }
         if self.double_quant:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
@@ -26,7 +27,7 @@ def base_model_name(model: str | None) -> str:
 def build_engine(
     model: str | None,
     *,
-    qlora: bool = False,
+    qlora: bool | QuantConfig = False,
     adapters: list[tuple[str, Path]] = (),
     adapter_dir: Path | None = None,
     base_name: str | None = None,
@@ -37,12 +38,15 @@ def build_engine(
 ) -> tuple[Engine, AdapterRegistry]:
     """A started Engine with `adapters` loaded, and the registry of the names clients use.
 
-    A 4-bit base (`qlora`, or a 4-bit model folder) computes from its packed codes for the
-    engine's life (`slimtune.quant.inference`); `four_bit=False` decodes float copies instead.
-    `chat_template` (a built-in name or a Jinja file) replaces the model's own for chat requests."""
+    A 4-bit base (`qlora`: True for QLoRA's NF4, or its QuantConfig; or a 4-bit model folder)
+    computes from its packed codes for the engine's life (`slimtune.quant.inference`);
+    `four_bit=False` decodes float copies instead. `chat_template` (a built-in name or a Jinja
+    file) replaces the model's own for chat requests."""
     quant = None
     if qlora:
-        quant = QuantConfig() if compute_dtype is None else QuantConfig(compute_dtype=compute_dtype)
+        quant = qlora if isinstance(qlora, QuantConfig) else QuantConfig()
+        if compute_dtype is not None:
+            quant = dataclasses.replace(quant, compute_dtype=compute_dtype)
     network, tokenizer = load_model(model, quant=quant)
     set_chat_template(tokenizer, chat_template)  # before anything starts: a bad file fails here
     stack = contextlib.ExitStack()

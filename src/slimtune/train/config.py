@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from slimtune.choices import (
+    AUTO,
+    BLOCKSIZES,
+    COMPUTE_DTYPES,
+    LORA_INITS,
+    METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+)
 from slimtune.errors import SlimtuneError
+
+# The keys that say how a QLoRA base is stored: `quantize`, `serve` and `merge` take them too.
+QUANT_KEYS = ("quant_type", "blocksize", "double_quant")
+# Inits tied to a method: (the method, why).
+INIT_METHODS = {
+    "pissa": ("lora", "it rewrites the float base weights"),
+    "loftq": ("qlora", "it quantizes the base so that base + adapter stays close to it"),
+}
 
 
 class TrainConfig(BaseModel):
@@ -31,14 +51,27 @@ class TrainConfig(BaseModel):
     data: str | None = Field(None, description="training data file (JSONL, JSON, CSV, Parquet)")
     eval_data: str | None = Field(None, description="evaluation data file")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of data")
-    method: Literal["lora", "qlora", "full"] = "qlora"
-    quant_type: Literal["nf4", "fp4", "int4"] = "nf4"
-    double_quant: bool = True
+    method: Literal[METHODS] = "qlora"
+    # the 4-bit base (method qlora)
+    quant_type: Literal[QUANT_TYPES] = Field("nf4", description="the 4-bit code book")
+    blocksize: int = Field(64, description="weights per absmax scale: 32, 64, ... 4096")
+    double_quant: bool = Field(True, description="store the absmax scales in 8 bits")
     # the adapter
     rank: int = Field(64, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = Field("all-linear", description="'all-linear', a regex, or names")
+    rank_pattern: dict[str, int] = Field(
+        {}, description="rank per layer: {regex matching the end of a layer path: rank}"
+    )
+    alpha_pattern: dict[str, float] = Field(
+        {}, description="alpha per layer: {regex matching the end of a layer path: alpha}"
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(rank), not alpha/rank")
+    use_dora: bool = Field(False, description="DoRA: train a magnitude per output row too")
+    init: Literal[LORA_INITS] = Field(
+        "kaiming", description="how A and B start (pissa: method lora; loftq: method qlora)"
+    )
     # the data
     max_length: int = Field(512, gt=1)
     packing: bool = False
@@ -53,7 +86,7 @@ class TrainConfig(BaseModel):
     # 1, as transformers' Trainer and axolotl: accumulating by default starves small data sets of
     # optimizer steps.
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -63,11 +96,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads (default: torch's)")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: Literal[(AUTO, *COMPUTE_DTYPES)] = Field(
         "auto", description="dtype of the frozen base's compute; auto: bfloat16 where native"
     )
     # preference tuning (data rows with chosen/rejected answers; see docs/training.md)
-    objective: Literal["sft", "dpo", "orpo"] = Field("sft", description="sft, dpo or orpo")
+    objective: Literal[OBJECTIVES] = Field("sft", description="sft, dpo or orpo")
     beta: float = Field(0.1, gt=0, description="DPO's beta (strength of the reference tie)")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss: sigmoid or ipo")
     orpo_lambda: float = Field(0.1, ge=0, description="weight of ORPO's odds-ratio term")
@@ -92,6 +125,50 @@ class TrainConfig(BaseModel):
     def _targets_not_empty(cls, value: str | list[str]) -> str | list[str]:
         if not value:
             raise ValueError("needs at least one module name, a regex, or 'all-linear'")
+        return value
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocksize_is_supported(cls, value: int) -> int:
+        if value not in BLOCKSIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, BLOCKSIZES))}")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns_are_regexes_to_positive_numbers(cls, value: dict) -> dict:
+        for pattern, number in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regex: {error}") from None
+            if number <= 0:
+                raise ValueError(f"{pattern!r}: must be greater than 0, got {number}")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init")
+    @classmethod
+    def _adapter_settings_need_an_adapter(cls, value: Any, info: ValidationInfo) -> Any:
+        default = cls.model_fields[info.field_name].default
+        if info.data.get("method") == "full" and value != default:
+            raise ValueError("method full trains every weight: there is no adapter to apply it to")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _init_suits_the_method(cls, value: str, info: ValidationInfo) -> str:
+        method = info.data.get("method")
+        needs = INIT_METHODS.get(value)
+        if needs is not None and method is not None and method != needs[0]:
+            raise ValueError(f"{value} needs method {needs[0]} ({needs[1]}), not {method}")
+        return value
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _full_computes_in_float32(cls, value: str, info: ValidationInfo) -> str:
+        # No float32 master copies are kept: a run that trains every weight trains it in float32.
+        if info.data.get("method") == "full" and value not in (AUTO, "float32"):
+            raise ValueError(f"{value} needs a frozen base (method lora or qlora), not method full")
         return value
 
     @property
@@ -153,19 +230,31 @@ def _explain(error: ValidationError, path, lines: dict[str, int], from_flags: se
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"{where}: unknown key{hint}")
         else:
-            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message} (got {item.get('input')!r})")
     return "; ".join(problems)
 
 
 # ------------------------------------------------------------------------------- CLI flags
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, generated from the model so the two never drift."""
-    group = parser.add_argument_group("training options (each also a key of CONFIG.yaml)")
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    names: Sequence[str] | None = None,
+    title: str = "training options (each also a key of CONFIG.yaml)",
+) -> None:
+    """One flag per TrainConfig field (or per field of `names`), generated from the model so
+    the two never drift."""
+    group = parser.add_argument_group(title)
     for name, field in TrainConfig.model_fields.items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (default: {field.default!r})"
+        choices = [v for a in _args_of(field.annotation) if typing.get_origin(a) is Literal
+                   for v in typing.get_args(a)]  # fmt: skip
+        if choices:
+            help_text += f"; one of {', '.join(choices)}"
         if _is_bool(field.annotation) and name != "resume":
             group.add_argument(
                 flag,
@@ -192,11 +281,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys given as flags, with their values parsed like YAML scalars."""
+def overrides_from_args(
+    args: argparse.Namespace, names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The config keys (of `names`, if given) given as flags, their values parsed like YAML
+    scalars."""
     overrides = {}
     for name, field in TrainConfig.model_fields.items():
-        if name not in vars(args):
+        if name not in vars(args) or (names is not None and name not in names):
             continue
         value = getattr(args, name)
         if isinstance(value, str):

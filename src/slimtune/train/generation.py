@@ -7,32 +7,34 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import yaml
 
+from slimtune.choices import INFERENCE_QUANTS
 from slimtune.errors import SlimtuneError
 from slimtune.lora import load_adapter
 from slimtune.models import load_model
 from slimtune.models.chat_templates import saved_chat_template
 from slimtune.quant import QuantConfig
+from slimtune.train.config import TrainConfig, load_config
+from slimtune.train.setup import quant_config
 
-QUANT_CHOICES = ("auto", "nf4", "fp4", "int4", "none")
 
-
-def trained_quant(adapter: str | None) -> tuple[str, bool] | None:
-    """(quant_type, double_quant) of the base an adapter was trained on with QLoRA, read from
-    the config.yaml `slimtune train` writes next to it; None for LoRA, full or unknown."""
-    if not adapter:
-        return None
-    path = Path(adapter) / "config.yaml"
-    if not path.is_file():
+def trained_config(adapter: str | Path | None) -> TrainConfig | None:
+    """The training config of an adapter: the config.yaml `slimtune train` writes next to it;
+    None where there is none, or none this version reads."""
+    path = Path(adapter) / "config.yaml" if adapter else None
+    if path is None or not path.is_file():
         return None
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return None
-    if not isinstance(config, dict) or config.get("method", "qlora") != "qlora":
-        return None
-    return str(config.get("quant_type", "nf4")), bool(config.get("double_quant", True))
+        return load_config(path)
+    except SlimtuneError:
+        return None  # the caller's own settings hold
+
+
+def trained_quant(adapter: str | Path | None) -> QuantConfig | None:
+    """The 4-bit storage of the base an adapter was trained on with QLoRA (from its training
+    config); None for LoRA, full, or no readable config."""
+    config = trained_config(adapter)
+    return quant_config(config) if config is not None and config.method == "qlora" else None
 
 
 def load_for_inference(
@@ -44,20 +46,19 @@ def load_for_inference(
 ):
     """(model, tokenizer) with the LoRA adapter folder `adapter` loaded if given.
 
-    quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (double quantization);
-    "auto" does so when the adapter was trained with QLoRA (as it was trained), and a 4-bit
-    model folder always loads as stored; "none" loads it in float (in `compute_dtype` when that
-    is bfloat16 or float16).
+    quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (the training config's
+    defaults for the rest: blocksize 64, double quantization); "auto" does so when the adapter
+    was trained with QLoRA (as it was trained), and a 4-bit model folder always loads as stored;
+    "none" loads it in float (in `compute_dtype` when that is bfloat16 or float16).
     """
-    if quant not in QUANT_CHOICES:
-        raise SlimtuneError(f"quant: unknown value {quant!r}; expected {', '.join(QUANT_CHOICES)}")
+    if quant not in INFERENCE_QUANTS:
+        expected = ", ".join(INFERENCE_QUANTS)
+        raise SlimtuneError(f"quant: unknown value {quant!r}; expected {expected}")
     config = None
     if quant == "auto":
-        trained = trained_quant(adapter)
-        if trained is not None:
-            config = QuantConfig(quant_type=trained[0], double_quant=trained[1])
+        config = trained_quant(adapter)
     elif quant != "none":
-        config = QuantConfig(quant_type=quant, double_quant=True)
+        config = quant_config(TrainConfig(quant_type=quant))
     if config is not None and compute_dtype is not None:
         config = dataclasses.replace(config, compute_dtype=compute_dtype)
     float_dtype = compute_dtype if config is None and compute_dtype is not None else torch.float32

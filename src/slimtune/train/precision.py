@@ -27,11 +27,9 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.hardware import cpu_model, device_has_native_bf16, resolve_compute_dtype
+from slimtune.hardware import cpu_model, device_has_native_bf16, dtype_name, resolve_compute_dtype
 from slimtune.quant import Linear4bit
 from slimtune.train.loss import release_loss_buffers
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def training_dtype(name: str, method: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -118,10 +116,6 @@ def _input_to_weight_dtype(module: nn.Module, args: tuple):
 
 def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor):
     return output.to(module._slimtune_in_dtype)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def describe_compute_dtype(name: str, dtype: torch.dtype, device: torch.device | str) -> str:

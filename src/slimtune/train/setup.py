@@ -11,12 +11,12 @@ from torch import nn
 
 from slimtune.data import load_dataset, load_preference_dataset, pack, split_prompt_answer
 from slimtune.errors import SlimtuneError
-from slimtune.lora import LoraConfig, inject_adapter, save_adapter
+from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora, save_adapter
 from slimtune.models import load_model
 from slimtune.models.chat_templates import set_chat_template
-from slimtune.quant import QuantConfig
+from slimtune.quant import QuantConfig, quantize_model, select_linear_layers
 from slimtune.tokens import pad_token_id
-from slimtune.train.config import TrainConfig
+from slimtune.train.config import QUANT_KEYS, TrainConfig
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -33,10 +33,10 @@ class TrainData:
 
 def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
     """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train."""
-    quant = None
-    if config.method == "qlora":
-        quant = QuantConfig(quant_type=config.quant_type, double_quant=config.double_quant)
-    model, tokenizer = load_model(config.model, quant=quant, dtype=torch.float32)
+    quant = quant_config(config) if config.method == "qlora" else None
+    # LoftQ quantizes the layers it adapts itself, from their float weights: they load in float.
+    load_quant = None if config.init == "loftq" else quant
+    model, tokenizer = load_model(config.model, quant=load_quant, dtype=torch.float32)
     if config.chat_template is not None:
         set_chat_template(tokenizer, config.chat_template)  # saved with the adapter (save_final)
     model.config.use_cache = False
@@ -46,11 +46,43 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         return model, tokenizer
     # The adapter's random init draws from the seeded RNG: the same seed, the same adapter.
     torch.manual_seed(config.seed)
-    lora = LoraConfig(
-        r=config.rank, alpha=config.alpha, dropout=config.dropout, target_modules=config.targets
-    )
+    lora = lora_config(config)
+    if config.init == "loftq":
+        _quantize_all_but(model, find_targets(model, lora), quant)
     inject_adapter(model, lora)
     return model, tokenizer
+
+
+def quant_config(config: TrainConfig) -> QuantConfig:
+    """The 4-bit storage of a QLoRA run's base."""
+    return QuantConfig(**{key: getattr(config, key) for key in QUANT_KEYS})
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """The adapter a run trains."""
+    return LoraConfig(
+        r=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        target_modules=config.targets,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        init=config.init,
+        # One LoftQ step leaves the base exactly what loading it in 4 bits gives, so the adapter
+        # also fits the base that `generate`, `serve` and PEFT load; more steps would not.
+        loftq_iters=1,
+        loftq_quant=quant_config(config) if config.init == "loftq" else None,
+    )
+
+
+def _quantize_all_but(model: nn.Module, adapted: list[str], quant: QuantConfig) -> None:
+    """The linear layers a QLoRA load would quantize, but those the adapter takes (LoftQ's)."""
+    skip = set(adapted)
+    rest = [name for name in select_linear_layers(model) if name not in skip]
+    if rest:
+        quantize_model(model, quant, targets=rest)
 
 
 def build_data(config: TrainConfig, tokenizer, info=None):
@@ -96,6 +128,8 @@ def save_final(model: nn.Module, tokenizer, config: TrainConfig, output: Path) -
         # A whole model, or a model PEFT wrapped (a library caller's): its own safetensors save.
         model.save_pretrained(output)
     else:
+        if config.init == "pissa":
+            pissa_to_lora(model)  # a plain LoRA adapter on the original weights, as PEFT saves it
         save_adapter(model, output, base_model_name_or_path=config.model or DEFAULT_BASE_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)

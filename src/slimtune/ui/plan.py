@@ -7,30 +7,18 @@ from typing import Any
 
 import psutil
 
-from slimtune.memory import PlanSettings, builtin_architecture, estimate, resolve_architecture
+from slimtune.hardware import device_has_native_bf16
+from slimtune.memory import builtin_architecture, estimate, resolve_architecture
+from slimtune.train.config import TrainConfig, load_config
 
 DEFAULT_ARCHITECTURE = "smollm2-135m"  # the default model's
 
 
 def memory_plan(settings: dict[str, Any], model: Path | None) -> dict[str, Any]:
-    """`{"total_bytes", "parts", "memory_bytes", "fits", ...}` for the form's settings."""
+    """`{"total_bytes", "parts", "memory_bytes", "fits", ...}` for the form's settings, read as
+    `slimtune train` reads them (where the run goes: this machine's CPU)."""
     arch = resolve_architecture(str(model)) if model else builtin_architecture(DEFAULT_ARCHITECTURE)
-    targets = settings.get("targets") or "all-linear"
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    plan = PlanSettings(
-        method=settings.get("method", "qlora"),
-        rank=int(settings.get("rank", 64)),
-        targets=targets,
-        batch_size=int(settings.get("batch_size", 4)),
-        max_length=int(settings.get("max_length", 512)),
-        gradient_checkpointing=bool(settings.get("gradient_checkpointing", False)),
-        optimizer=settings.get("optimizer", "adamw"),
-        dropout=float(settings.get("dropout", 0.05)),
-        quant_type=settings.get("quant_type", "nf4"),
-        double_quant=bool(settings.get("double_quant", True)),
-    )
-    result = estimate(arch, plan)
+    result = estimate(arch, plan_config(settings), "cpu", auto_dtype=_auto_dtype())
     memory = psutil.virtual_memory()
     return {
         "model": arch.name,
@@ -43,3 +31,21 @@ def memory_plan(settings: dict[str, Any], model: Path | None) -> dict[str, Any]:
         "fits": result.total <= memory.available,
         "notes": result.notes,
     }
+
+
+def plan_config(settings: dict[str, Any]) -> TrainConfig:
+    """The training config of the form's settings, every key checked as `slimtune train` checks
+    it; the model and file paths play no part in the plan."""
+    values = {
+        key: value
+        for key, value in settings.items()
+        if value not in (None, "") and key in TrainConfig.model_fields
+    }
+    values.pop("model", None)
+    if isinstance(values.get("targets"), str) and "," in values["targets"]:
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
+    return load_config(None, values)
+
+
+def _auto_dtype() -> str:
+    return "bfloat16" if device_has_native_bf16("cpu") else "float32"
