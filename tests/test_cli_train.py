@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import char_tokenizer, save_char_model, sums, write_jsonl
+from helpers import char_tokenizer, make_tiny_llama, save_char_model, sums, write_jsonl
 
 from slimtune.cli import main
 
