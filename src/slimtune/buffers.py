@@ -2,8 +2,7 @@
 
 A fresh 64 MiB tensor is a fresh mmap: the kernel zeroes it page by page on first touch, 16,384
 faults of 4 KiB. Asking for huge pages (madvise MADV_HUGEPAGE, honoured when the system's THP
-setting is `madvise` or `always`) makes that 32 faults of 2 MiB. Measured on this CPU,
-allocating and filling 64 MiB of float32: 24.7 ms -> 5.4 ms.
+setting is `madvise` or `always`) makes that 32 faults of 2 MiB.
 """
 
 from __future__ import annotations

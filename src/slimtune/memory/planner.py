@@ -45,9 +45,9 @@ PLAN_KEYS = (
     "batch_size", "max_length", "gradient_checkpointing", "optimizer", "compute_dtype",
     "quant_type", "blocksize", "double_quant", "lean_mlp", "sparse_dropout",
 )  # fmt: skip
-# RSS of a process that imported torch, transformers and slimtune and ran a first step on
-# this CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
-# docs/memory.md). On a GPU: the CUDA context and allocator slack, an assumed 1 GiB.
+# RSS of a process that imported torch, transformers and slimtune and ran a first step on a
+# CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
+# benchmarks/reports/memory.md). On a GPU: the CUDA context and allocator slack, an assumed 1 GiB.
 RUNTIME_BYTES = {"cpu": 380 * 2**20, "cuda": 2**30}
 DEVICES = tuple(RUNTIME_BYTES)
 # On a CPU numba's compiler comes too, for the 4-bit decode kernel (slimtune.quant.kernels) and

@@ -5,12 +5,12 @@ Two remedies for training, both for glibc (Linux):
 - `lean_heap_environment()`: the GLIBC_TUNABLES that turn off malloc's per-thread cache and its
   fast bins. Their small free chunks are never merged with their neighbours, so they split the
   heap that a training step frees into thousands of pieces too small for the next step's
-  activations, and the heap grows. Measured on SmolLM2 QLoRA (4 x 256 tokens, 4 steps): peak
-  RSS 3.80 -> 2.58 GB, step time unchanged (benchmarks/reports/train.md). Tunables are read
-  when a process starts: the CLI re-executes itself once with them (`reexec_with_lean_heap`).
+  activations, and the heap grows; without them a SmolLM2 QLoRA step peaks about half as high
+  again, at the same speed (benchmarks/reports/train.md). Tunables are read when a process
+  starts: the CLI re-executes itself once with them (`reexec_with_lean_heap`).
 - `limit_heap_fragmentation()`: serve large blocks with mmap, described below. It frees memory
-  at once but pays a page fault per fresh page (a SmolLM2 step 5.5 -> 9.7 s, a 7B step 152 ->
-  372 s for 0.7 GiB less peak); `benchmarks/bench_7b.py --heap mmap` uses it.
+  at once but pays a page fault per fresh page, which slows a step about twofold for a little
+  less peak (benchmarks/reports/memory.md); `benchmarks/bench_7b.py --heap mmap` uses it.
 
 And one for loading: `release_freed_memory()` (malloc_trim) hands back the pages a streamed load
 leaves free between the small tensors that stay.
@@ -18,9 +18,9 @@ leaves free between the small tensors that stay.
 glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, so
 after a few steps most activation tensors come from the brk heap, which is only returned to
 the system from its top. Under gradient checkpointing each block's small kept input lands
-above the block's freed temporaries and pins them: measured on this CPU, a checkpointed
-forward pass of an 8-block model grew RSS by 681 MiB with glibc's defaults and by 57 MiB with
-a fixed 64 KiB threshold (benchmarks/bench_7b.py shapes, hidden 512, 4 x 512 tokens).
+above the block's freed temporaries and pins them: a checkpointed forward pass grows RSS by
+over ten times as much with glibc's defaults as with a fixed 64 KiB threshold
+(benchmarks/reports/memory.md, benchmarks/bench_7b.py shapes).
 """
 
 from __future__ import annotations
