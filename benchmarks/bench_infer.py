@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,16 +136,33 @@ def load_engines(engines: list[str]) -> dict:
     return {name: loaded[name] for name in engines}
 
 
+# Runs `-m module args...` or `-c code` and writes the process's own peak RSS (VmHWM, kB) to
+# the file named by $PEAK_FILE at exit. A forked child's ru_maxrss starts at its parent's RSS
+# (Linux keeps the high-water mark across exec), so wait4's figure would include this process.
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def _peak():
+    kib = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]
+    open(os.environ["PEAK_FILE"], "w").write(kib)
+atexit.register(_peak)
+mode, target, *rest = sys.argv[1:]
+if mode == "-m":
+    sys.argv = [target, *rest]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    exec(target)
+"""
+
+
 def _child_peak(command: list[str], env: dict) -> tuple[int, str]:
-    """(peak RSS in bytes of that child alone, its stdout): wait4 reads its own rusage."""
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)  # fmt: skip
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {child.returncode}")
-    return usage.ru_maxrss * 1024, out
+    """(peak RSS in bytes of the child running `command` (`-m ...` or `-c ...`), its stdout)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
+        full = [sys.executable, "-c", _PEAK_WRAPPER, *command]
+        result = subprocess.run(full, env=dict(env, PEAK_FILE=peak_file.name), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}")
+        return int(open(peak_file.name).read()) * 1024, result.stdout
 
 
 def generate_peak_rss(threads: int) -> dict:
@@ -152,11 +170,11 @@ def generate_peak_rss(threads: int) -> dict:
     child that only imports what it runs on (the runtime constant: Python, torch,
     transformers, numba, slimtune)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "slimtune", "generate", PROMPT, "--quant", "nf4",
+    command = ["-m", "slimtune", "generate", PROMPT, "--quant", "nf4",
                "--max-new-tokens", str(NEW_TOKENS), "--json"]  # fmt: skip
     peak, out = _child_peak(command, env)
     imports = "import torch, transformers, numba, slimtune.infer, slimtune.models, slimtune.cli"
-    baseline, _ = _child_peak([sys.executable, "-c", imports], env)
+    baseline, _ = _child_peak(["-c", imports], env)
     return {
         "peak_rss_bytes": peak,
         "imports_peak_rss_bytes": baseline,

@@ -7,6 +7,9 @@ peak-RSS counter and run a few steps as `slimtune train` does:
     sft       summed_loss over B rows (prompt + chosen answer), backward, optimizer step
     dpo       preference_backward over B pairs, one side's activations at a time (the default)
     dpo-joint preference_backward over B pairs as one batch of 2B rows (as TRL does)
+    trl-dpo   TRL's DPOTrainer.compute_loss on the same pairs (transformers + peft +
+              bitsandbytes NF4 with double quantization, float32 compute, the same LoRA), the
+              reference from the base with the adapter off, as slimtune's; backward, AdamW step
 
 The reference log-probs are cached before the counter is reset (they are computed once per
 pair for the whole run). Rows are random tokens of the given lengths.
@@ -26,10 +29,12 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_memory import _reset_peak, _status_kib  # noqa: E402
 
-MODES = ("sft", "dpo", "dpo-joint")
+MODES = ("sft", "dpo", "dpo-joint", "trl-dpo")
 
 
 def measure(mode: str, batch: int, prompt: int, answer: int, steps: int, rank: int) -> dict:
+    if mode == "trl-dpo":
+        return measure_trl(batch, prompt, answer, steps, rank)
     import torch
 
     from slimtune.dist import DistInfo
@@ -87,6 +92,76 @@ def measure(mode: str, batch: int, prompt: int, answer: int, steps: int, rank: i
         opt.zero_grad(set_to_none=True)
     return dict(
         mode=mode,
+        batch=batch,
+        prompt_tokens=prompt,
+        answer_tokens=answer,
+        rank=rank,
+        steps=steps,
+        threads=torch.get_num_threads(),
+        seconds_per_step=(time.perf_counter() - began) / steps,
+        rss_after_setup_bytes=start_rss,
+        peak_rss_bytes=_status_kib("VmHWM") * 1024,
+    )
+
+
+def measure_trl(batch: int, prompt: int, answer: int, steps: int, rank: int) -> dict:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from slimtune.models.gguf_cache import cached_folder
+    from slimtune.models.paths import default_model_file
+
+    torch.manual_seed(0)
+    folder = cached_folder(default_model_file())
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, dtype=torch.float32, device_map="cpu"
+    )
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(output_dir=out, beta=0.1, report_to=[], use_cpu=True,
+                           per_device_train_batch_size=batch)  # fmt: skip
+        rows = [{"prompt": "a", "chosen": " b", "rejected": " c"}] * batch
+        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    model = trainer.model
+    model.train()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    pairs = [dict(prompt_ids=tokens(prompt), chosen_ids=tokens(answer), rejected_ids=tokens(answer))
+             for _ in range(batch)]  # fmt: skip
+    inputs = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id or 0)(pairs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    _reset_peak()
+    start_rss = _status_kib("VmRSS") * 1024
+    began = time.perf_counter()
+    for _ in range(steps):
+        trainer.compute_loss(model, inputs).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return dict(
+        mode="trl-dpo",
         batch=batch,
         prompt_tokens=prompt,
         answer_tokens=answer,
