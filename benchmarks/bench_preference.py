@@ -90,18 +90,7 @@ def measure(mode: str, batch: int, prompt: int, answer: int, steps: int, rank: i
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return dict(
-        mode=mode,
-        batch=batch,
-        prompt_tokens=prompt,
-        answer_tokens=answer,
-        rank=rank,
-        steps=steps,
-        threads=torch.get_num_threads(),
-        seconds_per_step=(time.perf_counter() - began) / steps,
-        rss_after_setup_bytes=start_rss,
-        peak_rss_bytes=_status_kib("VmHWM") * 1024,
-    )
+    return _record(mode, batch, prompt, answer, rank, steps, began, start_rss)
 
 
 def measure_trl(batch: int, prompt: int, answer: int, steps: int, rank: int) -> dict:
@@ -160,8 +149,14 @@ def measure_trl(batch: int, prompt: int, answer: int, steps: int, rank: int) -> 
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return _record("trl-dpo", batch, prompt, answer, rank, steps, began, start_rss)
+
+
+def _record(mode, batch, prompt, answer, rank, steps, began: float, start_rss: int) -> dict:
+    import torch
+
     return dict(
-        mode="trl-dpo",
+        mode=mode,
         batch=batch,
         prompt_tokens=prompt,
         answer_tokens=answer,
