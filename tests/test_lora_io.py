@@ -165,3 +165,19 @@ def test_a_failed_load_leaves_the_model_untouched(saved):
     with pytest.raises(SlimtuneError, match="missing key .*lora_magnitude_vector"):
         load_adapter(model, saved)
     assert model.state_dict().keys() == before.keys()
+
+
+def test_an_adapter_loaded_into_a_model_in_eval_mode_is_in_eval_mode(tmp_path):
+    trained = inject_adapter(make_tiny_llama(), LoraConfig(r=4, alpha=8, dropout=0.5))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # B = 0 would hide whether dropout runs
+    save_adapter(trained, tmp_path)
+    model = load_adapter(make_tiny_llama().eval(), tmp_path)
+    assert not any(m.training for m in model.modules())
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)
+    training = load_adapter(make_tiny_llama().train(), tmp_path)
+    assert all(m.training for m in training.modules())

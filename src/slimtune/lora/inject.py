@@ -116,6 +116,9 @@ def inject_adapter(
             init=config.init,
             loftq=loftq,
         )
+        layer.train(
+            layer.base_layer.training
+        )  # new modules follow the model's mode (eval: no dropout)
     configs[adapter_name] = config
     freeze_base(model)
     if activate:
