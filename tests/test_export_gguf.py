@@ -188,6 +188,31 @@ def test_tokenizer_and_chat_template_survive(base, tmp_path):
     assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
 
 
+def test_the_adapters_chat_template_goes_into_the_exports(tmp_path, one_thread):
+    """A base without a template (Gemma 3 270M is one) trains with `--chat-template`, saved
+    beside the adapter: the merged GGUF, the base GGUF written beside an adapter GGUF (where
+    Ollama finds a template the Modelfile cannot state) and the merged folder carry it."""
+    from transformers import AutoTokenizer
+
+    from slimtune.export import merge_to_folder
+    from slimtune.models.chat_templates import TEMPLATE_FILE, resolve_chat_template
+
+    model, tokenizer = make_export_model("gemma3"), make_bpe_tokenizer()
+    tokenizer.chat_template = None
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = make_peft_adapter(model, tmp_path / "lora", seed=1)
+    gemma = resolve_chat_template("gemma")
+    (adapter / TEMPLATE_FILE).write_text(gemma)
+    export_merged_gguf(tmp_path / "base", adapter, tmp_path / "m.gguf", "f32")
+    assert _fields(tmp_path / "m.gguf")["tokenizer.chat_template"] == gemma
+    result = export_adapter_gguf(tmp_path / "base", adapter, tmp_path / "out", "f32")
+    assert _fields(result.files["base"])["tokenizer.chat_template"] == gemma
+    merge_to_folder(tmp_path / "base", adapter, tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == gemma
+    assert AutoTokenizer.from_pretrained(tmp_path / "base").chat_template is None
+
+
 def test_a_gguf_base_keeps_its_tokenizer_keys(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
     source = write_tiny_gguf(tmp_path / "base.gguf", make_tiny_llama(seed=2, vocab_size=32))
