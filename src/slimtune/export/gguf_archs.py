@@ -97,7 +97,8 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 def write_hparams(writer, arch: str, config) -> None:
     """The `<arch>.*` keys llama.cpp reads, from the HF config (as its converter derives them),
     after checking that llama.cpp's graph for `arch` computes what the model does."""
-    {"qwen2": check_qwen2, "gemma3": check_gemma3}.get(arch, lambda _: None)(config)
+    if arch in CHECKS:
+        CHECKS[arch](config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -139,7 +140,7 @@ def check_gemma3(config) -> None:
         config.hidden_size // config.num_attention_heads if n_layers == 62 else head_dim(config)
     )
     local = rope_parameters(config, "sliding_attention")
-    problems = {
+    assumptions = {
         "a global layer every sixth, sliding-window layers between": list(config.layer_types)
         == pattern,
         "a sliding window": config.sliding_window is not None,
@@ -153,9 +154,12 @@ def check_gemma3(config) -> None:
         "a GELU-tanh gated MLP": config.hidden_activation == "gelu_pytorch_tanh",
         "causal attention": not getattr(config, "use_bidirectional_attention", False),
     }
-    missing = [what for what, holds in problems.items() if not holds]
+    missing = [what for what, holds in assumptions.items() if not holds]
     if missing:
         raise SlimtuneError(
             "GGUF export: llama.cpp's gemma3 assumes " + "; ".join(missing)
             + ", which this model does not have"
         )  # fmt: skip
+
+
+CHECKS = {"qwen2": check_qwen2, "gemma3": check_gemma3}
