@@ -2,9 +2,10 @@
 
 The layout is what llama.cpp's `convert_hf_to_gguf.py` writes for the same model: its
 architecture's hyper-parameters under `<arch>.*`, tensors under llama.cpp's names (mapped by the
-`gguf` package's own tables), LLaMA's q/k rows permuted into llama.cpp's rotary order, the
-tokenizer and its chat template under `tokenizer.*`. Weights are quantized by the `gguf`
-package's reference quantizers, the ones llama.cpp's converter uses:
+`gguf` package's own tables) with the transforms each architecture needs (`gguf_archs`: LLaMA's
+q/k rows permuted, Gemma's norm weights as 1 + w), the tokenizer and its chat template under
+`tokenizer.*`. Weights are quantized by the `gguf` package's reference quantizers, the ones
+llama.cpp's converter uses:
 
 - `f32`, `f16`, `bf16`: every matrix in that type; `q8_0`: every matrix in Q8_0;
 - `q4_0`: the block matrices in Q4_0, the embedding and output matrices in Q8_0 (llama.cpp's
@@ -15,7 +16,6 @@ multiple of the type's block size falls back to F16, as the converter does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,82 +24,14 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.export.folder import unique_state_dict
+from slimtune.export.gguf_archs import gguf_arch, tensor_names, to_gguf_tensor, write_hparams
 from slimtune.export.gguf_tokenizer import add_tokenizer
 from slimtune.export.gptq import gptq_q4_0
 from slimtune.files import atomic_file
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-# model_type in the HF config -> llama.cpp architecture name, for the models written here.
-ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 # Matrices kept in Q8_0 under q4_0: they hurt most when rounded (llama.cpp does the same).
 KEEP_Q8 = ("token_embd.weight", "output.weight")
-
-
-def gguf_arch(config) -> str:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHS:
-        raise SlimtuneError(
-            f"GGUF export supports model types {', '.join(ARCHS)}; this model is {model_type!r}"
-        )
-    return ARCHS[model_type]
-
-
-def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's rotary layout for q/k rows (`LlamaModel.permute` of its converter): within
-    each head, the two rotated halves are interleaved."""
-    shape = weight.shape
-    return (
-        weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-    )
-
-
-def permute_for_arch(arch: str, name: str, tensor: torch.Tensor, config) -> torch.Tensor:
-    """`tensor` (an HF weight, bias or LoRA B) in the row order llama.cpp expects for `name`."""
-    if arch != "llama":
-        return tensor
-    if ".self_attn.q_proj." in name:
-        return llama_permute(tensor, config.num_attention_heads)
-    if ".self_attn.k_proj." in name:
-        return llama_permute(tensor, config.num_key_value_heads)
-    return tensor
-
-
-def tensor_names(arch: str, n_blocks: int) -> Callable[[str], str]:
-    """HF parameter name -> llama.cpp tensor name, from the `gguf` package's mapping tables."""
-    import gguf
-
-    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
-    table = gguf.get_tensor_name_map(arch_id, n_blocks)
-
-    def name(hf_name: str) -> str:
-        mapped = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise SlimtuneError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} ({arch})")
-        return mapped
-
-    return name
-
-
-def write_hparams(writer, arch: str, config) -> None:
-    """The `<arch>.*` keys llama.cpp reads, from the HF config (as its converter derives them)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is not None:
-        writer.add_rope_freq_base(float(theta))
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise SlimtuneError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported")
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str):
@@ -137,8 +69,9 @@ def file_type(qtype: str):
 
 
 def model_tensors(model: nn.Module, arch: str):
-    """(HF name, llama.cpp name, float32 array) of every tensor, q/k permuted; a tied output is left
-    out (llama.cpp then reads the embedding, as for models converted by llama.cpp)."""
+    """(HF name, llama.cpp name, float32 array) of every tensor as llama.cpp stores it
+    (`gguf_archs.to_gguf_tensor`); a tied output is left out (llama.cpp then reads the embedding,
+    as for models converted by llama.cpp)."""
     config = model.config
     name_of = tensor_names(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -147,7 +80,7 @@ def model_tensors(model: nn.Module, arch: str):
             continue
         if "rotary_emb" in hf_name:
             continue
-        tensor = permute_for_arch(arch, hf_name, tensor.detach().float(), config)
+        tensor = to_gguf_tensor(arch, hf_name, tensor.detach().float(), config)
         yield hf_name, name_of(hf_name), np.ascontiguousarray(tensor.cpu().numpy())
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.export.gguf import encode, gguf_arch, permute_for_arch, tensor_names, tensor_type
+from slimtune.export.gguf import encode, tensor_type
+from slimtune.export.gguf_archs import gguf_arch, permute_for_arch, tensor_names
 from slimtune.files import atomic_file
 from slimtune.lora import load_adapter, lora_layers
 

@@ -22,6 +22,7 @@ from slimtune.export.folder import DTYPES, write_model_folder
 from slimtune.export.gptq import gptq_linear4bit, input_hessians
 from slimtune.lora import load_adapter, lora_configs, lora_layers, merge_adapter
 from slimtune.models import load_model, save_quantized_model
+from slimtune.models.chat_templates import saved_chat_template
 from slimtune.models.experts import fuse_experts
 from slimtune.quant import Linear4bit, QuantConfig, frozen_linear, select_linear_layers
 
@@ -66,6 +67,7 @@ def merge_to_folder(
         raise SlimtuneError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     base = trained_base(qlora)
     network, tokenizer = load_model(model, quant=base)
+    with_adapter_template(tokenizer, adapter)
     load_adapter(network, adapter, ADAPTER)
     # A base already in the output's format is re-quantized layer by layer where merged.
     requantize = bool(quantize and base and base.quant_type == quantize and not calibration)
@@ -128,6 +130,13 @@ def quantize_float_layers(model: nn.Module) -> float:
         norm += float(weight.square().sum())
         _replace(model, path, quantized)
     return (err / norm) ** 0.5 if norm else 0.0
+
+
+def with_adapter_template(tokenizer, adapter: str | Path):
+    """`tokenizer` given the chat template the adapter was trained with, when one is saved beside
+    it (a base model without a template trains with `--chat-template`): exports carry it."""
+    tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
+    return tokenizer
 
 
 def calibration_batches(tokenizer, rows: list[dict]):

@@ -19,6 +19,7 @@ from slimtune.export.merge import (
     dequantize_layers,
     trained_base,
     unwrap_lora_layers,
+    with_adapter_template,
 )
 from slimtune.export.ollama import write_modelfile
 from slimtune.export.survival import Survival, exact_match
@@ -61,6 +62,7 @@ def merged_model(
     """(float model with the adapter merged in, tokenizer, number of merged layers, scores):
     scores are the exact match of the base and of base + adapter on `eval_rows` (or None)."""
     network, tokenizer = load_model(model, quant=trained_base(qlora))
+    with_adapter_template(tokenizer, adapter)
     scores = None
     if eval_rows:
         scores = (exact_match(network, tokenizer, eval_rows),)
@@ -135,6 +137,7 @@ def export_adapter_gguf(
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise SlimtuneError(f"output folder {output_dir} exists and is not empty")
     network, tokenizer = load_model(model)
+    with_adapter_template(tokenizer, adapter)
     files: dict[str, Path] = {}
     base = source_gguf(model)
     if base is None:
