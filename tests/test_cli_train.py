@@ -149,6 +149,22 @@ def test_train_qlora_then_eval_and_generate(tiny_folder, tmp_path, capsys):
     )
 
 
+def test_train_dpo_reports_the_preference_accuracy_of_the_eval_pairs(tiny_folder, tmp_path, capsys):
+    rows = [dict(prompt=r["prompt"], chosen=r["completion"], rejected=r["completion"] + "0")
+            for r in sums(12)]  # fmt: skip
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows[4:])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows[:4])
+    output = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_folder), "--data", str(data), "--eval-data",
+            str(held_out), "--objective", "dpo", "--method", "lora", "--max-steps", "2",
+            "--output", str(output), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    loss, accuracy = records[-1]["eval_loss"], 100 * records[-1]["eval_reward_accuracy"]
+    expected = f"final eval: loss {loss:.4f}, preference accuracy {accuracy:.1f}%\n"
+    assert expected in capsys.readouterr().out
+
+
 def test_train_cli_errors_name_the_key(tmp_path, capsys):
     assert main(["train", "--rank", "-1", "--data", "x.jsonl"]) == 2
     assert "--rank" in capsys.readouterr().err

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         last = result.evals[-1]
         accuracy = last.get("eval_accuracy")
         tail = f", exact match {100 * accuracy:.1f}%" if accuracy is not None else ""
+        if "eval_reward_accuracy" in last:  # preference tuning
+            tail = f", preference accuracy {100 * last['eval_reward_accuracy']:.1f}%"
         print(f"final eval: loss {last['eval_loss']:.4f}{tail}")
     print(f"adapter, metrics.jsonl, loss.png and checkpoints/ in {result.output}")
     return 0
