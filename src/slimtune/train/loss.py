@@ -128,7 +128,11 @@ def _logits_buffers(lm_head: nn.Module, h: Tensor, weight: Tensor, chunk: int) -
         narrow = None
         if weight.dtype != torch.float32:
             narrow = empty_large((rows, vocab), weight.dtype, h.device)
-        cached = ((vocab, weight.dtype), empty_large((rows, vocab), torch.float32), narrow)
+        cached = (
+            (vocab, weight.dtype),
+            empty_large((rows, vocab), torch.float32, h.device),
+            narrow,
+        )
         lm_head._slimtune_loss_buffers = cached
     return chunk, cached[1], cached[2]
 

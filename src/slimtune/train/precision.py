@@ -29,6 +29,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import cpu_model, device_has_native_bf16, dtype_name, resolve_compute_dtype
 from slimtune.quant import Linear4bit
+from slimtune.targets import output_head
 from slimtune.train.loss import release_loss_buffers
 
 
@@ -73,9 +74,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
 
 def _frozen_output_layer(model: nn.Module) -> nn.Module | None:
     """The output layer of a causal LM whose weights do not train, else None."""
-    if hasattr(model, "get_base_model"):  # a PEFT wrapper
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if head is None or any(p.requires_grad for p in head.parameters()):
         return None
     return head
