@@ -97,31 +97,15 @@ def measure_trl(batch: int, prompt: int, answer: int, steps: int, rank: int) -> 
     import tempfile
 
     import torch
+    from bench_train import TARGETS, peer_base
     from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from slimtune.models.gguf_cache import cached_folder
-    from slimtune.models.paths import default_model_file
-
     torch.manual_seed(0)
-    folder = cached_folder(default_model_file())
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant, dtype=torch.float32, device_map="cpu"
-    )
-    model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    model, tokenizer = peer_base("qlora", ckpt=False, bf16=False)
+    lora = LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS)
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(output_dir=out, beta=0.1, report_to=[], use_cpu=True,
                            per_device_train_batch_size=batch)  # fmt: skip

@@ -102,8 +102,25 @@ def slimtune_model(method: str, ckpt: bool, args, bf16: bool = False, fuse: bool
 
 
 def peer_model(method: str, ckpt: bool, args, bf16: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = peer_base(method, ckpt, bf16)
+    config = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=0.05,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), tokenizer
+
+
+def peer_base(method: str, ckpt: bool, bf16: bool = False):
+    """The peer's model before LoRA, as peer_bench.py loads it: float, or NF4 + double
+    quantization through bitsandbytes with prepare_model_for_kbit_training; and its tokenizer."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from slimtune.models.gguf_cache import cached_folder
@@ -129,15 +146,7 @@ def peer_model(method: str, ckpt: bool, args, bf16: bool = False):
         )
     elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    config = LoraConfig(
-        r=args.r,
-        lora_alpha=args.alpha,
-        lora_dropout=0.05,
-        target_modules=TARGETS,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config), AutoTokenizer.from_pretrained(folder)
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def run_one(variant: str, args) -> dict:
