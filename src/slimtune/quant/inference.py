@@ -1,10 +1,11 @@
 """Run a model's 4-bit layers through the inference kernels for as long as a block runs.
 
 `inference_4bit(model)` gives every Linear4bit an inference forward (`slimtune.quant.gemv`): no
-autograd record, one fused decode + matrix-vector product per new token, banded decode + matmul
-for prompts. The layers stay what they are (same objects, buffers and state dict); only their
+autograd record, products straight from the codes for new tokens, banded decode + matmul for
+prompts. The layers stay what they are (same objects, buffers and state dict); only their
 `forward` is replaced inside the block, so LoRA wrappers, hooks and the training path are
-untouched. Layers fed the same input tensor (q/k/v, gate/up) build the input's table once.
+untouched. Where the numba kernel runs, layers fed the same input tensor (q/k/v, gate/up) build
+the input's table once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from slimtune.quant import native
 from slimtune.quant.gemv import Prepared, fused_layout, input_table, linear_4bit_inference
 from slimtune.quant.linear import Linear4bit
 
@@ -42,8 +44,10 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
     # The buffers do not change inside the block: their state and numpy views are made once.
     state = layer.quant_state
     compute = dtype or layer.compute_dtype
-    prepared = None
-    if layer.weight.device.type == "cpu" and fused_layout(state):
+    weight = prepared = None
+    if layer.weight.device.type == "cpu" and native.usable(state):
+        weight = native.Weight(layer.weight, state)
+    elif layer.weight.device.type == "cpu" and fused_layout(state):
         prepared = Prepared(layer.weight, state)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +55,41 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
         if prepared is not None and x.numel() == layer.in_features and x.device.type == "cpu":
             table = tables.get(x, layer.quant_type)
         with torch.no_grad():
-            y = linear_4bit_inference(x, layer.weight, state, layer.bias, compute, table, prepared)
+            y = linear_4bit_inference(
+                x, layer.weight, state, layer.bias, compute, table, prepared, weight
+            )
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    return forward
+
+
+# Float layers at least this big (the output layer) take the C kernel for a few input rows:
+# BLAS's matrix-vector product runs on one core and leaves half the memory bandwidth unused.
+DENSE_MIN_VALUES = 1 << 22
+DENSE_ROWS = 4
+
+
+def _big_float_layer(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.numel() >= DENSE_MIN_VALUES
+        and native.library() is not None
+    )
+
+
+def _dense_forward(layer: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, layer.in_features)
+        if x2d.shape[0] > DENSE_ROWS or x.dtype != torch.float32:
+            return nn.functional.linear(x, layer.weight, layer.bias)
+        with torch.no_grad():
+            y = native.dense_matmul(x2d, layer.weight)
+            if layer.bias is not None:
+                y += layer.bias
+        return y.view(*x.shape[:-1], layer.out_features)
 
     return forward
 
@@ -60,20 +97,23 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
 @contextlib.contextmanager
 def inference_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None) -> Iterator[int]:
     """Inside the block every Linear4bit of `model` computes with the inference kernels, in
-    `compute_dtype` (default: each layer's own). Yields how many layers were switched (blocks
+    `compute_dtype` (default: each layer's own), and big float32 layers (the output layer) take
+    the C kernel for a few rows. Yields how many layers were switched (blocks
     nest: an inner block leaves the layers an outer one switched as they are). No
     gradients flow through the switched layers: use it for generation and evaluation only."""
     tables = TableCache()
     # Layers an enclosing block already switched stay as that block set them.
-    layers = [
-        m for m in model.modules() if isinstance(m, Linear4bit) and "forward" not in m.__dict__
-    ]
+    free = [m for m in model.modules() if "forward" not in m.__dict__]
+    layers = [m for m in free if isinstance(m, Linear4bit)]
+    dense = [m for m in free if _big_float_layer(m)]
     for layer in layers:
         layer.forward = _inference_forward(layer, compute_dtype, tables)
+    for layer in dense:
+        layer.forward = _dense_forward(layer)
     try:
         yield len(layers)
     finally:
-        for layer in layers:
+        for layer in layers + dense:
             del layer.forward
 
 

@@ -1,0 +1,263 @@
+/* y = x @ W.T for a packed 4-bit W (bitsandbytes' layout), straight from the codes.
+ *
+ * A weight is code_value[nibble] * absmax[block]. For every block the 16 code values are scaled
+ * by the block's absmax once, kept in registers, and the nibbles index them with a vector
+ * permute (AVX-512: one vpermps gives 16 weights; AVX2: two vpermps and a blend give 8). Each
+ * decoded vector of weights is multiplied into up to 16 input rows before the next is decoded,
+ * so a batch of rows reads the codes once. Nothing the size of a weight is ever written.
+ *
+ * Packing: byte j of a row holds weight 2j in its high nibble and 2j + 1 in its low nibble. The
+ * input rows are therefore split once per call into their even and odd columns (per chunk of
+ * 2 * LANES columns), so that high nibbles meet even columns and low nibbles odd ones.
+ *
+ * Rows of W are split between torch's OpenMP threads.
+ *
+ * Built by slimtune.quant.native with the host compiler for the host CPU (-march=native).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+#else
+#define LANES 1
+#endif
+#define CHUNK (2 * LANES) /* weights decoded per step: LANES bytes */
+#define MAX_TILE 16      /* input rows multiplied per decoded vector */
+
+/* A packed 4-bit weight, described once per layer (mirrored by slimtune.quant.native). */
+typedef struct {
+    const uint8_t *packed;   /* (out, in / 2) */
+    int64_t out, in, blocksize;
+    const float *lut;        /* the 16 code values */
+    const float *absmax;     /* float per block, or NULL when double quantized */
+    const uint8_t *absmax_codes;
+    const float *nested, *nested_code;
+    float offset;
+    int64_t nested_blocksize;
+} Weight4;
+
+typedef struct {
+    const Weight4 *w;
+    const float *x;          /* (batch, in) rearranged: per chunk LANES even then LANES odd */
+    int64_t batch;
+    float *y;                /* (batch, out) */
+} Job;
+
+static inline float block_scale(const Weight4 *w, int64_t block) {
+    if (w->absmax) return w->absmax[block];
+    return w->nested_code[w->absmax_codes[block]] * w->nested[block / w->nested_blocksize] +
+           w->offset;
+}
+
+#if LANES == 16
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+typedef struct { __m512 t; } Table;
+static inline Table scaled_table(const float *lut, float s) {
+    Table t = {_mm512_mul_ps(_mm512_loadu_ps(lut), _mm512_set1_ps(s))};
+    return t;
+}
+/* 16 bytes -> the 16 high-nibble weights and the 16 low-nibble weights. */
+static inline void decode(const uint8_t *p, const Table *t, vec *hi, vec *lo) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t->t);
+    *lo = _mm512_permutexvar_ps(v, t->t); /* vpermps reads the index's low 4 bits only */
+}
+#elif LANES == 8
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+typedef struct { __m256 low8, high8; } Table; /* code values 0-7 and 8-15 */
+static inline Table scaled_table(const float *lut, float s) {
+    __m256 scale = _mm256_set1_ps(s);
+    Table t = {_mm256_mul_ps(_mm256_loadu_ps(lut), scale),
+               _mm256_mul_ps(_mm256_loadu_ps(lut + 8), scale)};
+    return t;
+}
+/* vpermps reads the index's low 3 bits; bit 3 picks the table half, through the sign bit. */
+static inline vec lookup(__m256i index, __m256i bit3_as_sign, const Table *t) {
+    __m256 a = _mm256_permutevar8x32_ps(t->low8, index);
+    __m256 b = _mm256_permutevar8x32_ps(t->high8, index);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(bit3_as_sign));
+}
+static inline void decode(const uint8_t *p, const Table *t, vec *hi, vec *lo) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *hi = lookup(_mm256_srli_epi32(v, 4), _mm256_slli_epi32(v, 24), t);
+    *lo = lookup(v, _mm256_slli_epi32(v, 28), t);
+}
+#else
+typedef float vec;
+static inline vec vzero(void) { return 0.0f; }
+static inline vec vload(const float *p) { return *p; }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline float vsum(vec a) { return a; }
+typedef struct { float t[16]; } Table;
+static inline Table scaled_table(const float *lut, float s) {
+    Table t;
+    for (int i = 0; i < 16; i++) t.t[i] = lut[i] * s;
+    return t;
+}
+static inline void decode(const uint8_t *p, const Table *t, vec *hi, vec *lo) {
+    *hi = t->t[*p >> 4];
+    *lo = t->t[*p & 15];
+}
+#endif
+
+/* Rows [r0, r1) of W against input rows [b0, b0 + TILE). Inlined with TILE a constant, so the
+ * accumulators live in registers. Small tiles keep two accumulators an input row (high and low
+ * nibbles: two independent chains of multiply-adds in flight); big tiles have chains enough
+ * and one accumulator each, so that they fit the register file. */
+static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_t r0,
+                                                            int64_t r1, int64_t b0,
+                                                            const int TILE) {
+    const Weight4 *w = j->w;
+    const int64_t in = w->in, bytes = in / 2, blocks = in / w->blocksize;
+    const int64_t chunks = w->blocksize / CHUNK;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->packed + r * bytes;
+        vec acc_hi[MAX_TILE], acc_lo[MAX_TILE];
+        for (int t = 0; t < TILE; t++) acc_hi[t] = acc_lo[t] = vzero();
+        for (int64_t k = 0; k < blocks; k++) {
+            Table table = scaled_table(w->lut, block_scale(w, r * blocks + k));
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t col = (k * chunks + c) * CHUNK;
+                vec hi, lo;
+                decode(row + col / 2, &table, &hi, &lo);
+                for (int t = 0; t < TILE; t++) {
+                    const float *x = j->x + (b0 + t) * in + col;
+                    if (TILE <= 2) {
+                        acc_hi[t] = vfma(hi, vload(x), acc_hi[t]);
+                        acc_lo[t] = vfma(lo, vload(x + LANES), acc_lo[t]);
+                    } else {
+                        acc_hi[t] = vfma(lo, vload(x + LANES), vfma(hi, vload(x), acc_hi[t]));
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < TILE; t++)
+            j->y[(b0 + t) * w->out + r] = vsum(acc_hi[t]) + vsum(acc_lo[t]);
+    }
+}
+
+static void q4_rows(const void *job, int64_t r0, int64_t r1) {
+    const Job *j = job;
+    int64_t b = 0;
+    while (b < j->batch) {
+        int64_t left = j->batch - b;
+        if (left >= 16) { tile_rows(j, r0, r1, b, 16); b += 16; }
+        else if (left >= 8) { tile_rows(j, r0, r1, b, 8); b += 8; }
+        else if (left >= 4) { tile_rows(j, r0, r1, b, 4); b += 4; }
+        else if (left >= 2) { tile_rows(j, r0, r1, b, 2); b += 2; }
+        else { tile_rows(j, r0, r1, b, 1); b += 1; }
+    }
+}
+
+/* ---- Float32 weights (the output layer): the same tiling, the weight read as it is. ---- */
+
+typedef struct {
+    const float *w;          /* (out, in) */
+    int64_t out, in;
+    const float *x;          /* (batch, in) */
+    int64_t batch;
+    float *y;                /* (batch, out) */
+} DenseJob;
+
+static inline __attribute__((always_inline)) void dense_tile(const DenseJob *j, int64_t r0,
+                                                             int64_t r1, int64_t b0,
+                                                             const int TILE) {
+    const int64_t in = j->in, body = in / LANES * LANES;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *row = j->w + r * in;
+        vec acc[MAX_TILE];
+        for (int t = 0; t < TILE; t++) acc[t] = vzero();
+        for (int64_t c = 0; c < body; c += LANES) {
+            vec w = vload(row + c);
+            for (int t = 0; t < TILE; t++) acc[t] = vfma(w, vload(j->x + (b0 + t) * in + c), acc[t]);
+        }
+        for (int t = 0; t < TILE; t++) {
+            float sum = vsum(acc[t]);
+            for (int64_t c = body; c < in; c++) sum += row[c] * j->x[(b0 + t) * in + c];
+            j->y[(b0 + t) * j->out + r] = sum;
+        }
+    }
+}
+
+static void dense_rows(const void *job, int64_t r0, int64_t r1) {
+    const DenseJob *j = job;
+    int64_t b = 0;
+    while (b < j->batch) {
+        int64_t left = j->batch - b;
+        if (left >= 16) { dense_tile(j, r0, r1, b, 16); b += 16; }
+        else if (left >= 8) { dense_tile(j, r0, r1, b, 8); b += 8; }
+        else if (left >= 4) { dense_tile(j, r0, r1, b, 4); b += 4; }
+        else if (left >= 2) { dense_tile(j, r0, r1, b, 2); b += 2; }
+        else { dense_tile(j, r0, r1, b, 1); b += 1; }
+    }
+}
+
+/* Rows of W split evenly between the threads of one OpenMP region. The kernel is linked
+ * against libgomp.so.1, the soname of the OpenMP runtime torch ships and loads first, so these
+ * are torch's own threads: no second pool competing for the cores. */
+static void run(void (*rows)(const void *, int64_t, int64_t), const void *job, int64_t out_rows,
+                int threads) {
+    if (threads < 1 || out_rows < 2 * threads) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int parts = omp_get_num_threads(), part = omp_get_thread_num();
+        const int64_t step = (out_rows + parts - 1) / parts;
+        const int64_t r0 = part * step < out_rows ? part * step : out_rows;
+        const int64_t r1 = r0 + step < out_rows ? r0 + step : out_rows;
+        if (r0 < r1) rows(job, r0, r1);
+    }
+}
+
+/* ---- Entry point ---- */
+
+int slim_q4_lanes(void) { return LANES; }
+
+/* y (batch, out) = x (batch, in) @ W.T, float32, contiguous. Returns 0, or -1 when the shapes
+ * do not fit the kernel (the caller falls back). */
+int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads) {
+    const int64_t in = w->in;
+    if (w->blocksize % CHUNK != 0 || in % w->blocksize != 0 || batch < 1) return -1;
+    float *arranged = malloc((size_t)(batch * in) * sizeof(float));
+    if (!arranged) return -1;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *src = x + b * in;
+        float *dst = arranged + b * in;
+        for (int64_t c = 0; c < in; c += CHUNK)
+            for (int l = 0; l < LANES; l++) {
+                dst[c + l] = src[c + 2 * l];
+                dst[c + LANES + l] = src[c + 2 * l + 1];
+            }
+    }
+    Job j = {w, arranged, batch, y};
+    run(q4_rows, &j, w->out, threads);
+    free(arranged);
+    return 0;
+}
+
+/* y (batch, out) = x (batch, in) @ W.T for a float32 W (out, in), all contiguous. */
+int slim_f32_matmul(const float *w, int64_t out, int64_t in, const float *x, int64_t batch,
+                    float *y, int threads) {
+    if (batch < 1) return -1;
+    DenseJob j = {w, out, in, x, batch, y};
+    run(dense_rows, &j, out, threads);
+    return 0;
+}
