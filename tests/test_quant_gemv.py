@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, native, quantize_4bit
+from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, gemv, inference, native, quantize_4bit
 from slimtune.quant.gemv import banded_linear, fused_usable, linear_4bit_inference
 from slimtune.quant.inference import inference_4bit
 
@@ -18,7 +18,8 @@ def kernel(request, monkeypatch):
     """Each test twice: with the C kernel, and with the numba kernels it stands in for where no
     compiler is found."""
     if request.param == "numba":
-        monkeypatch.setattr(native, "usable", lambda state: False)
+        monkeypatch.setattr(gemv, "native_layout", lambda state: False)
+        monkeypatch.setattr(inference, "native_layout", lambda state: False)
     else:
         assert native.library() is not None, "the C kernel did not build"
     return request.param
@@ -62,8 +63,6 @@ def test_one_row_takes_the_fused_kernel_where_blocks_stay_in_rows():
 
 
 def test_bands_never_decode_the_whole_weight(monkeypatch):
-    import slimtune.quant.gemv as gemv
-
     monkeypatch.setattr(gemv, "BAND_VALUES", 1024)
     sizes = []
     real = gemv.decode_blocks
@@ -111,9 +110,7 @@ def test_inference_4bit_switches_forward_and_back(kernel, one_thread):
 
 
 def test_layers_sharing_an_input_share_its_table(monkeypatch, one_thread):
-    import slimtune.quant.inference as inference
-
-    monkeypatch.setattr(native, "usable", lambda state: False)  # the numba kernel's tables
+    monkeypatch.setattr(inference, "native_layout", lambda state: False)  # numba's tables
     built = []
     real = inference.input_table
     monkeypatch.setattr(inference, "input_table", lambda x, q: built.append(1) or real(x, q))
@@ -161,15 +158,14 @@ def test_c_kernel_takes_every_tile_of_rows(rows):
     w = torch.randn(40, 192)
     packed, state = quantize_4bit(w, "nf4", 64, True)
     x = torch.randn(rows, 192)
-    y = native.matmul(x, native.Weight(packed, state), threads=2)
+    y = native.matmul(x, gemv.native_weight(packed, state), threads=2)
     _close(y, x @ dequantize_4bit(packed, state, torch.float32).t())
 
 
 @needs_compiler
 def test_c_kernel_refuses_blocks_it_cannot_read():
-    assert not native.usable(quantize_4bit(torch.randn(24, 40), "nf4", 64)[1])  # blocks span rows
-    _, state = quantize_4bit(torch.randn(8, 64), "nf4", 64)
-    assert native.usable(state)
+    assert not gemv.native_layout(quantize_4bit(torch.randn(24, 40), "nf4", 64)[1])  # spans rows
+    assert gemv.native_layout(quantize_4bit(torch.randn(8, 64), "nf4", 64)[1])
 
 
 @needs_compiler
@@ -181,8 +177,6 @@ def test_dense_kernel_equals_matmul(rows):
 
 
 def test_inference_4bit_sends_the_big_float_layer_to_the_c_kernel(monkeypatch):
-    import slimtune.quant.inference as inference
-
     monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
     calls = []
     real = native.dense_matmul

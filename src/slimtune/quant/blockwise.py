@@ -15,7 +15,7 @@ import torch
 from slimtune.buffers import empty_large
 from slimtune.choices import BLOCKSIZES
 from slimtune.errors import SlimtuneError
-from slimtune.quant import gpu_kernels, kernels
+from slimtune.quant import gpu_kernels, kernels, native
 from slimtune.quant.codebook import (
     check_quant_type,
     codebook,
@@ -198,6 +198,9 @@ def decode_blocks(
     scales = absmax.reshape(rows.shape[0], -1)
     if out is None:
         out = empty_large((codes.numel() * 2,), torch.float32, codes.device)
+    if native.decodes(rows, scales, out):
+        native.decode_rows(rows, scales, codebook(quant_type), out.view(rows.shape[0], -1))
+        return out
     if kernels.usable(codes) and out.dtype in kernels.OUT_DTYPES:
         kernels.decode_rows(rows, scales, pair_table(quant_type), out.view(rows.shape[0], -1))
         return out

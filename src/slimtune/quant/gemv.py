@@ -25,7 +25,7 @@ import torch
 
 from slimtune.quant import kernels, native
 from slimtune.quant.blockwise import QuantState, decode_blocks
-from slimtune.quant.codebook import pair_table
+from slimtune.quant.codebook import codebook, pair_table
 
 # Values decoded per band on a CPU: 256K float32 values (1 MiB, the size of a core's L2 cache).
 # Smaller bands were slower at SmolLM2's shapes (16 rows): more calls per layer.
@@ -123,9 +123,27 @@ def fused_layout(state: QuantState) -> bool:
     )
 
 
+def native_layout(state: QuantState) -> bool:
+    """Whether the C kernel reads this weight: whole blocks in a row, 32 weights at least."""
+    return (
+        native.library() is not None
+        and state.blocksize % 32 == 0
+        and state.shape[1] % state.blocksize == 0
+    )
+
+
+def native_weight(packed: torch.Tensor, state: QuantState) -> native.Weight:
+    """What the C kernel reads of this weight (make it once per layer)."""
+    return native.Weight(
+        packed, tuple(state.shape), state.blocksize, codebook(state.quant_type), state.absmax,
+        state.nested_absmax, state.nested_code,
+        float(state.offset) if state.double_quant else 0.0, state.nested_blocksize,
+    )  # fmt: skip
+
+
 def native_usable(x2d: torch.Tensor, state: QuantState) -> bool:
     """Whether the C kernel takes this call: a few input rows on a CPU, a weight it reads."""
-    return x2d.shape[0] <= NATIVE_ROWS and x2d.device.type == "cpu" and native.usable(state)
+    return x2d.shape[0] <= NATIVE_ROWS and x2d.device.type == "cpu" and native_layout(state)
 
 
 def fused_usable(x2d: torch.Tensor, state: QuantState) -> bool:
@@ -235,12 +253,14 @@ def linear_4bit_inference(
     weight: native.Weight | None = None,
 ) -> torch.Tensor:
     """x @ W.T + bias for a packed 4-bit W, x (..., in_features); the result is in `dtype`.
-    Kept by a caller that calls again: `weight`, `native.Weight(packed, state)`; `prepared`,
+    Kept by a caller that calls again: `weight`, `native_weight(packed, state)`; `prepared`,
     `Prepared(packed, state)`; `table`, `input_table(x)` (layers sharing an input)."""
     out_features, in_features = state.shape
     x2d = x.reshape(-1, in_features)
-    if native_usable(x2d, state):
-        y = native.matmul(x2d, weight or native.Weight(packed, state)).to(dtype)
+    if weight is not None and x2d.shape[0] <= NATIVE_ROWS:
+        y = native.matmul(x2d, weight).to(dtype)
+    elif native_usable(x2d, state):
+        y = native.matmul(x2d, native_weight(packed, state)).to(dtype)
     elif fused_usable(x2d, state):
         if table is None:
             table = input_table(x2d, state.quant_type)

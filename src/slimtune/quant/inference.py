@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from slimtune.quant import native
-from slimtune.quant.gemv import Prepared, fused_layout, input_table, linear_4bit_inference
+from slimtune.quant.gemv import (
+    Prepared,
+    fused_layout,
+    input_table,
+    linear_4bit_inference,
+    native_layout,
+    native_weight,
+)
 from slimtune.quant.linear import Linear4bit
 
 
@@ -45,8 +52,8 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
     state = layer.quant_state
     compute = dtype or layer.compute_dtype
     weight = prepared = None
-    if layer.weight.device.type == "cpu" and native.usable(state):
-        weight = native.Weight(layer.weight, state)
+    if layer.weight.device.type == "cpu" and native_layout(state):
+        weight = native_weight(layer.weight, state)
     elif layer.weight.device.type == "cpu" and fused_layout(state):
         prepared = Prepared(layer.weight, state)
 

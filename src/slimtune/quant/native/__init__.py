@@ -1,13 +1,15 @@
-"""The C kernel for matmuls from packed 4-bit codes, compiled once for the CPU it runs on.
+"""The C kernels for packed 4-bit codes, compiled once for the CPU they run on.
 
 Decoding a 4-bit code is a 16-entry table lookup. A vector permute does 16 of them in one
 instruction (AVX-512 `vpermps`; two and a blend on AVX2), but numba (LLVM from Python loops)
-never emits it, so the numba kernels do one scalar load per weight. `q4_matmul.c` is ~250 lines
-of C with those intrinsics; it is compiled on first use with the system C compiler for the host
-CPU (`-march=native`, so AVX2 or AVX-512 is whatever the machine has) into slimtune's cache
-folder, under a name keyed by the source, the compiler and the CPU's flags, and loaded with
-ctypes. Where there is no compiler, or `SLIMTUNE_NATIVE=0`, `library()` is None and callers use
-the numba kernels.
+never emits it, so the numba kernels do one scalar load per weight. `q4_matmul.c` holds three
+kernels written with those intrinsics: a matmul straight from the codes for a few input rows
+(decode steps), a decode into float32 or bfloat16 (training's bands), and a few-row product
+with a float32 weight (the output layer). It is compiled on first use with the system C compiler
+for the host CPU (`-march=native`: AVX2 or AVX-512 is whatever the machine has) into slimtune's
+cache folder, under a name keyed by the source, the compiler and the CPU's flags, and loaded
+with ctypes. It runs on torch's own OpenMP threads (see q4_matmul.c). Where there is no
+compiler, or `SLIMTUNE_NATIVE=0`, `library()` is None and callers use the numba kernels.
 """
 
 from __future__ import annotations
@@ -27,15 +29,14 @@ import torch
 from slimtune.cache import cache_dir
 from slimtune.files import atomic_file
 from slimtune.hardware import cpu_flags
-from slimtune.quant.blockwise import QuantState
-from slimtune.quant.codebook import codebook
 
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 ENV_SWITCH = "SLIMTUNE_NATIVE"
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
+_int = ctypes.c_int
 
 
 class _Weight4(ctypes.Structure):
@@ -46,6 +47,14 @@ class _Weight4(ctypes.Structure):
                 ("offset", ctypes.c_float), ("nested_blocksize", _i64)]  # fmt: skip
 
 
+_SIGNATURES = {
+    "slim_q4_matmul": [ctypes.POINTER(_Weight4), _p, _i64, _p, _int],
+    "slim_f32_matmul": [_p, _i64, _i64, _p, _i64, _p, _int],
+    "slim_q4_decode": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _int, _int],
+    "slim_q4_lanes": [],
+}
+
+
 def compiler() -> str | None:
     """The C compiler: $CC, the one Python was built with, else `cc`, if it is installed."""
     for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"):
@@ -54,95 +63,97 @@ def compiler() -> str | None:
     return None
 
 
-def _version(cc: str) -> str:
-    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-
-
-def library_path(cc: str) -> Path:
-    """Where the compiled kernel for this source, compiler and CPU lives."""
+def library_path(cc: str, arch: str = "native") -> Path:
+    """Where the kernels compiled for this source, compiler, target and CPU live."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _version(cc).encode(), " ".join(_FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(), arch.encode(),
                  " ".join(sorted(cpu_flags())).encode()):  # fmt: skip
         key.update(part)
-    return cache_dir() / "kernels" / f"q4_matmul-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"q4_matmul-{arch}-{key.hexdigest()[:16]}.so"
 
 
-def build(cc: str, target: Path) -> None:
-    """Compile the kernel into `target` (atomically: concurrent first uses each write whole)."""
+def build(cc: str, target: Path, arch: str = "native") -> None:
+    """Compile the kernels for `-march=arch` into `target` (atomically: concurrent first uses
+    each write a whole file)."""
     with atomic_file(target) as tmp:
-        subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+        subprocess.run([cc, *_FLAGS, f"-march={arch}", str(SOURCE), "-o", str(tmp)],
+                       check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def load(arch: str = "native") -> ctypes.CDLL:
+    """The kernels compiled for `arch` (built first if needed). Raises where they cannot be."""
+    cc = compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC)")
+    path = library_path(cc, arch)
+    if not path.is_file():
+        build(cc, path, arch)
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = _int
+    return lib
 
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, compiled first if needed; None where it cannot be had."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    """The kernels for this CPU; None where they cannot be had (callers then use numba)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or compiler() is None:
         return None
-    cc = compiler()
-    if cc is None:
-        return None
-    path = library_path(cc)
     try:
-        if not path.is_file():
-            build(cc, path)
-        lib = ctypes.CDLL(str(path))
+        return load()
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"the C 4-bit kernel did not build; using numba ({detail})", stacklevel=2)
+        warnings.warn(f"the C 4-bit kernels did not build; using numba ({detail})", stacklevel=2)
         return None
-    lib.slim_q4_matmul.argtypes = [ctypes.POINTER(_Weight4), _p, _i64, _p, ctypes.c_int]
-    lib.slim_f32_matmul.argtypes = [_p, _i64, _i64, _p, _i64, _p, ctypes.c_int]
-    lib.slim_q4_lanes.restype = ctypes.c_int
-    return lib
 
 
-def lanes() -> int:
-    """Float lanes of the compiled kernel: 16 (AVX-512), 8 (AVX2) or 1 (plain C); 0 without it."""
-    lib = library()
+def lanes(lib: ctypes.CDLL | None = None) -> int:
+    """Float lanes of the kernels: 16 (AVX-512), 8 (AVX2) or 1 (plain C); 0 without them."""
+    lib = lib or library()
     return lib.slim_q4_lanes() if lib is not None else 0
-
-
-def usable(state: QuantState) -> bool:
-    """Whether the kernel reads this weight: whole blocks in a row, 32 weights at least."""
-    out_features, in_features = state.shape
-    return (
-        library() is not None and state.blocksize % 32 == 0 and in_features % state.blocksize == 0
-    )
-
-
-class Weight:
-    """What the kernel reads for one packed weight, made once per layer (the tensors are kept
-    alive here: the kernel holds their addresses)."""
-
-    def __init__(self, packed: torch.Tensor, state: QuantState):
-        self.out_features, self.in_features = state.shape
-        lut = codebook(state.quant_type).to(torch.float32).contiguous()
-        self._keep = [packed, lut]
-        fields = dict(packed=packed.data_ptr(), out=self.out_features, in_=self.in_features,
-                      blocksize=state.blocksize, lut=lut.data_ptr())  # fmt: skip
-        if state.double_quant:
-            nested_code = state.nested_code.to(torch.float32).contiguous()
-            self._keep += [state.absmax, state.nested_absmax, nested_code]
-            fields.update(absmax_codes=state.absmax.data_ptr(),
-                          nested=state.nested_absmax.data_ptr(), nested_code=nested_code.data_ptr(),
-                          offset=float(state.offset), nested_blocksize=state.nested_blocksize)  # fmt: skip
-        else:
-            absmax = state.absmax.to(torch.float32).contiguous()
-            self._keep.append(absmax)
-            fields.update(absmax=absmax.data_ptr())
-        self.struct = _Weight4(**fields)
 
 
 def _threads(threads: int | None) -> int:
     return threads or torch.get_num_threads()
 
 
-def matmul(x2d: torch.Tensor, weight: Weight, threads: int | None = None) -> torch.Tensor:
+class Weight:
+    """What the matmul kernel reads of one packed weight, made once per layer. The tensors are
+    kept alive here: the kernel holds their addresses.
+
+    `absmax`: float32 per block; or, double quantized, `absmax` the uint8 codes and `nested`,
+    `nested_code`, `offset`, `nested_blocksize` as in `QuantState`."""
+
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, int], blocksize: int,
+                 lut: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None = None,
+                 nested_code: torch.Tensor | None = None, offset: float = 0.0,
+                 nested_blocksize: int = 1):  # fmt: skip
+        self.out_features, self.in_features = shape
+        lut = lut.to(torch.float32).contiguous()
+        fields = dict(packed=packed.data_ptr(), out=self.out_features, in_=self.in_features,
+                      blocksize=blocksize, lut=lut.data_ptr())  # fmt: skip
+        if nested is None:
+            absmax = absmax.to(torch.float32).contiguous()
+            self._keep = [packed, lut, absmax]
+            fields.update(absmax=absmax.data_ptr())
+        else:
+            nested_code = nested_code.to(torch.float32).contiguous()
+            self._keep = [packed, lut, absmax, nested, nested_code]
+            fields.update(absmax_codes=absmax.data_ptr(), nested=nested.data_ptr(),
+                          nested_code=nested_code.data_ptr(), offset=offset,
+                          nested_blocksize=nested_blocksize)  # fmt: skip
+        self.struct = _Weight4(**fields)
+
+
+def matmul(
+    x2d: torch.Tensor, weight: Weight, threads: int | None = None, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
     """x2d @ W.T as float32 (rows, out_features), x2d (rows, in_features) any float dtype."""
     x = x2d.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
-    status = library().slim_q4_matmul(
+    status = (lib or library()).slim_q4_matmul(
         ctypes.byref(weight.struct), x.data_ptr(), x.shape[0], y.data_ptr(), _threads(threads)
     )
     if status != 0:
@@ -163,3 +174,46 @@ def dense_matmul(
         _threads(threads),
     )  # fmt: skip
     return y
+
+
+def decodes(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `decode_rows` takes these: CPU tensors, float32 or bfloat16 out, bytes in rows
+    of unit stride, whole steps of the kernel per block."""
+    if library() is None or codes.device.type != "cpu" or out.dtype not in OUT_DTYPES:
+        return False
+    rows, width = codes.shape
+    blocks = scales.shape[1]
+    step = max(1, lanes() // 2)
+    return (
+        codes.stride(1) == 1
+        and scales.stride(1) == 1
+        and out.is_contiguous()
+        and width % blocks == 0
+        and (width // blocks) % step == 0
+    )
+
+
+OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def decode_rows(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    lut: torch.Tensor,
+    out: torch.Tensor,
+    threads: int | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """Fill `out` (rows, 2 * width), float32 or bfloat16, from `codes` (rows, width) uint8
+    whose blocks along each row share the float32 `scales` (rows, blocks); `lut`: the 16 code
+    values. Each value is the float32 product, rounded to nearest even for bfloat16."""
+    rows, width = codes.shape
+    lut = lut.to(torch.float32).contiguous()
+    status = (lib or library()).slim_q4_decode(
+        codes.data_ptr(), rows, width, codes.stride(0), scales.data_ptr(), scales.shape[1],
+        scales.stride(0), lut.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16),
+        _threads(threads),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"the decode kernel cannot read {tuple(codes.shape)} codes")
+    return out

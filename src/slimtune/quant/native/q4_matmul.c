@@ -119,6 +119,91 @@ static inline void decode(const uint8_t *p, const Table *t, vec *hi, vec *lo) {
 }
 #endif
 
+/* ---- Decoding into memory (training's bands): LANES weights in their natural order. ---- */
+
+#if LANES == 16
+/* 8 bytes -> 16 weights: each byte twice, shifted right by 4 (high nibble) or 0 (low). */
+static inline vec decode_natural(const uint8_t *p, const Table *t) {
+    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    __m128i bytes = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)p), twice);
+    __m512i index = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(bytes), shifts);
+    return _mm512_permutexvar_ps(index, t->t);
+}
+static inline void store(float *out, vec v) { _mm512_storeu_ps(out, v); }
+static inline __m512i round_to_bf16(vec v) { /* nearest even, on the top 16 bits */
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_srli_epi32(bits, 16);
+}
+static inline void store_bf16(uint16_t *out, vec v) {
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(round_to_bf16(v)));
+}
+#elif LANES == 8
+static inline vec decode_natural(const uint8_t *p, const Table *t) {
+    const __m128i twice = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    int32_t four;
+    memcpy(&four, p, 4);
+    __m128i bytes = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), twice);
+    __m256i index = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), shifts);
+    return lookup(index, _mm256_slli_epi32(index, 28), t);
+}
+static inline void store(float *out, vec v) { _mm256_storeu_ps(out, v); }
+static inline void store_bf16(uint16_t *out, vec v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+    _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(packed));
+}
+#else
+static inline vec decode_natural(const uint8_t *p, const Table *t) { return t->t[*p >> 4]; }
+static inline void store(float *out, vec v) { *out = v; }
+static inline void store_bf16(uint16_t *out, vec v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    *out = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+#endif
+
+typedef struct {
+    const uint8_t *codes;    /* (rows, width) bytes, rows `code_stride` apart */
+    int64_t width, code_stride;
+    const float *absmax;     /* (rows, blocks), rows `absmax_stride` apart */
+    int64_t blocks, absmax_stride;
+    const float *lut;
+    void *out;               /* (rows, 2 * width) float32 or bfloat16 bits, contiguous */
+    int bf16;
+} DecodeJob;
+
+static void decode_rows(const void *job, int64_t r0, int64_t r1) {
+    const DecodeJob *j = job;
+    const int64_t per_block = j->width / j->blocks; /* bytes */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = j->codes + r * j->code_stride;
+        for (int64_t k = 0; k < j->blocks; k++) {
+            Table table = scaled_table(j->lut, j->absmax[r * j->absmax_stride + k]);
+            for (int64_t b = k * per_block; b < (k + 1) * per_block; b += (LANES + 1) / 2) {
+#if LANES == 1
+                const vec values[2] = {table.t[row[b] >> 4], table.t[row[b] & 15]};
+                for (int h = 0; h < 2; h++) {
+                    const int64_t at = r * 2 * j->width + 2 * b + h;
+                    if (j->bf16) store_bf16((uint16_t *)j->out + at, values[h]);
+                    else store((float *)j->out + at, values[h]);
+                }
+#else
+                const vec v = decode_natural(row + b, &table);
+                const int64_t at = r * 2 * j->width + 2 * b;
+                if (j->bf16) store_bf16((uint16_t *)j->out + at, v);
+                else store((float *)j->out + at, v);
+#endif
+            }
+        }
+    }
+}
+
 /* Rows [r0, r1) of W against input rows [b0, b0 + TILE). Inlined with TILE a constant, so the
  * accumulators live in registers. Small tiles keep two accumulators an input row (high and low
  * nibbles: two independent chains of multiply-adds in flight); big tiles have chains enough
@@ -259,5 +344,17 @@ int slim_f32_matmul(const float *w, int64_t out, int64_t in, const float *x, int
     if (batch < 1) return -1;
     DenseJob j = {w, out, in, x, batch, y};
     run(dense_rows, &j, out, threads);
+    return 0;
+}
+
+/* Decode `rows` rows of codes into float32 (bf16 = 0) or bfloat16 bits (bf16 = 1), each
+ * value the float32 product code_value * absmax, rounded to nearest even for bfloat16.
+ * Returns -1 when a block's bytes are not a whole number of decode steps. */
+int slim_q4_decode(const uint8_t *codes, int64_t rows, int64_t width, int64_t code_stride,
+                   const float *absmax, int64_t blocks, int64_t absmax_stride, const float *lut,
+                   void *out, int bf16, int threads) {
+    if (blocks < 1 || width % blocks != 0 || (width / blocks) % ((LANES + 1) / 2) != 0) return -1;
+    DecodeJob j = {codes, width, code_stride, absmax, blocks, absmax_stride, lut, out, bf16};
+    run(decode_rows, &j, rows, threads);
     return 0;
 }

@@ -1,0 +1,80 @@
+"""The C kernels, built for every instruction set they have a path for (AVX-512, AVX2, plain C)
+where this CPU runs it: decoding equals the torch decode bit for bit, products equal
+decode-then-matmul to float rounding."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from slimtune.hardware import cpu_flags
+from slimtune.quant import dequantize_4bit, gemv, native, quantize_4bit
+from slimtune.quant.codebook import codebook
+
+# -march target -> (the CPU flags it needs, the float lanes its path uses)
+TARGETS = {"x86-64": (set(), 1), "x86-64-v3": ({"avx2", "fma"}, 8),
+           "x86-64-v4": ({"avx512f", "avx512bw", "avx512vl"}, 16)}  # fmt: skip
+
+
+def _targets():
+    if platform.machine() != "x86_64" or native.compiler() is None:
+        return ["native"]
+    return ["native"] + [t for t, (flags, _) in TARGETS.items() if flags <= cpu_flags()]
+
+
+@pytest.fixture(scope="module", params=_targets())
+def lib(request):
+    lib = native.load(request.param)
+    if request.param in TARGETS:
+        assert native.lanes(lib) == TARGETS[request.param][1]
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_decode_is_the_float32_product_rounded_once(lib, dtype, quant_type, blocksize):
+    w = torch.randn(48, 512) * 3
+    packed, state = quantize_4bit(w, quant_type, blocksize, double_quant=True)
+    codes = packed.view(48, 256)
+    scales = state.block_absmax().view(48, -1)
+    out = torch.empty(48, 512, dtype=dtype)
+    native.decode_rows(codes, scales, codebook(quant_type), out, threads=2, lib=lib)
+    lut = codebook(quant_type).float()
+    nibbles = torch.stack([codes // 16, codes % 16], dim=-1).view(48, 512).long()
+    ref = (lut[nibbles].view(48, -1, blocksize) * scales[:, :, None]).view(48, 512).to(dtype)
+    assert torch.equal(out, ref)
+
+
+def test_decode_reads_a_band_of_columns(lib):
+    """Training's input gradient decodes a band of columns: rows of codes a stride apart."""
+    w = torch.randn(16, 256)
+    packed, state = quantize_4bit(w, "nf4", 64)
+    codes = packed.view(16, 128)[:, 32:96]
+    scales = state.absmax.view(16, 4)[:, 1:3]
+    out = torch.empty(16, 128)
+    native.decode_rows(codes, scales, codebook("nf4"), out, threads=1, lib=lib)
+    assert torch.equal(out, dequantize_4bit(packed, state, torch.float32)[:, 64:192])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matmul_equals_decode_then_matmul(lib, rows, double_quant):
+    w = torch.randn(37, 320)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant)
+    x = torch.randn(rows, 320)
+    y = native.matmul(x, gemv.native_weight(packed, state), threads=2, lib=lib)
+    ref = x @ dequantize_4bit(packed, state, torch.float32).t()
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+def test_dequantize_uses_the_c_decode(monkeypatch):
+    """`dequantize_4bit` on a CPU goes through the C decode where it is built."""
+    calls = []
+    real = native.decode_rows
+    monkeypatch.setattr(native, "decode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    packed, state = quantize_4bit(torch.randn(8, 128), "nf4", 64)
+    dequantize_4bit(packed, state, torch.bfloat16)
+    assert calls == ([1] if native.library() is not None else [])
