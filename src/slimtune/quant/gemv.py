@@ -32,9 +32,10 @@ from slimtune.quant.codebook import codebook, pair_table
 BAND_VALUES = 1 << 18
 # Bands on a GPU: decoding is cheap there, launches are not.
 GPU_BAND_VALUES = 1 << 24
-# Input rows up to which the C kernel beats decoding bands for BLAS: it multiplies every decoded
-# vector into 16 rows at most, so beyond that it decodes the weight again per 16 rows.
-NATIVE_ROWS = 16
+# Input rows up to which the C kernel takes the product. It multiplies every decoded vector
+# into 16 rows at most and decodes the weight again for the next 16; around 48 rows decoding
+# bands for BLAS catches up (SmolLM2's shapes, AVX-512, float32). Short prompts stay here too.
+NATIVE_ROWS = 48
 # Rows of a thread's chunk in the fused kernel (the chunk's partial sums stay in registers/L1).
 _CHUNK_ROWS = 64
 
