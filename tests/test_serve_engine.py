@@ -38,9 +38,14 @@ def make_engine(tokenizer, adapters, **kwargs) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
-def engine(tokenizer, adapters):
-    engine = make_engine(tokenizer, adapters, max_batch_size=8)
+@pytest.fixture(scope="module", params=["lean", "transformers"])
+def engine(request, tokenizer, adapters):
+    """The engine on slimtune's lean forward, and on transformers' (other architectures)."""
+    engine = make_engine(tokenizer, adapters, max_batch_size=8, lean=request.param == "lean")
+    assert (
+        type(engine._batch).__name__
+        == {"lean": "LeanBatch", "transformers": "TransformersBatch"}[request.param]
+    )
     yield engine
     engine.stop()
 

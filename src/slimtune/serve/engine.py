@@ -20,7 +20,7 @@ import torch
 
 from slimtune.infer import eos_ids
 from slimtune.lora import delete_adapter, load_adapter, per_sample_adapters
-from slimtune.serve import kv
+from slimtune.serve.batch import new_batch
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
 from slimtune.tokens import pad_token_id
@@ -107,6 +107,7 @@ class Engine:
         mixed_batches: bool = True,
         batch_wait_s: float = 0.003,
         max_context: int | None = None,
+        lean: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -124,8 +125,8 @@ class Engine:
         self._controls: list[Callable[[], None]] = []
         self._unloading: set[str] = set()
         self._rows: list[_Row] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None
+        # lean: slimtune's own forward where it covers the model (False: transformers' always).
+        self._batch = new_batch(self.model, self.max_context, lean)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -227,7 +228,8 @@ class Engine:
                 for request in admitted:
                     if request._finish is None:
                         self._finish(_Row(request, self._stream()), "error", error=str(error))
-                self._rows, self._cache, self._mask = [], None, None
+                self._rows = []
+                self._batch.keep_rows([])
         with self._cond:
             waiting, self._pending = self._pending, []
         for row in self._rows + [_Row(r, self._stream()) for r in waiting]:
@@ -264,37 +266,19 @@ class Engine:
             n = len(request.prompt_ids)
             ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = kv.new_cache(self.model.config)
         with self._adapters([r.adapter for r in requests]), torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits = self._batch.prefill(ids, mask)
         self.steps += 1
         first = len(self._rows)
         self._rows += [_Row(r, self._stream(r.stop)) for r in requests]
-        self._cache, self._mask = kv.join(self._cache, self._mask, out.past_key_values, mask)
-        self._advance(out.logits[:, -1], range(first, len(self._rows)))
+        self._advance(logits, range(first, len(self._rows)))
 
     def _decode(self) -> None:
         last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        positions = self._mask.sum(-1, keepdim=True) - 1
         with self._adapters([row.request.adapter for row in self._rows]), torch.inference_mode():
-            out = self.model(
-                input_ids=last,
-                attention_mask=self._mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-            )
+            logits = self._batch.decode(last)
         self.steps += 1
-        self._advance(out.logits[:, -1], range(len(self._rows)))
+        self._advance(logits, range(len(self._rows)))
 
     def _advance(self, logits: torch.Tensor, indices: range) -> None:
         """Sample one token for each row in `indices` (logits row j is rows[indices[j]]), emit
@@ -312,10 +296,7 @@ class Engine:
         if len(keep) < len(self._rows):
             done = [row for row in self._rows if row.finish_reason is not None]
             self._rows = [self._rows[i] for i in keep]
-            if keep:
-                self._cache, self._mask = kv.keep_rows(self._cache, self._mask, keep)
-            else:
-                self._cache, self._mask = None, None
+            self._batch.keep_rows(keep)
             for row in done:
                 self._finish(row, row.finish_reason)
 
