@@ -6,11 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.quant import Linear4bit, QuantConfig, dequantize_4bit, gemv, inference, native, quantize_4bit
+from slimtune.quant import (
+    Linear4bit,
+    QuantConfig,
+    dequantize_4bit,
+    gemv,
+    inference,
+    native,
+    quantize_4bit,
+)
 from slimtune.quant.gemv import banded_linear, fused_usable, linear_4bit_inference
 from slimtune.quant.inference import inference_4bit
-
-needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(params=["native", "numba"])
@@ -151,7 +157,6 @@ def test_parallel_kernel_equals_serial(kernel):
     assert torch.equal(one, two)
 
 
-@needs_compiler
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 21])
 def test_c_kernel_takes_every_tile_of_rows(rows):
     """Rows go through tiles of 16, 8, 4, 2 and 1 input rows; each equals decode-then-matmul."""
@@ -162,13 +167,11 @@ def test_c_kernel_takes_every_tile_of_rows(rows):
     _close(y, x @ dequantize_4bit(packed, state, torch.float32).t())
 
 
-@needs_compiler
 def test_c_kernel_refuses_blocks_it_cannot_read():
     assert not gemv.native_layout(quantize_4bit(torch.randn(24, 40), "nf4", 64)[1])  # spans rows
     assert gemv.native_layout(quantize_4bit(torch.randn(8, 64), "nf4", 64)[1])
 
 
-@needs_compiler
 @pytest.mark.parametrize("rows", [1, 3])
 def test_dense_kernel_equals_matmul(rows):
     w = torch.randn(70, 100)  # 100: a tail after the last whole vector
