@@ -10,11 +10,13 @@ the loader's business and are not counted).
     .venv/bin/python benchmarks/bench_memory.py            # all cases, a markdown table
     .venv/bin/python benchmarks/bench_memory.py --cases smollm2 --json
     .venv/bin/python benchmarks/bench_memory.py --validate --json   # out of sample, see below
+    .venv/bin/python benchmarks/bench_memory.py --repredict reports/memory_validation.json
 
 The planner's constants were fitted on the default cases (rank 16, AdamW, each case's batch and
 length). `--validate` runs a disjoint set (other ranks, batch sizes, lengths and optimizers,
 checkpointing on and off) and reports the planner's error on it: the band `slimtune estimate`
-prints.
+prints. `--repredict` sets the current planner against the peaks a `--json` report recorded
+(no training runs): the band again after a change to the planner's arithmetic.
 """
 
 from __future__ import annotations
@@ -163,8 +165,12 @@ def main() -> int:
     parser.add_argument("--length", type=int, help="override the case's sequence length")
     parser.add_argument("--validate", action="store_true", help="the out-of-sample set")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repredict", metavar="REPORT.json",
+                        help="the current planner against a --json report's measured peaks")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: case,method,ckpt
     args = parser.parse_args()
+    if args.repredict:
+        return repredict(args.repredict)
     if args.one:  # one case in this process (a fresh one: the caller's job), with the prediction
         case, method, ckpt = args.one.split(",")
         shape = dict(batch=args.batch, length=args.length)
@@ -187,6 +193,24 @@ def main() -> int:
         errors = [row["error"] for row in rows]
         summary = {"min_error": min(errors), "max_error": max(errors)} if errors else {}
         print(json.dumps({"machine": machine_record(), "rows": rows, **summary}, indent=1))
+    return 0
+
+
+def repredict(path: str) -> int:
+    """Each recorded row's error under the current planner, then the band over them."""
+    errors = []
+    with open(path) as report:
+        rows = json.load(report)["rows"]
+    for row in rows:
+        shape = dict(batch=row["batch_size"], length=row["max_length"])
+        settings = (row["case"], row["method"], row["gradient_checkpointing"], row["rank"],
+                    row["optimizer"])  # fmt: skip
+        predicted = predict(*settings, **shape)["total_bytes"]
+        errors.append(predicted / row["peak_rss_bytes"] - 1)
+        print(*settings, f"{shape['batch']}x{shape['length']}",
+              f"measured {row['peak_rss_bytes'] / 2**20:.0f} MiB, predicted "
+              f"{predicted / 2**20:.0f} MiB, error {errors[-1]:+.1%}")  # fmt: skip
+    print(f"band: {min(errors):+.1%} to {max(errors):+.1%}")
     return 0
 
 

@@ -241,7 +241,7 @@ CORPUS = [
 ]
 
 
-def _trained_bpe(texts: list[str], vocab_size: int, specials: list[str]):
+def trained_bpe(texts: list[str], vocab_size: int, specials: list[str]):
     """A byte-level BPE (GPT-2 style, as SmolLM2's) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -261,7 +261,7 @@ def _trained_bpe(texts: list[str], vocab_size: int, specials: list[str]):
 @functools.cache
 def _data_bpe() -> str:
     """The data tests' BPE as JSON, trained once."""
-    return _trained_bpe(CORPUS, 400, SPECIALS).to_str()
+    return trained_bpe(CORPUS, 400, SPECIALS).to_str()
 
 
 def make_tokenizer(chat_template: str | None = CHATML, eos: str = "<|im_end|>", bos: bool = False):
@@ -287,7 +287,7 @@ BPE_VOCAB = 300
 def make_bpe_tokenizer():
     """The export tests' tokenizer: byte-level BPE of BPE_VOCAB tokens trained on a few
     sentences, with ChatML special tokens and chat template."""
-    core = _trained_bpe(
+    core = trained_bpe(
         ["the quick brown fox jumps over the lazy dog. What is 2+2?"] * 9,
         BPE_VOCAB,
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

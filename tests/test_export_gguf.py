@@ -19,6 +19,7 @@ from helpers import (
     make_tiny_gpt2,
     make_tiny_llama,
     save_tiny_model,
+    trained_bpe,
     write_tiny_gguf,
 )
 
@@ -436,3 +437,91 @@ def test_smollm2_merged_f16_gguf(smollm2, tmp_path):
     read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert read_back(prompt)["input_ids"] == ids[0].tolist()
     assert read_back.chat_template == tokenizer.chat_template
+
+
+def turn_tokenizer(template: str, specials: list[str], bos_first: bool = False, **tokens):
+    """A byte-level BPE with `specials` and chat template `template` (a built-in name);
+    `bos_first`: it puts its BOS before every text, as Gemma's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from slimtune.models.chat_templates import resolve_chat_template
+
+    core = trained_bpe(["the quick brown fox. What is 2+2?"] * 9, BPE_VOCAB, specials)
+    if bos_first:
+        bos = tokens["bos_token"]
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, core.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **tokens)
+    tokenizer.chat_template = resolve_chat_template(template)
+    return tokenizer
+
+
+GEMMA_TOKENS = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                    additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])  # fmt: skip
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bos_first", [False, True])
+def test_modelfile_for_gemmas_chat_template(bos_first):
+    """Gemma's template runs a system message into the first user turn and calls the assistant
+    `model`; the Modelfile states it, stops at the end of a turn, and leaves out the BOS that
+    llama.cpp adds where the tokenizer does."""
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = turn_tokenizer("gemma", specials, bos_first, **GEMMA_TOKENS)
+    pieces = chat_pieces(tokenizer)
+    for messages in CONVERSATIONS:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+        assert pieces.render(messages) == expected
+    assert pieces.user_after_system == "" and pieces.system == (
+        "<bos><start_of_turn>user\n",
+        "\n\n",
+    )
+    text, problem = modelfile_text("/b.gguf", None, tokenizer)
+    assert problem is None
+    bos = "" if bos_first else "<bos>"
+    template = (
+        '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (ne $m.Role "system") }}'
+        f'{bos}{{{{ end }}}}{{{{ if eq $m.Role "system" }}}}{bos}<start_of_turn>user\n'
+        "{{ $m.Content }}\n\n{{ end }}"
+        '{{ if eq $m.Role "user" }}{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+        "{{ else }}<start_of_turn>user\n{{ end }}{{ $m.Content }}<end_of_turn>\n{{ end }}"
+        '{{ if eq $m.Role "assistant" }}<start_of_turn>model\n{{ $m.Content }}<end_of_turn>\n'
+        "{{ end }}{{ end }}<start_of_turn>model\n"
+    )
+    assert text == (
+        f'FROM /b.gguf\nTEMPLATE """{template}"""\nPARAMETER stop "<eos>"\n'
+        'PARAMETER stop "<end_of_turn>"\nPARAMETER stop "<start_of_turn>"\n'
+    )
+
+
+def test_modelfile_for_chatml():
+    """ChatML (Qwen, SmolLM2): one wrapper per role, stops at <|im_end|> and <|im_start|>."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = turn_tokenizer("chatml", specials, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", bos_token="<|endoftext|>")  # fmt: skip
+    pieces = chat_pieces(tokenizer)
+    for messages in CONVERSATIONS:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+        assert pieces.render(messages) == expected
+    assert pieces.user_after_system is None and pieces.default_system == ""
+    text, problem = modelfile_text("/b.gguf", None, tokenizer)
+    turn = '{{{{ if eq $m.Role "{0}" }}}}<|im_start|>{0}\n{{{{ $m.Content }}}}<|im_end|>\n{{{{ end }}}}'
+    template = (
+        '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (ne $m.Role "system") }}{{ end }}'
+        + "".join(turn.format(role) for role in ("system", "user", "assistant"))
+        + "{{ end }}<|im_start|>assistant\n"
+    )
+    assert problem is None
+    assert text == (
+        f'FROM /b.gguf\nTEMPLATE """{template}"""\nPARAMETER stop "<|im_end|>"\n'
+        'PARAMETER stop "<|im_start|>"\n'
+    )

@@ -159,7 +159,49 @@ def test_compute_dtype_stores_the_frozen_bases_under_lora_and_a_head_copy(tiny_l
     auto = estimate(arch, config.model_copy(update={"compute_dtype": "auto"}), "cpu", "bfloat16")
     assert auto.total == plan.total
     as_float = estimate(arch, config.model_copy(update={"compute_dtype": "float32"}))
-    assert as_float.parts["activations"] == plan.parts["activations"]  # float32 stream either way
+    # A float32 stream either way; the loss adds a bfloat16 twin of its float32 logits buffer.
+    narrow = 512 * arch.vocab_size * 2
+    assert plan.parts["activations"] - as_float.parts["activations"] == narrow
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_buffers_are_what_the_chunked_loss_keeps_on_a_gemma3_head(dtype):
+    """On Gemma 3's layout (tied output layer, q/k norms, one KV head) the planned loss buffers
+    are the bytes slimtune.train.loss still holds on the output layer after backward: float32
+    logits and, for bfloat16 compute, a bfloat16 twin, for up to one chunk of trained rows."""
+    from helpers import make_tiny
+
+    from slimtune.memory.activations import loss_buffer_bytes
+    from slimtune.train.loss import causal_lm_loss
+    from slimtune.train.precision import cast_frozen
+
+    model = make_tiny("gemma3").requires_grad_(False)
+    cast_frozen(model, dtype)
+    arch = architecture_from_config(model.config.to_dict())
+    assert arch.tie_embeddings and arch.qk_norm and arch.num_kv_heads == 1
+    head = model.get_output_embeddings()
+    for batch, length in [(2, 64), (2, 300)]:  # 126 rows; 598 rows, one chunk of 512
+        hidden = torch.randn(batch, length, arch.hidden_size, requires_grad=True)
+        labels = torch.randint(0, arch.vocab_size, (batch, length))
+        causal_lm_loss(hidden, head, labels).backward()
+        held = sum(b.nbytes for b in head._slimtune_loss_buffers[1:] if b is not None)
+        config = TrainConfig(method="qlora", batch_size=batch, max_length=length)
+        assert held == loss_buffer_bytes(arch, config, dtype.itemsize)
+
+
+def test_gemma3_270m_loss_buffers_at_bfloat16():
+    """Gemma 3 270M at batch 4 x 128: 508 trained rows of 262,144 logits, 4 bytes each and 2
+    more under bfloat16 compute, held through backward on the CPU (762 MiB of the step)."""
+    from slimtune.memory.activations import loss_buffer_bytes
+
+    arch = builtin_architecture("gemma-3-270m")
+    config = TrainConfig(method="lora", rank=16, batch_size=4, max_length=128,
+                         compute_dtype="bfloat16")  # fmt: skip
+    assert loss_buffer_bytes(arch, config, 2) == 508 * 262_144 * 6
+    as_float = config.model_copy(update={"compute_dtype": "float32"})
+    assert loss_buffer_bytes(arch, as_float, 4) == 508 * 262_144 * 4
+    plan, float_plan = estimate(arch, config), estimate(arch, as_float)
+    assert plan.parts["activations"] - float_plan.parts["activations"] == 508 * 262_144 * 2
 
 
 def _saved_bytes(model, ids) -> int:

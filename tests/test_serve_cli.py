@@ -3,9 +3,11 @@ engine and adapters, and its server is swapped for one on a free loopback port."
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
-from helpers import make_peft_adapter, make_tiny_llama, save_tiny_model
+from helpers import make_peft_adapter, make_tiny_llama, save_tiny_model, sums, write_jsonl
 
 import slimtune.serve.server
 from slimtune.cli import main
@@ -92,3 +94,55 @@ def test_serve_qlora_holds_the_base_in_the_format_given(tmp_path, monkeypatch):
     assert seen["formats"] == {("fp4", 128, False)}
     assert main(["serve", "--model", str(model), "--qlora"]) == 0
     assert seen["formats"] == {("nf4", 64, True)}  # QLoRA's recipe, `slimtune train`'s default
+
+
+def test_serve_command_serves_dpo_and_sft_adapters_as_generate_runs_them(
+    tmp_path, monkeypatch, capsys
+):
+    """Adapters from `slimtune train --objective dpo` and from plain SFT, served side by side:
+    each answer (chat and raw) is the one `slimtune generate` gives with that adapter."""
+    model = save_tiny_model(tmp_path / "tiny", initializer_range=0.3)
+    rows = sums(12)
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    pairs = [dict(prompt=r["prompt"], chosen=r["completion"], rejected=r["completion"] + "0")
+             for r in rows]  # fmt: skip
+    dpo_data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    common = ["--model", str(model), "--method", "lora", "--max-steps", "3", "--lr", "0.02",
+              "--rank", "4", "--no-progress", "--threads", "1"]  # fmt: skip
+    for name, data, extra in (("sft", sft_data, []), ("dpo", dpo_data, ["--objective", "dpo"])):
+        argv = ["train", *common, "--data", str(data), "--output", str(tmp_path / name), *extra]
+        assert main(argv) == 0
+    capsys.readouterr()
+
+    def generated(adapter: str | None, raw: bool) -> str:
+        argv = ["generate", "--model", str(model), "1+2=", "--max-new-tokens", "6", "--json"]
+        argv += ["--adapter", str(tmp_path / adapter)] if adapter else []
+        assert main(argv + (["--raw"] if raw else [])) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+
+    expected = {(name, raw): generated(None if name == "tiny" else name, raw)
+                for name in ("tiny", "sft", "dpo") for raw in (False, True)}  # fmt: skip
+    served = {}
+
+    def serve_and_query(app, host, port):
+        with slimtune.serve.server.BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+            for name in ("tiny", "sft", "dpo"):
+                chat = client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": "1+2="}], max_tokens=6,
+                    temperature=0,
+                )  # fmt: skip
+                raw = client.completions.create(
+                    model=name, prompt="1+2=", max_tokens=6, temperature=0
+                )
+                served[name, False] = chat.choices[0].message.content
+                served[name, True] = raw.choices[0].text
+
+    monkeypatch.setattr(slimtune.serve.server, "serve_forever", serve_and_query)
+    argv = ["serve", "--model", str(model), "--adapter", f"sft={tmp_path / 'sft'}",
+            "--adapter", f"dpo={tmp_path / 'dpo'}"]  # fmt: skip
+    assert main(argv) == 0
+    assert served == expected
+    # The adapters change the answers: the comparison above is not the base's twice.
+    assert expected["dpo", True] != expected["tiny", True]
+    assert expected["sft", True] != expected["tiny", True]

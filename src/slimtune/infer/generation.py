@@ -53,9 +53,8 @@ def format_prompt(
 
 def _encode(tokenizer, texts: list[str], formatted: bool = False) -> dict[str, torch.Tensor]:
     # Chat-formatted text, and prompts from slimtune.data, already carry their special tokens:
-    # don't add a second BOS.
-    special = not (formatted or has_chat_template(tokenizer))
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+    # don't add a second BOS. Raw text gets the tokenizer's own (as the server's completions).
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not formatted)
 
 
 @dataclass
@@ -138,7 +137,8 @@ def generate_result(
     compute from their packed codes; `four_bit=False` decodes them into float copies first.
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)])
+    chat = has_chat_template(tokenizer) if chat is None else chat
+    inputs = _encode(tokenizer, [format_prompt(tokenizer, prompt, chat, system)], formatted=chat)
     printer = _Printer(tokenizer) if stream else None
     weights = contextlib.nullcontext() if four_bit else decoded_weights(model)
     with weights:

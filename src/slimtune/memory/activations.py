@@ -16,10 +16,11 @@ and the adapters compute in float32 whatever the frozen base multiplies in):
 Frozen base weights keep nothing (no weight gradient). With gradient checkpointing only each
 block's input is kept, and one block's activations exist again while it is recomputed.
 
-On top of what is kept, the peak adds the larger of two transients: the loss, computed in
-chunks of up to 512 positions (logits, softmax and cross-entropy buffers of chunk x vocab),
-and the backward pass's working gradients (plus, for QLoRA, one decoded weight). The two
-constants below were fitted to peak RSS measured on CPU by benchmarks/bench_memory.py
+On top of what is kept come the loss's chunk x vocab buffers (slimtune.train.loss, chunks of
+up to 512 trained positions) and the backward pass's working gradients (plus, for QLoRA, one
+decoded weight). On the CPU the loss keeps its buffers on the output layer between steps, so
+both count at the peak; on a GPU they are made per chunk, and the larger of the two counts.
+The two constants below were fitted to peak RSS measured on CPU by benchmarks/bench_memory.py
 (docs/memory.md has the table); on a GPU (`device="cuda"`) the count is the plain analytic one,
 not calibrated against measurement.
 """
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else 
 ITEM = 4  # bytes of a kept float32 value
 
 LOSS_CHUNK = 512  # slimtune.train.loss.causal_lm_loss's chunk_size
-LOSS_BUFFERS = 1  # chunk x vocab float32 buffers: the logits, turned into the softmax in place
 BACKWARD_BUFFERS = 3  # T x intermediate gradient buffers alive at once in a block's backward
 # Fitted: RSS grows faster than the kept tensors during the forward pass, because the freed
 # temporaries between them leave holes in the C heap that later, differently sized tensors do
@@ -107,11 +107,25 @@ def activation_bytes(
     kept += 3 * tokens * arch.hidden_size * ITEM
     if device == "cpu":
         kept = int(HEAP_OVERHEAD * kept)
-    chunk = min(LOSS_CHUNK, config.batch_size * (config.max_length - 1))
-    loss = LOSS_BUFFERS * chunk * arch.vocab_size * 4
+    loss = loss_buffer_bytes(arch, config, compute_bytes)
     backward = BACKWARD_BUFFERS * tokens * arch.mlp_width() * ITEM
     if config.method == "qlora":
         # Linear4bit decodes its weight per call, straight into the compute dtype.
         largest = max(n_in * n_out for _, n_in, n_out in arch.block_linears())
         backward += largest * compute_bytes
+    if device == "cpu":  # the loss's buffers stay on the output layer through backward
+        return kept + loss + backward
     return kept + max(loss, backward)
+
+
+def loss_buffer_bytes(arch: Architecture, config: TrainConfig, compute_bytes: int) -> int:
+    """The (chunk x vocabulary) buffers of slimtune.train.loss: float32 logits, turned into the
+    softmax in place, and for an output layer that multiplies in a narrower compute dtype one
+    more in that dtype (its product before widening, the softmax narrowed for the gradient).
+
+    Planned for every position trained, as text rows or packing filling max_length have it;
+    the loss computes only trained positions, so with prompts masked (chat or completion
+    rows) it needs less: with a large vocabulary, much less."""
+    rows = min(LOSS_CHUNK, config.batch_size * (config.max_length - 1))
+    narrow = compute_bytes if compute_bytes < ITEM else 0  # the head's copy is in compute dtype
+    return rows * arch.vocab_size * (ITEM + narrow)
