@@ -94,15 +94,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 @contextmanager
-def per_sample_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+def per_sample_adapters(
+    model: nn.Module, names: Sequence[str | None], layers: list[LoraLinear] | None = None
+) -> Iterator[None]:
     """Inside the block, row i of every batch uses adapter `names[i]` (None: the base alone).
 
     Rows are grouped by adapter, so each adapter runs once per layer on its rows only; nothing is
-    merged. Batches must have len(names) rows.
+    merged. Batches must have len(names) rows. `layers`: the model's LoRA layers, when the caller
+    keeps the list (finding them walks every module: milliseconds a step on a serving loop).
     """
     names = list(names)
     check_names(model, names, allow_none=True)
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)] if layers is None else layers
     if any(layer.merged_adapters for layer in layers):
         raise SlimtuneError("adapters are merged into the base: unmerge them first")
     groups = _group_rows(names, device_of(model))

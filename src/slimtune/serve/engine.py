@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimtune.infer import eos_ids
-from slimtune.lora import delete_adapter, load_adapter, per_sample_adapters
+from slimtune.lora import delete_adapter, load_adapter, lora_layers, per_sample_adapters
 from slimtune.serve.batch import new_batch
 from slimtune.serve.sampling import next_tokens
 from slimtune.serve.text import TextStream
@@ -120,6 +120,7 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)  # masked out: the same rule as training
         self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
+        self._lora_layers = [layer for _, layer in lora_layers(self.model)]
         self.steps = 0  # forward passes run, for tests and benchmarks
         self._pending: list[GenerationRequest] = []
         self._controls: list[Callable[[], None]] = []
@@ -180,6 +181,7 @@ class Engine:
             load_adapter(self.model, str(path), adapter_name=name)
             self.model.eval()
             self.adapters.add(name)
+            self._lora_layers = [layer for _, layer in lora_layers(self.model)]
 
         return self.call(load)
 
@@ -335,7 +337,7 @@ class Engine:
     def _adapters(self, names: list[str | None]):
         if not self.adapters:
             return contextlib.nullcontext()  # no LoRA layers in the model yet
-        return per_sample_adapters(self.model, names)
+        return per_sample_adapters(self.model, names, self._lora_layers)
 
     def _unload_unused(self) -> None:
         if not self._unloading:
@@ -349,6 +351,7 @@ class Engine:
                 if name in self.adapters:
                     delete_adapter(self.model, name)
                     self.adapters.discard(name)
+            self._lora_layers = [layer for _, layer in lora_layers(self.model)]
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

@@ -240,11 +240,65 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
     }
 }
 
+#if LANES == 16
+/* Two rows of W against TILE input rows: each input vector loaded feeds two multiply-adds, so
+ * big tiles are bound by the multiply-adds rather than by loads (32 registers hold 2 x TILE
+ * accumulators for TILE up to 8). Rows r0, r0 + 1 ... r1 - 1 with r1 - r0 even. */
+static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, int64_t r0,
+                                                                 int64_t r1, int64_t b0,
+                                                                 const int TILE) {
+    const Weight4 *w = j->w;
+    const int64_t in = w->in, bytes = in / 2, blocks = in / w->blocksize;
+    const int64_t chunks = w->blocksize / CHUNK;
+    for (int64_t r = r0; r < r1; r += 2) {
+        const uint8_t *row0 = w->packed + r * bytes, *row1 = row0 + bytes;
+        vec acc0[MAX_TILE], acc1[MAX_TILE];
+        for (int t = 0; t < TILE; t++) acc0[t] = acc1[t] = vzero();
+        for (int64_t k = 0; k < blocks; k++) {
+            Table table0 = scaled_table(w->lut, block_scale(w, r * blocks + k));
+            Table table1 = scaled_table(w->lut, block_scale(w, (r + 1) * blocks + k));
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t col = (k * chunks + c) * CHUNK;
+                vec hi0, lo0, hi1, lo1;
+                decode(row0 + col / 2, &table0, &hi0, &lo0);
+                decode(row1 + col / 2, &table1, &hi1, &lo1);
+                for (int t = 0; t < TILE; t++) {
+                    const float *x = j->x + (b0 + t) * in + col;
+                    const vec even = vload(x), odd = vload(x + LANES);
+                    acc0[t] = vfma(lo0, odd, vfma(hi0, even, acc0[t]));
+                    acc1[t] = vfma(lo1, odd, vfma(hi1, even, acc1[t]));
+                }
+            }
+        }
+        for (int t = 0; t < TILE; t++) {
+            j->y[(b0 + t) * w->out + r] = vsum(acc0[t]);
+            j->y[(b0 + t) * w->out + r + 1] = vsum(acc1[t]);
+        }
+    }
+}
+#endif
+
+/* Tiles of input rows, biggest first. With AVX-512, tiles of 4 or 8 rows take W two rows at
+ * a time (an odd last row alone). */
 static void q4_rows(const void *job, int64_t r0, int64_t r1) {
     const Job *j = job;
     int64_t b = 0;
     while (b < j->batch) {
-        int64_t left = j->batch - b;
+        const int64_t left = j->batch - b;
+#if LANES == 16
+        if (left >= 4) {
+            const int64_t even = r0 + (r1 - r0) / 2 * 2;
+            const int tile = left >= 8 ? 8 : 4;
+            if (tile == 8) tile_row_pairs(j, r0, even, b, 8);
+            else tile_row_pairs(j, r0, even, b, 4);
+            if (even < r1) {
+                if (tile == 8) tile_rows(j, even, r1, b, 8);
+                else tile_rows(j, even, r1, b, 4);
+            }
+            b += tile;
+            continue;
+        }
+#endif
         if (left >= 16) { tile_rows(j, r0, r1, b, 16); b += 16; }
         else if (left >= 8) { tile_rows(j, r0, r1, b, 8); b += 8; }
         else if (left >= 4) { tile_rows(j, r0, r1, b, 4); b += 4; }
