@@ -79,17 +79,20 @@ class Rotary:
         positions = torch.arange(capacity, device=model.lm_head.weight.device)[None]
         probe = torch.empty(0, dtype=dtype, device=positions.device)
         cos, sin = model.model.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
+        half = cos.shape[-1] // 2
+        self.cos = cos[0]  # (capacity, head_dim)
+        # sin with its first half negated: rotate_half(x) * sin == roll(x, half) * signed_sin
+        # exactly (one roll instead of two slices, a negation and a concatenation).
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions (batch, t), shaped (batch, 1, t, head_dim)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """(cos, signed sin) for positions (batch, t), shaped (batch, 1, t, head_dim)."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, the rotary embedding as transformers applies it."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

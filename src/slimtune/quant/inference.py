@@ -61,7 +61,8 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
         table = None
         if prepared is not None and x.numel() == layer.in_features and x.device.type == "cpu":
             table = tables.get(x, layer.quant_type)
-        with torch.no_grad():
+        # Decoding runs without gradients already: entering no_grad costs a few us a call.
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             y = linear_4bit_inference(
                 x, layer.weight, state, layer.bias, compute, table, prepared, weight
             )
