@@ -1,26 +1,33 @@
-/* y = x @ W.T for a packed 4-bit W (bitsandbytes' layout), straight from the codes.
+/* Matmuls and decoding straight from packed 4-bit codes (bitsandbytes' layout), on a CPU.
+ *
+ *   slim_q4_matmul   y = x @ W.T for a few input rows (decode steps, short prompts)
+ *   slim_q4_decode   the float32 or bfloat16 values of rows of codes (training's bands)
+ *   slim_f32_matmul  y = x @ W.T for a few rows against a big float32 W (the output layer)
  *
  * A weight is code_value[nibble] * absmax[block]. For every block the 16 code values are scaled
  * by the block's absmax once, kept in registers, and the nibbles index them with a vector
- * permute (AVX-512: one vpermps gives 16 weights; AVX2: two vpermps and a blend give 8). Each
- * decoded vector of weights is multiplied into up to 16 input rows before the next is decoded,
- * so a batch of rows reads the codes once. Nothing the size of a weight is ever written.
+ * permute (AVX-512: one vpermps gives 16 weights; AVX2: two vpermps and a blend give 8; plain C
+ * elsewhere). In the matmul each decoded vector of weights is multiplied into up to 16 input
+ * rows before the next is decoded, so a batch of rows reads the codes once, and nothing the
+ * size of a weight is ever written.
  *
  * Packing: byte j of a row holds weight 2j in its high nibble and 2j + 1 in its low nibble. The
- * input rows are therefore split once per call into their even and odd columns (per chunk of
- * 2 * LANES columns), so that high nibbles meet even columns and low nibbles odd ones.
+ * matmul therefore splits the input rows once per call into their even and odd columns (per
+ * chunk of 2 * LANES columns), so that high nibbles meet even columns and low nibbles odd ones.
  *
- * Rows of W are split between torch's OpenMP threads.
+ * Rows are split between torch's OpenMP threads (see run()).
  *
  * Built by slimtune.quant.native with the host compiler for the host CPU (-march=native).
  */
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define LANES 16
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
