@@ -257,6 +257,32 @@ def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
     assert full.parts["optimizer_state"] == 8 * arch.num_params()
 
 
+def test_fsdp_plans_each_process_its_share_and_the_units_it_gathers():
+    """--fsdp over N processes: 1/N of the base, constants, adapter, gradients and optimizer
+    state per process, plus one whole decoder layer and the whole root unit (embeddings, norms,
+    output layer); activations are the process's own rows. Data parallel (no fsdp) and a
+    single process hold everything."""
+    arch = builtin_architecture("llama-2-70b")
+    config = TrainConfig(method="qlora", fsdp=True, compute_dtype="float32", max_length=256)
+    whole = estimate(arch, config)
+    assert estimate(arch, config.model_copy(update={"fsdp": False}), processes=8).parts == (
+        whole.parts
+    )
+    root = 4 * (arch.num_params() - arch.num_layers * arch.block_linear_params())
+    codes = sum(n_in * n_out // 2 for _, n_in, n_out in arch.block_linears())  # one layer, NF4
+    assert (whole.parts["weights"] - root) // arch.num_layers == codes
+    for n in (2, 8):
+        shard = estimate(arch, config, processes=n).parts
+        assert shard["weights"] == -(-whole.parts["weights"] // n) + root + codes
+        assert shard["optimizer_state"] == -(-whole.parts["optimizer_state"] // n)
+        layer_adapter = whole.parts["lora_weights"] // arch.num_layers
+        assert shard["lora_weights"] == -(-whole.parts["lora_weights"] // n) + layer_adapter
+        assert shard["activations"] == whole.parts["activations"]
+    # 70B in NF4 does not fit one 24 GB machine; over 8 each holds under 7 GiB of weights.
+    assert whole.parts["weights"] > 24 * GB
+    assert estimate(arch, config, processes=8).parts["weights"] < 7 * 2**30
+
+
 def test_checkpointing_and_8bit_shrink_their_parts():
     arch = builtin_architecture("smollm2-135m")
     plain = estimate(arch, TrainConfig(method="lora"))
