@@ -6,10 +6,11 @@
     optimizer.step()                               # its state is 1/N on each rank too
 
 PyTorch's `fully_shard` does the work: one unit per decoder layer (all-gathered just before
-its forward and again for its backward, freed after each), then a root unit holding what is
-left (embeddings, final norm, output layer; tied weights stay in one unit). The root is a
-small module whose forward is the loss function: the loss reads the output layer's weight
-directly, without calling it, so the root's gather has to cover the whole loss computation.
+its forward and again for its backward, freed after each), one for the input embeddings
+(gathered for their forward only: they are frozen), then a root unit holding what is left
+(final norm, output layer; the embeddings too when tied to it). The root is a small module
+whose forward is the loss function: the loss reads the output layer's weight directly,
+without calling it, so the root's gather has to cover the whole loss computation.
 
 The 4-bit layers hold their packed codes and scales as frozen parameters
 (`Linear4bit.store_as_parameters`): FSDP shards parameters, not buffers. FSDP2 all-gathers a
@@ -78,7 +79,11 @@ def shard_model(
             module.store_as_parameters()
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     root = ShardedLoss(model, loss_fn)
-    for unit in [*decoder_layers(model), root]:  # bottom-up, as fully_shard requires
+    units = [*decoder_layers(model), root]
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embeddings.weight is not head.weight:
+        units.insert(0, embeddings)
+    for unit in units:  # bottom-up, as fully_shard requires
         fully_shard(unit, mesh=mesh)
         # Per unit, not inherited: sum the gradients (the loss carries the global normaliser).
         unit.set_gradient_divide_factor(1.0)
