@@ -199,14 +199,15 @@ def _check_fsdp2_shards_a_4bit_layer(info: DistInfo, storage: torch.dtype, mixed
 
 
 def _tiny_qlora() -> torch.nn.Module:
-    """A tiny LLaMA, its linear layers in NF4 (double quantization), a rank-4 adapter whose B
-    is not zero (so that the adapter counts in the loss)."""
+    """A tiny LLaMA with tied input and output embeddings (one FSDP unit holds both; the
+    torchrun tests train an untied one), its linear layers in NF4 with double quantization,
+    and a rank-4 adapter whose B is not zero (so that the adapter counts in the loss)."""
     from helpers import make_tiny_llama
 
     from slimtune.lora import LoraConfig, inject_adapter
     from slimtune.quant import QuantConfig, quantize_model
 
-    model = quantize_model(make_tiny_llama(), QuantConfig())
+    model = quantize_model(make_tiny_llama(tie_word_embeddings=True), QuantConfig())
     torch.manual_seed(1)
     inject_adapter(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
