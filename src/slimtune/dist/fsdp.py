@@ -111,16 +111,16 @@ def full_trainable(model: nn.Module) -> Iterator[None]:
                 module._parameters[name] = sharded
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor gathered (a collective), any other tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def whole(value: Any) -> Any:
+    """A sharded tensor gathered (a collective); any other value as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """`optimizer.state_dict()` with its sharded tensors gathered whole (a collective)."""
     state_dict = optimizer.state_dict()  # its entries are the optimizer's own: not written to
     state = {
-        index: {key: whole(value) if torch.is_tensor(value) else value for key, value in entries.items()}
+        index: {key: whole(value) for key, value in entries.items()}
         for index, entries in state_dict["state"].items()
     }
     return {**state_dict, "state": state}
@@ -130,14 +130,13 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After loading a whole-tensor state: each sharded parameter's state becomes its shard."""
     for group in optimizer.param_groups:
         for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
             state = optimizer.state.get(param, {})
             for key, value in state.items():
-                if isinstance(param, DTensor) and _is_whole_of(value, param):
+                # Adam's moments have the parameter's shape; its step count is a scalar.
+                if torch.is_tensor(value) and value.shape == param.shape:
                     state[key] = _shard_like(value, param)
-
-
-def _is_whole_of(value: Any, param: DTensor) -> bool:
-    return torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape
 
 
 def _shard_like(whole: torch.Tensor, sharded: DTensor) -> DTensor:
