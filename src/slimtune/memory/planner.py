@@ -189,7 +189,7 @@ def estimate(
         parts = per_process(parts, arch, head_copy, processes)
         notes.append(
             f"fsdp: per process of {processes}; the base, adapter and optimizer state sharded, "
-            "one decoder layer and the embeddings and output layer gathered at a time"
+            "one decoder layer at a time and the output layer for the step gathered whole"
         )
     return MemoryEstimate(arch, config, device, compute, parts, trainable, notes)
 
@@ -200,14 +200,17 @@ def per_process(
     """The parts of one of `processes` FSDP ranks. Each keeps 1/N of every sharded tensor and,
     while it computes, whole copies of the units being gathered: one decoder layer (its
     weights, constants, adapter and the adapter's gradients before the reduce-scatter) and
-    the root unit (embeddings, final norm, output layer), which stays whole for the step. The
-    compute-dtype copy of the output layer is made whole on each rank, and activations are
-    those of the rank's own rows."""
+    the root unit (final norm and output layer, with the embeddings when tied to it), which
+    stays whole for the step; untied embeddings are gathered for their forward only, before
+    the activations grow. The compute-dtype copy of the output layer is made whole on each
+    rank, and activations are those of the rank's own rows."""
     layers = arch.num_layers
-    root = (arch.num_params() - layers * arch.block_linear_params()) * FLOAT32
-    layer = (parts["weights"] - head_copy - root) // layers
+    rest = (arch.num_params() - layers * arch.block_linear_params()) * FLOAT32
+    embeddings = 0 if arch.tie_embeddings else arch.vocab_size * arch.hidden_size * FLOAT32
+    layer = (parts["weights"] - head_copy - rest) // layers
     out = dict(parts)
-    out["weights"] = -(-(parts["weights"] - head_copy) // processes) + root + layer + head_copy
+    sharded = -(-(parts["weights"] - head_copy) // processes)
+    out["weights"] = sharded + rest - embeddings + layer + head_copy
     for name in ("quant_constants", "lora_weights", "gradients"):
         out[name] = -(-parts[name] // processes) + parts[name] // layers
     out["optimizer_state"] = -(-parts["optimizer_state"] // processes)
