@@ -139,6 +139,9 @@ def run_layout(args: argparse.Namespace, processes: int, fsdp: bool) -> list[dic
     passive_openmp_waits(env)
     numba_prefers_openmp(env)
     env = lean_heap_environment(env) or env
+    if args.mmap_threshold:  # a fixed threshold: glibc no longer raises it as blocks are freed
+        tunable = f"glibc.malloc.mmap_threshold={args.mmap_threshold}"
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), tunable]))
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -175,6 +178,11 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="bytes: also fix glibc's mmap threshold in the processes (default: slimtune's heap)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
@@ -187,9 +195,9 @@ def main() -> int:
     from slimtune.hardware import machine_record, machine_summary
 
     print(machine_summary())
-    print(
-        f"shape {args.shape}, {args.steps} steps of {args.batch_size} x {args.length} per process\n"
-    )
+    heap = f"mmap threshold {args.mmap_threshold}" if args.mmap_threshold else "lean heap"
+    steps = f"{args.steps} steps of {args.batch_size} x {args.length} per process"
+    print(f"shape {args.shape}, {steps}, {heap}\n")
     print("| layout | rank | build peak | 4-bit base held | ready | step peak |")
     print("|---|---|---|---|---|---|")
     record = dict(machine=machine_record(), settings=vars(args) | {"json": None}, layouts={})
