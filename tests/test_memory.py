@@ -309,6 +309,18 @@ def test_cli_json_has_total_and_every_part(capsys):
     assert out["total_bytes"] == sum(out[k] for k in parts)
 
 
+def test_cli_processes_with_fsdp_estimates_each_process(capsys):
+    def total(*flags: str) -> int:
+        assert cli_main(["estimate", "llama-2-13b", "--json", "--batch-size", "1", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["total_bytes"]
+
+    alone = total("--fsdp")
+    assert total("--processes", "2") == alone  # data parallel: a whole copy each
+    assert total("--fsdp", "--processes", "2") < alone - 3 * 2**30  # half of the ~7 GB base
+    assert cli_main(["estimate", "llama-2-13b", "--processes", "0"]) == 2
+    assert "--processes" in capsys.readouterr().err
+
+
 def test_cli_device_memory_answers_and_suggests(capsys):
     assert cli_main(["estimate", "llama-2-13b", "--method", "lora", "--device-memory", "24GB"]) == 0
     text = capsys.readouterr().out
