@@ -59,24 +59,25 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def config(layers: int):
+def config(layers: int, shape: dict = SHAPE):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**dict(SHAPE, num_hidden_layers=layers))
+    return LlamaConfig(**dict(shape, num_hidden_layers=layers))
 
 
 # --------------------------------------------------------------------------- slimtune
 
 
-def build_4bit(layers: int, embed_dtype: torch.dtype) -> torch.nn.Module:
-    """The model with every block linear in NF4, never holding more than one float weight."""
+def build_4bit(layers: int, embed_dtype: torch.dtype, shape: dict = SHAPE) -> torch.nn.Module:
+    """The model with every block linear in NF4, never holding more than one float weight;
+    `shape`: LlamaConfig settings (LLaMA-2-7B's by default)."""
     from torch import nn
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from slimtune.quant import Linear4bit, QuantConfig
 
-    cfg = config(layers)
+    cfg = config(layers, shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     quant = QuantConfig(quant_type="nf4", blocksize=64, double_quant=True)

@@ -17,10 +17,14 @@ from slimtune.dist import (
     all_reduce_sum,
     barrier,
     broadcast_parameters,
+    full_optimizer_state,
+    full_trainable,
     init_distributed,
     main_process_first,
     shard_batch,
     shard_bounds,
+    shard_model,
+    shard_optimizer_state,
     shutdown_distributed,
 )
 from slimtune.errors import SlimtuneError
@@ -194,6 +198,80 @@ def _check_fsdp2_shards_a_4bit_layer(info: DistInfo, storage: torch.dtype, mixed
                 torch.testing.assert_close(grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-3)
 
 
+def _tiny_qlora() -> torch.nn.Module:
+    """A tiny LLaMA with tied input and output embeddings (one FSDP unit holds both; the
+    torchrun tests train an untied one), its linear layers in NF4 with double quantization,
+    and a rank-4 adapter whose B is not zero (so that the adapter counts in the loss)."""
+    from helpers import make_tiny_llama
+
+    from slimtune.lora import LoraConfig, inject_adapter
+    from slimtune.quant import QuantConfig, quantize_model
+
+    model = quantize_model(make_tiny_llama(tie_word_embeddings=True), QuantConfig())
+    torch.manual_seed(1)
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model.train()
+
+
+def _check_shard_model(info: DistInfo) -> None:
+    """shard_model: each rank holds half of every 4-bit tensor and of the adapter; the sharded
+    loss and the summed LoRA gradients are those of one process on the whole batch; whole
+    tensors and optimizer state go out and back in unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    from slimtune.train.forward import summed_loss
+
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    reference, model = _tiny_qlora(), _tiny_qlora()
+    expected = summed_loss(reference, batch)
+    expected.backward()
+
+    root = shard_model(model, summed_loss, info)
+    q = model.model.layers[0].self_attn.q_proj
+    for tensor in (q.base_layer.weight, q.base_layer.absmax, q.lora_A["default"].weight):
+        assert isinstance(tensor, DTensor) and tensor.to_local().shape[0] == tensor.shape[0] // 2
+    assert q.base_layer.weight.dtype == torch.uint8 and q.base_layer.absmax.dtype == torch.uint8
+
+    loss = root(shard_batch(batch, info))
+    loss.backward()
+    torch.testing.assert_close(all_reduce_sum(loss.detach(), info), expected.detach())
+    refs = dict(reference.named_parameters())
+    trained = [(name, p, refs[name]) for name, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name, param, ref in trained:
+        torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+
+    a = q.lora_A["default"].weight
+    with full_trainable(model):
+        whole = q.lora_A["default"].weight
+        assert not isinstance(whole, DTensor) and whole.shape == a.shape
+        with torch.no_grad():
+            whole.add_(1.0)  # written back to the shards on exit
+    assert q.lora_A["default"].weight is a
+    start = reference.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    torch.testing.assert_close(a.full_tensor(), start + 1.0)
+
+    params = [param for _, param, _ in trained]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    optimizer.step()
+    state = full_optimizer_state(optimizer)
+    first = state["state"][0]["exp_avg"]
+    assert not isinstance(first, DTensor) and first.shape == params[0].shape
+    assert isinstance(optimizer.state[params[0]]["exp_avg"], DTensor)  # its own left sharded
+    again = torch.optim.AdamW(params, lr=0.1)
+    again.load_state_dict(state)
+    shard_optimizer_state(again)
+    for param in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine, theirs = again.state[param][key], optimizer.state[param][key]
+            assert isinstance(mine, DTensor) and torch.equal(mine.to_local(), theirs.to_local())
+
+
 def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     torch.set_num_threads(1)  # two processes share the two cores
     os.environ.update(
@@ -230,6 +308,7 @@ def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     _check_fsdp2_shards_a_4bit_layer(info, torch.uint8, mixed=False)
     _check_fsdp2_shards_a_4bit_layer(info, torch.bfloat16, mixed=False)  # + fp32 LoRA
     _check_fsdp2_shards_a_4bit_layer(info, torch.uint8, mixed=True)  # bf16 casts skip uint8
+    _check_shard_model(info)
 
     marker = os.path.join(scratch, "written-by-main")
     with main_process_first(info):

@@ -299,6 +299,34 @@ def test_qlora_65b_fits_in_48gb_and_full_16bit_needs_more_than_780gb():
     assert full.parts["optimizer_state"] == 8 * arch.num_params()
 
 
+def test_fsdp_plans_each_process_its_share_and_the_units_it_gathers():
+    """--fsdp over N processes: 1/N of the base, constants, adapter, gradients and optimizer
+    state per process, plus one whole decoder layer and the whole root unit (norms and output
+    layer; untied embeddings are gathered before the activations grow); activations are the
+    process's own rows. Data parallel (no fsdp) and a
+    single process hold everything."""
+    arch = builtin_architecture("llama-2-70b")
+    config = TrainConfig(method="qlora", fsdp=True, compute_dtype="float32", max_length=256)
+    whole = estimate(arch, config)
+    assert estimate(arch, config.model_copy(update={"fsdp": False}), processes=8).parts == (
+        whole.parts
+    )
+    rest = 4 * (arch.num_params() - arch.num_layers * arch.block_linear_params())
+    root = rest - 4 * arch.vocab_size * arch.hidden_size  # its embeddings are not tied
+    codes = sum(n_in * n_out // 2 for _, n_in, n_out in arch.block_linears())  # one layer, NF4
+    assert (whole.parts["weights"] - rest) // arch.num_layers == codes
+    for n in (2, 8):
+        shard = estimate(arch, config, processes=n).parts
+        assert shard["weights"] == -(-whole.parts["weights"] // n) + root + codes
+        assert shard["optimizer_state"] == -(-whole.parts["optimizer_state"] // n)
+        layer_adapter = whole.parts["lora_weights"] // arch.num_layers
+        assert shard["lora_weights"] == -(-whole.parts["lora_weights"] // n) + layer_adapter
+        assert shard["activations"] == whole.parts["activations"]
+    # 70B in NF4 does not fit one 24 GB machine; over 8 each holds under 7 GiB of weights.
+    assert whole.parts["weights"] > 24 * GB
+    assert estimate(arch, config, processes=8).parts["weights"] < 7 * 2**30
+
+
 def test_checkpointing_and_8bit_shrink_their_parts():
     arch = builtin_architecture("smollm2-135m")
     plain = estimate(arch, TrainConfig(method="lora"))
@@ -321,6 +349,18 @@ def test_cli_json_has_total_and_every_part(capsys):
     parts = [k for k in out if k.endswith("_bytes") and k != "total_bytes"]
     assert {"weights_bytes", "optimizer_state_bytes", "activations_bytes"} <= set(parts)
     assert out["total_bytes"] == sum(out[k] for k in parts)
+
+
+def test_cli_processes_with_fsdp_estimates_each_process(capsys):
+    def total(*flags: str) -> int:
+        assert cli_main(["estimate", "llama-2-13b", "--json", "--batch-size", "1", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["total_bytes"]
+
+    alone = total("--fsdp")
+    assert total("--processes", "2") == alone  # data parallel: a whole copy each
+    assert total("--fsdp", "--processes", "2") < alone - 3 * 2**30  # half of the ~7 GB base
+    assert cli_main(["estimate", "llama-2-13b", "--processes", "0"]) == 2
+    assert "--processes" in capsys.readouterr().err
 
 
 def test_cli_device_memory_answers_and_suggests(capsys):

@@ -164,3 +164,23 @@ def test_large_layer_decoded_in_bands_matches_bitsandbytes(bias, monkeypatch):
     y_ref.backward(grad)
     y_ours.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_stored_as_parameters_the_layer_is_the_same(double_quant):
+    """For FSDP, which shards parameters: the same tensors as frozen parameters, the same
+    forward and state dict, and a dtype cast still leaves the format alone."""
+    _, _, ours = _pair("nf4", double_quant)
+    x = torch.randn(3, 256)
+    expected, state = ours(x), ours.state_dict()
+    ours.store_as_parameters()
+    names = {"weight", "absmax", "nested_absmax"} if double_quant else {"weight", "absmax"}
+    assert {n for n, _ in ours.named_parameters()} == names | {"bias"}
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if n != "bias")
+    assert torch.equal(ours(x), expected)
+    assert ours.state_dict().keys() == state.keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in state.items())
+    ours.to(torch.bfloat16)
+    assert ours.weight.dtype == torch.uint8 and torch.equal(ours.absmax, state["weight.absmax"])
+    if double_quant:
+        assert ours.nested_absmax.dtype == torch.float32

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the built-in model names")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where it runs: the framework's own overhead differs")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="processes torchrun starts; with --fsdp: memory of each")  # fmt: skip
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="e.g. 24GB or 16GiB: say whether the run fits, and what to change")  # fmt: skip
     parser.add_argument(
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_file, overrides)  # what `slimtune train` would run
     arch = resolve_architecture(config.model) if config.model else _default_architecture()
     auto = _auto_dtype(args.device)
-    result = estimate(arch, config, args.device, auto)
+    if args.processes < 1:
+        raise SlimtuneError(f"--processes: expected 1 or more, got {args.processes}")
+    result = estimate(arch, config, args.device, auto, args.processes)
     budget = parse_bytes(args.device_memory) if args.device_memory else None
     steps = []
     if budget is not None and result.total > budget:

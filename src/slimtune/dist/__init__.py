@@ -13,8 +13,21 @@ no-op, so the training loop is the same for 1 and N processes:
     if info.is_main: log / save
     ...
     shutdown_distributed(info)
+
+With `shard_model` (fsdp.py) the model itself is sharded too (FSDP2): each rank keeps 1/N of
+the 4-bit base and of the adapter, and gradients are summed by FSDP's reduce-scatter instead
+of `all_reduce_gradients`.
 """
 
+from slimtune.dist.fsdp import (
+    ShardedLoss,
+    decoder_layers,
+    full_optimizer_state,
+    full_trainable,
+    shard_model,
+    shard_optimizer_state,
+    whole,
+)
 from slimtune.dist.info import (
     DistInfo,
     barrier,
@@ -28,14 +41,21 @@ from slimtune.dist.shard import shard_batch, shard_bounds
 
 __all__ = [
     "DistInfo",
+    "ShardedLoss",
     "all_reduce_gradients",
     "all_reduce_sum",
     "barrier",
     "broadcast_parameters",
     "choose_backend",
+    "decoder_layers",
+    "full_optimizer_state",
+    "full_trainable",
     "init_distributed",
     "main_process_first",
+    "shard_model",
+    "shard_optimizer_state",
     "shard_batch",
     "shard_bounds",
     "shutdown_distributed",
+    "whole",
 ]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.lora.sparse_dropout import _kernels, _new_seed, drop_positions
+from slimtune.quant.kernels import as_numpy
 
 # Sibling projections that read one input, in the order transformers calls them.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -88,7 +89,7 @@ class _DownProjection(torch.autograd.Function):
                 if p > 0:
                     columns = low[:, start:stop]
                     remove_from_low(
-                        columns.numpy(), x32.numpy(), a_t[:, start:stop].numpy(), found.numpy()
+                        columns.numpy(), x32.numpy(), as_numpy(a_t[:, start:stop]), found.numpy()
                     )
                     columns.mul_(1.0 / (1.0 - p))
                 positions.append(found)
@@ -131,7 +132,7 @@ class _DownProjection(torch.autograd.Function):
                     kernels[3](
                         grad_x.numpy(),
                         g[:, start:stop].numpy(),
-                        a_t[:, start:stop].numpy(),
+                        as_numpy(a_t[:, start:stop]),
                         pos.numpy(),
                     )
             grad_x = grad_x.to(x2d.dtype)

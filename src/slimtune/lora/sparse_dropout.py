@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slimtune.quant.kernels import as_numpy
+
 
 def drop_positions(numel: int, p: float, seed: int) -> Tensor:
     """Flat indices (int64, ascending) of the values to drop: each index with probability p."""
@@ -124,8 +126,8 @@ def _low(x: Tensor, A: Tensor, positions: Tensor) -> Tensor:
         return _dropped(x, positions) @ A.t()
     x2d = x.view(-1, x.shape[-1])
     low = x2d @ A.t()
-    a_t = A.detach().t().contiguous()
-    _kernels()[0](low.numpy(), x2d.numpy(), a_t.numpy(), positions.numpy())
+    a_t = A.detach().t().contiguous()  # A itself at rank 1: as_numpy leaves FSDP its storage
+    _kernels()[0](low.numpy(), x2d.numpy(), as_numpy(a_t), positions.numpy())
     return low
 
 

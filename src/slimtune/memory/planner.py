@@ -14,6 +14,9 @@ What the trainer keeps in which dtype (slimtune.train.precision): adapters, thei
 optimizer state, the residual stream and every weight that is neither quantized nor under an
 adapter are float32; the compute dtype stores the frozen bases under LoRA (method lora), the
 4-bit layers' decoded weight, and a cast copy of the frozen output layer.
+
+With `fsdp` over N processes the estimate is per process (`per_process`): 1/N of the weights,
+constants, adapter, gradients and optimizer state, plus what is gathered whole at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ PARTS = (
 PLAN_KEYS = (
     "method", "objective", "rank", "rank_pattern", "targets", "use_dora", "init", "dropout",
     "batch_size", "max_length", "gradient_checkpointing", "optimizer", "compute_dtype",
-    "quant_type", "blocksize", "double_quant", "lean_mlp", "sparse_dropout",
+    "quant_type", "blocksize", "double_quant", "lean_mlp", "sparse_dropout", "fsdp",
 )  # fmt: skip
 # RSS of a process that imported torch, transformers and slimtune and ran a first step on a
 # CPU, model excluded (fitted with benchmarks/bench_memory.py's tiny case; see
@@ -142,10 +145,15 @@ def planned_compute_dtype(config: TrainConfig, auto: str = "float32") -> str:
 
 
 def estimate(
-    arch: Architecture, config: TrainConfig, device: str = "cpu", auto_dtype: str = "float32"
+    arch: Architecture,
+    config: TrainConfig,
+    device: str = "cpu",
+    auto_dtype: str = "float32",
+    processes: int = 1,
 ) -> MemoryEstimate:
     """The memory a training step of `arch` under `config` needs at its peak on `device`
-    ("cpu" or "cuda"); `auto_dtype`: what compute_dtype auto resolves to there."""
+    ("cpu" or "cuda"); `auto_dtype`: what compute_dtype auto resolves to there. `processes`:
+    how many torchrun starts; with `fsdp` the estimate is then that of each one."""
     if device not in DEVICES:
         raise SlimtuneError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     compute = planned_compute_dtype(config, auto_dtype)
@@ -176,9 +184,38 @@ def estimate(
             parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
     parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
     parts["activations"] = activation_bytes(arch, config, adapted, device, DTYPE_BYTES[compute])
-    return MemoryEstimate(
-        arch, config, device, compute, parts, trainable, _notes(arch, config, device)
-    )
+    notes = _notes(arch, config, device)
+    if config.fsdp and processes > 1:
+        head_copy = _head_copy_bytes(arch, config, compute)
+        parts = per_process(parts, arch, head_copy, processes)
+        notes.append(
+            f"fsdp: per process of {processes}; the base, adapter and optimizer state sharded, "
+            "one decoder layer at a time and the output layer for the step gathered whole"
+        )
+    return MemoryEstimate(arch, config, device, compute, parts, trainable, notes)
+
+
+def per_process(
+    parts: dict[str, int], arch: Architecture, head_copy: int, processes: int
+) -> dict[str, int]:
+    """The parts of one of `processes` FSDP ranks. Each keeps 1/N of every sharded tensor and,
+    while it computes, whole copies of the units being gathered: one decoder layer (its
+    weights, constants, adapter and the adapter's gradients before the reduce-scatter) and
+    the root unit (final norm and output layer, with the embeddings when tied to it), which
+    stays whole for the step; untied embeddings are gathered for their forward only, before
+    the activations grow. The compute-dtype copy of the output layer is made whole on each
+    rank, and activations are those of the rank's own rows."""
+    layers = arch.num_layers
+    rest = (arch.num_params() - layers * arch.block_linear_params()) * FLOAT32
+    embeddings = 0 if arch.tie_embeddings else arch.vocab_size * arch.hidden_size * FLOAT32
+    layer = (parts["weights"] - head_copy - rest) // layers
+    out = dict(parts)
+    sharded = -(-(parts["weights"] - head_copy) // processes)
+    out["weights"] = sharded + rest - embeddings + layer + head_copy
+    for name in ("quant_constants", "lora_weights", "gradients"):
+        out[name] = -(-parts[name] // processes) + parts[name] // layers
+    out["optimizer_state"] = -(-parts["optimizer_state"] // processes)
+    return out
 
 
 def _weight_bytes(
@@ -200,9 +237,14 @@ def _weight_bytes(
         weights = under * DTYPE_BYTES[compute] + (arch.num_params() - under) * FLOAT32
     else:
         weights = arch.num_params() * FLOAT32
-    if config.method != "full" and compute != "float32":
-        weights += arch.vocab_size * arch.hidden_size * DTYPE_BYTES[compute]  # the head's copy
-    return weights, constants
+    return weights + _head_copy_bytes(arch, config, compute), constants
+
+
+def _head_copy_bytes(arch: Architecture, config: TrainConfig, compute: str) -> int:
+    """The loss's copy of the frozen output layer in the compute dtype (none in float32)."""
+    if config.method == "full" or compute == "float32":
+        return 0
+    return arch.vocab_size * arch.hidden_size * DTYPE_BYTES[compute]
 
 
 def _notes(arch: Architecture, config: TrainConfig, device: str) -> list[str]:

@@ -60,11 +60,15 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], document: dict) -> di
     return {"state": state, "param_groups": groups}
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
-    """Write `optimizer.state_dict()` to one safetensors file, atomically."""
+def save_optimizer_state(
+    optimizer: torch.optim.Optimizer | dict[str, Any], path: str | os.PathLike
+) -> None:
+    """Write `optimizer.state_dict()` (or that state dict, given) to one safetensors file,
+    atomically."""
     from safetensors.torch import save_file
 
-    tensors, document = flatten_state_dict(optimizer.state_dict())
+    state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    tensors, document = flatten_state_dict(state_dict)
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(document)})
 

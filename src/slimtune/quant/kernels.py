@@ -70,6 +70,15 @@ def kernel():
     return decode, decode_scales, decode_bf16
 
 
+def as_numpy(tensor: torch.Tensor):
+    """A numpy view of a CPU tensor, for the compiled loops. Not `Tensor.numpy()`: that marks
+    the tensor's storage not resizable for good, and FSDP frees and refills a gathered
+    parameter's storage in place (by resizing it) between uses."""
+    import numpy as np
+
+    return np.from_dlpack(tensor)
+
+
 def usable(tensor: torch.Tensor) -> bool:
     """Whether the compiled kernels can decode `tensor`: a CPU tensor, and numba importable."""
     return tensor.device.type == "cpu" and kernel() is not None
@@ -84,9 +93,10 @@ def decode_rows(codes: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, 
     (256, 2) float32 holds each byte's (high nibble, low nibble) code values. CPU tensors only."""
     _set_threads(torch.get_num_threads())
     if out.dtype == torch.bfloat16:  # numpy has no bfloat16: the kernel writes its bits
-        kernel()[2](codes.numpy(), absmax.numpy(), pairs.numpy(), out.view(torch.uint16).numpy())
+        bits = out.view(torch.uint16)
+        kernel()[2](as_numpy(codes), as_numpy(absmax), pairs.numpy(), bits.numpy())
     else:
-        kernel()[0](codes.numpy(), absmax.numpy(), pairs.numpy(), out.numpy())
+        kernel()[0](as_numpy(codes), as_numpy(absmax), pairs.numpy(), out.numpy())
     return out
 
 
@@ -97,7 +107,8 @@ def decode_absmax(
     every step in float32 (offset: a one-value float32 tensor)."""
     out = torch.empty(codes.shape, dtype=torch.float32)
     offset32 = offset.reshape(1).numpy()[0]  # a numpy float32 scalar keeps the add in float32
-    kernel()[1](codes.numpy(), code.numpy(), nested.numpy(), per_nested, offset32, out.numpy())
+    codes, nested = as_numpy(codes), as_numpy(nested)
+    kernel()[1](codes, code.numpy(), nested, per_nested, offset32, out.numpy())
     return out
 
 

@@ -1,7 +1,7 @@
 """Linear4bit: a frozen linear layer whose weight lives in 4 bits and is decoded per call.
 
 The packed weight and its quantization state are buffers, so `.to()`, `state_dict()` and
-`deepcopy` just work. The float weight exists only inside one forward or one backward: forward
+`deepcopy` just work (`store_as_parameters` makes them frozen parameters for FSDP). The float weight exists only inside one forward or one backward: forward
 decodes it for the matmul and drops it; backward decodes it again for the input gradient. There
 is never a weight gradient (QLoRA trains adapters around the frozen base).
 """
@@ -22,8 +22,10 @@ from slimtune.quant.config import QuantConfig
 from slimtune.quant.double_quant import NESTED_BLOCKSIZE
 from slimtune.quant.matmul import input_grad_4bit, linear_4bit
 
-# Buffers whose dtype is part of the format: model.half() / .to(bfloat16) must not touch them.
-_STATE_BUFFERS = ("weight", "absmax", "nested_absmax", "offset")
+# Tensors whose dtype is part of the format: model.half() / .to(bfloat16) must not touch them.
+_STATE_TENSORS = ("weight", "absmax", "nested_absmax", "offset")
+# The ones FSDP can shard (dim 0, as long as the layer is big); `offset` is a 0-dim scalar.
+_SHARDABLE = ("weight", "absmax", "nested_absmax")
 
 
 class _Dequantize4bitLinear(torch.autograd.Function):
@@ -124,6 +126,17 @@ class Linear4bit(nn.Module):
         self.register_buffer("nested_absmax", state.nested_absmax)
         self.register_buffer("offset", state.offset)
 
+    def store_as_parameters(self) -> None:
+        """Hold the packed codes and the absmax scales (double-quantized: codes and nested
+        scales) as frozen `nn.Parameter`s instead of buffers. FSDP shards parameters on dim 0 and
+        leaves buffers whole on every rank; the tensors, the forward pass and the state dict are
+        the same either way."""
+        for name in _SHARDABLE:
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
@@ -158,13 +171,19 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # Let .to(device) move the state but keep its dtypes: a float16 absmax would no longer
-        # be the format (and would decode different weights).
-        before = {name: self._buffers[name] for name in _STATE_BUFFERS if name in self._buffers}
+        # be the format (and would decode different weights). Parameters (store_as_parameters)
+        # are changed in place by nn.Module._apply, so their old data is kept aside by alias.
+        before = {}
+        for store in (self._buffers, self._parameters):
+            for name in _STATE_TENSORS:
+                if store.get(name) is not None:
+                    before[name] = store[name].detach()
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+            if name in self._buffers and self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+            elif name in self._parameters and self._parameters[name].dtype != old.dtype:
+                self._parameters[name].data = old.to(self._parameters[name].device)
         return self
 
     def extra_repr(self) -> str:

@@ -32,11 +32,12 @@ def save_checkpoint(
     folder: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under `folder` atomically, then delete all but the last `keep`."""
+    """Write checkpoint `step` under `folder` atomically, then delete all but the last `keep`.
+    `optimizer`: the optimizer or its state dict (a sharded one gathered whole)."""
     final = folder / f"step-{step:06d}"
     # replace: a rerun of the same step (resume from an older checkpoint) writes it again.
     with atomic_folder(final, replace=True) as tmp:

@@ -119,6 +119,10 @@ class TrainConfig(BaseModel):
     sparse_dropout: bool = Field(
         True, description="LoRA dropout keeps no mask or dropped copy; false: PEFT's exact masks"
     )
+    # processes (torchrun); see docs/distributed.md
+    fsdp: bool = Field(
+        False, description="under torchrun, shard the base and the adapter across processes"
+    )
 
     @field_validator("targets")
     @classmethod
@@ -169,6 +173,32 @@ class TrainConfig(BaseModel):
         # No float32 master copies are kept: a run that trains every weight trains it in float32.
         if info.data.get("method") == "full" and value not in (AUTO, "float32"):
             raise ValueError(f"{value} needs a frozen base (method lora or qlora), not method full")
+        return value
+
+    @field_validator("fsdp")
+    @classmethod
+    def _fsdp_suits_the_run(cls, value: bool, info: ValidationInfo) -> bool:
+        """What sharding supports: an adapter on a frozen base, supervised, trained by AdamW."""
+        data = info.data
+        if value and data.get("method") == "full":
+            raise ValueError("needs method lora or qlora: it shards a frozen base and an adapter")
+        if value and data.get("objective", "sft") != "sft":
+            raise ValueError(
+                f"needs objective sft, not {data['objective']}: preference tuning runs the "
+                "model its own way"
+            )
+        if value and (data.get("eval_data") or data.get("eval_fraction")):
+            raise ValueError(
+                "not with eval_data or eval_fraction: evaluation runs on rank 0 alone, and a "
+                "sharded model needs every rank; evaluate the adapter with `slimtune eval`"
+            )
+        if value and data.get("init") == "pissa":
+            raise ValueError("not with init pissa: it rewrites the base weights when saving")
+        if value and data.get("optimizer", "adamw") != "adamw":
+            raise ValueError(
+                f"needs optimizer adamw, not {data['optimizer']}: the 8-bit and paged "
+                "optimizers keep their state in a layout of their own"
+            )
         return value
 
     @property

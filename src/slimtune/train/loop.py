@@ -1,7 +1,8 @@
 """The training loop: read it top to bottom.
 
     train(config)
-      1. set up: processes, seeds, model (4-bit base + LoRA), data, optimizer, resume
+      1. set up: processes, seeds, model (4-bit base + LoRA; sharded with --fsdp), data,
+         optimizer, resume
       2. for every optimizer step:
            learning rate of this step
            micro-batches -> this rank's rows -> sum of token losses / global token count
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,14 @@ from slimtune.devices import to_device
 from slimtune.dist import (
     all_reduce_gradients,
     all_reduce_sum,
+    full_optimizer_state,
+    full_trainable,
     init_distributed,
     shard_batch,
+    shard_model,
+    shard_optimizer_state,
     shutdown_distributed,
+    whole,
 )
 from slimtune.errors import SlimtuneError
 from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
@@ -110,6 +117,10 @@ def train(
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # --fsdp under torchrun: each rank keeps 1/N of the base, the adapter, its gradients and
+    # its optimizer state; `step_loss` is then the FSDP root, which gathers layer by layer.
+    sharded = config.fsdp and info.is_distributed
+    step_loss = shard_model(model, summed_loss, info) if sharded else partial(summed_loss, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -141,7 +152,9 @@ def train(
 
     start = 0
     if config.resume:
-        start = _resume(config, checkpoints, model, optimizer, metrics)
+        with full_trainable(model):  # sharded: every rank reads the whole tensors, keeps its own
+            start = _resume(config, checkpoints, model, optimizer, metrics)
+        shard_optimizer_state(optimizer)
     elif info.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run starts a fresh log
     if info.is_main:
@@ -178,10 +191,11 @@ def train(
             global_tokens = all_reduce_sum(sum(count_trained_tokens(b) for b in batches), info)
             loss_sum = torch.zeros((), device=info.device)
             for batch in batches:
-                loss = summed_loss(model, batch) / max(global_tokens, 1)
+                loss = step_loss(batch) / max(global_tokens, 1)
                 loss.backward()
                 loss_sum += loss.detach()
-        all_reduce_gradients(trainable, info)
+        if not sharded:  # FSDP's reduce-scatter has summed them in backward
+            all_reduce_gradients(trainable, info)
         loss_value = float(all_reduce_sum(loss_sum, info))
 
         grad_norm = _grad_norm(trainable, config.max_grad_norm)
@@ -225,19 +239,29 @@ def train(
             evals.append(_eval_record(step + 1, record["epoch"], result))
             metrics.log(evals[-1])
             bar.write(_describe_eval(evals[-1]))
-        if info.is_main and (_due(step, config.save_every) or done):
+        if _due(step, config.save_every) or done:
             trainer_state = dict(epoch=epoch, total_steps=total, lr=lr, seed=config.seed)
-            save_checkpoint(
-                checkpoints, step + 1, model, optimizer, trainer_state, config.keep_checkpoints
-            )
+            with full_trainable(model):  # sharded: gathered on every rank, rank 0 writes
+                optimizer_state = full_optimizer_state(optimizer)
+                if info.is_main:
+                    save_checkpoint(
+                        checkpoints,
+                        step + 1,
+                        model,
+                        optimizer_state,
+                        trainer_state,
+                        config.keep_checkpoints,
+                    )
     bar.close()
     # The returned model computes in float32 again, as every caller (evaluation, generation)
     # expects; the adapter was float32 throughout.
     cast_frozen(model, torch.float32)
 
     # --- 3. the results ----------------------------------------------------------------
+    with full_trainable(model):
+        if info.is_main:
+            save_final(model, tokenizer, config, output)
     if info.is_main:
-        save_final(model, tokenizer, config, output)
         plot_losses(metrics.records, output / "loss.png")
     shutdown_distributed(info)
     return TrainResult(output, total, loss_value, evals, model, tokenizer, info.is_main)
@@ -258,7 +282,7 @@ def _resume(config, checkpoints: Path, model, optimizer, metrics: MetricsLog) ->
 def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
     """The total gradient norm, clipping to `max_norm` when given."""
     limit = max_norm if max_norm is not None else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    return float(whole(torch.nn.utils.clip_grad_norm_(params, limit)))  # sharded: a DTensor
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
