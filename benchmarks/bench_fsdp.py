@@ -183,6 +183,11 @@ def main() -> int:
         type=int,
         help="bytes: also fix glibc's mmap threshold in the processes (default: slimtune's heap)",
     )
+    parser.add_argument(
+        "--layouts",
+        default=",".join(name for name, _, _ in LAYOUTS),
+        help="comma list of the layouts to run (default: all)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +206,8 @@ def main() -> int:
     print("| layout | rank | build peak | 4-bit base held | ready | step peak |")
     print("|---|---|---|---|---|---|")
     record = dict(machine=machine_record(), settings=vars(args) | {"json": None}, layouts={})
-    for name, processes, fsdp in LAYOUTS:
+    chosen = args.layouts.split(",")
+    for name, processes, fsdp in [layout for layout in LAYOUTS if layout[0] in chosen]:
         figures = run_layout(args, processes, fsdp)
         record["layouts"][name] = figures
         for f in figures:
