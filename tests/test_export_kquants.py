@@ -45,6 +45,7 @@ def hard_rows(scale: float, seed: int) -> np.ndarray:
     rows[8] = rng.integers(-8, 8, 1024) * scale  # a handful of levels
     rows[9, 256:512] = 1e-3 * rows[9, 256:512]  # a quiet block beside loud ones
     rows[10, :16] = rows[10, :16] * 1e-20  # a group below ggml's all-zero threshold
+    rows[11, :32] *= 1e-3  # a quiet group: its 6-bit (Q6_K: 8-bit) scale rounds to 0
     return rows
 
 
