@@ -23,3 +23,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 INFERENCE_QUANTS = (AUTO, *QUANT_TYPES, "none")
 # How LoRA's A and B start: PEFT's default (kaiming), gaussian, PiSSA, LoftQ.
 LORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
+# GGUF weight types `slimtune export` writes: a merged model takes all; llama.cpp's adapter
+# files keep to the float types and Q8_0.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+GGUF_ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from slimtune.choices import GGUF_TYPES
 from slimtune.cli._inference import add_quant_arguments, base_quant
 from slimtune.errors import SlimtuneError
 
@@ -24,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--type",
         default="f16",
-        choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
-        help="GGUF weight type (merged: all five; adapter: f32, f16, bf16, q8_0) (f16)",
+        choices=GGUF_TYPES,
+        help="GGUF weight type (merged: all; adapter: f32, f16, bf16, q8_0); q4_k_m mixes "
+        "Q4_K, Q6_K and fallbacks per tensor as llama.cpp's llama-quantize does (f16)",
     )
     parser.add_argument(
         "--as-adapter",

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from slimtune.choices import GGUF_ADAPTER_TYPES as TYPES
 from slimtune.errors import SlimtuneError
 from slimtune.export.gguf import encode, tensor_type
 from slimtune.export.gguf_archs import gguf_arch, permute_for_arch, tensor_names
 from slimtune.files import atomic_file
 from slimtune.lora import load_adapter, lora_layers
 
-TYPES = ("f32", "f16", "bf16", "q8_0")
 ADAPTER = "default"
 
 
@@ -58,14 +58,18 @@ def adapter_tensors(model: nn.Module, arch: str, adapter_name: str = ADAPTER):
     return float(alpha), tensors
 
 
+def check_adapter_type(qtype: str) -> None:
+    if qtype not in TYPES:
+        raise SlimtuneError(f"adapter GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
+
+
 def write_adapter_gguf(
     model: nn.Module, adapter: str | Path, path: str | Path, qtype: str = "f16"
 ) -> Path:
     """Load `adapter` (PEFT format) into `model` (the float base) and write it as `path`."""
     import gguf
 
-    if qtype not in TYPES:
-        raise SlimtuneError(f"adapter GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
+    check_adapter_type(qtype)
     arch = gguf_arch(model.config)
     load_adapter(model, adapter, ADAPTER)
     alpha, tensors = adapter_tensors(model, arch)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from slimtune.errors import SlimtuneError
 from slimtune.export.gguf import encode, tensor_type, write_gguf
-from slimtune.export.gguf_adapter import write_adapter_gguf
+from slimtune.export.gguf_adapter import check_adapter_type, write_adapter_gguf
 from slimtune.export.gptq import input_hessians
 from slimtune.export.merge import (
     calibration_batches,
@@ -133,6 +133,7 @@ def export_adapter_gguf(
     """Write `output_dir/adapter.gguf`, `output_dir/Modelfile` and, for a base that is not a
     GGUF file already, `output_dir/base.gguf`. With `eval_rows`, the gain kept is measured on
     the base with the adapter's weights as the file stores them (rounded to `qtype`)."""
+    check_adapter_type(qtype)  # before anything is written
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise SlimtuneError(f"output folder {output_dir} exists and is not empty")
