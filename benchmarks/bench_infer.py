@@ -25,7 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from slimtune.runtime import short_openmp_spins  # noqa: E402
+
+short_openmp_spins(os.environ)  # the thread policy `slimtune generate` runs under
 
 import torch  # noqa: E402
 

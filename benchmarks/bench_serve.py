@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from slimtune.runtime import short_openmp_spins  # noqa: E402
+
+short_openmp_spins(os.environ)  # the thread policy `slimtune serve` runs under
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = ["risk", "research", "compliance"]

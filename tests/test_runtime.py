@@ -18,11 +18,13 @@ from slimtune.runtime import (
     lean_heap_environment,
     numba_prefers_openmp,
     passive_openmp_waits,
+    short_openmp_spins,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "slimtune"
 GLIBC = platform.libc_ver()[0] == "glibc"
-TUNING_VARIABLES = ("GLIBC_TUNABLES", "SLIMTUNE_LEAN_HEAP", "OMP_WAIT_POLICY", "NUMBA_THREADING_")
+TUNING_VARIABLES = ("GLIBC_TUNABLES", "SLIMTUNE_LEAN_HEAP", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                    "NUMBA_THREADING_")  # fmt: skip
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -43,6 +45,7 @@ def test_process_settings_are_made_only_in_slimtune_runtime():
     process_wide = (
         "GLIBC_TUNABLES",
         "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT",
         "THREADING_LAYER",
         "malloc_trim",
         "mallopt",
@@ -68,8 +71,8 @@ def tune_calls(monkeypatch) -> list:
     """What main() hands to tune_process; the command itself is never run."""
     calls = []
 
-    def record(restart=None):
-        calls.append(restart)
+    def record(restart=None, decoding=False):
+        calls.append((restart, decoding))
         raise _Stop
 
     monkeypatch.setattr(cli, "tune_process", record)
@@ -81,8 +84,17 @@ def test_a_training_command_restarts_under_the_lean_heap(tune_calls, monkeypatch
     with pytest.raises(_Stop):
         cli.main()
     assert tune_calls == [
-        [sys.executable, "-m", "slimtune", "train", "run.yaml", "--max-steps", "3"]
+        ([sys.executable, "-m", "slimtune", "train", "run.yaml", "--max-steps", "3"], False)
     ]
+
+
+@pytest.mark.parametrize(
+    "argv", [["generate", "Hi"], ["eval", "--data", "test.jsonl"], ["serve"]], ids=lambda a: a[0]
+)
+def test_decoding_commands_spin_briefly(tune_calls, argv):
+    with pytest.raises(_Stop):
+        cli.main(argv)
+    assert tune_calls == [(None, True)]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +106,7 @@ def test_other_commands_and_library_calls_tune_threads_only(tune_calls, monkeypa
     monkeypatch.setattr(sys, "argv", ["slimtune", *words])
     with pytest.raises(_Stop):
         cli.main(argv)
-    assert tune_calls == [None]
+    assert tune_calls == [(None, False)]
 
 
 def test_parsing_the_command_line_loads_no_torch():
@@ -139,6 +151,15 @@ def test_passive_openmp_waits_unless_a_policy_is_set():
     assert passive_openmp_waits(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert not passive_openmp_waits(env) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_short_openmp_spins_unless_a_policy_or_count_is_set():
+    env: dict[str, str] = {}
+    assert short_openmp_spins(env) and env == {"GOMP_SPINCOUNT": "20000"}
+    for mine in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(mine)
+        assert not short_openmp_spins(env) and env == mine
+    assert not passive_openmp_waits({"GOMP_SPINCOUNT": "100"})
 
 
 def test_numba_prefers_openmp_also_once_loaded(monkeypatch):

@@ -20,6 +20,8 @@ ORDER = ["demo", "train", "eval", "generate", "quantize", "merge", "serve", "est
 ORDER.insert(ORDER.index("merge") + 1, "export")
 # Commands that train: they run under the lean-heap malloc settings (slimtune.runtime.heap).
 TRAINING = {"demo", "train"}
+# Commands that decode token by token: short OpenMP spins instead of passive waits.
+DECODING = {"generate", "eval", "serve"}
 
 
 def _command_modules() -> list[str]:
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # loads no torch yet: the thread settings still apply
-    tune_process(_restart_command(args.command, argv))  # the one place process tuning starts
+    # The one place process tuning starts.
+    tune_process(_restart_command(args.command, argv), decoding=args.command in DECODING)
     try:
         return int(args._run(args) or 0)
     except SlimtuneError as error:

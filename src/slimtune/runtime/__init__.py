@@ -5,6 +5,7 @@ place: the CLI's `main()` calls `tune_process()` before any command loads torch.
 off switch:
 
     passive OpenMP waits   OMP_WAIT_POLICY=PASSIVE        off: set OMP_WAIT_POLICY yourself
+      (commands that decode: short spins, GOMP_SPINCOUNT=20000; off: set either yourself)
     numba on OpenMP        NUMBA_THREADING_LAYER_PRIORITY off: set it (or NUMBA_THREADING_LAYER)
     lean heap (training)   GLIBC_TUNABLES, one re-exec    off: SLIMTUNE_LEAN_HEAP=0
 
@@ -25,18 +26,26 @@ from slimtune.runtime.heap import (
     reexec_with_lean_heap,
     release_freed_memory,
 )
-from slimtune.runtime.threads import numba_prefers_openmp, passive_openmp_waits
+from slimtune.runtime.threads import (
+    numba_prefers_openmp,
+    passive_openmp_waits,
+    short_openmp_spins,
+)
 
 
-def tune_process(restart: list[str] | None = None) -> None:
-    """Switch on the thread policy and, given `restart`, the lean heap.
+def tune_process(restart: list[str] | None = None, decoding: bool = False) -> None:
+    """Switch on the thread policy (short spins for a command that decodes, `decoding`; else
+    passive waits) and, given `restart`, the lean heap.
 
     `restart` is the argv that starts this same program again (its first item the executable):
     glibc reads its tunables only when a process starts, so the process is replaced by `restart`
     under them (same pid; this call then never returns) unless they are set already or switched
     off. The thread settings are made first, so the new process inherits them.
     """
-    passive_openmp_waits(os.environ)
+    if decoding:
+        short_openmp_spins(os.environ)
+    else:
+        passive_openmp_waits(os.environ)
     numba_prefers_openmp(os.environ)
     if restart is not None:
         reexec_with_lean_heap(restart)
@@ -50,5 +59,6 @@ __all__ = [
     "passive_openmp_waits",
     "reexec_with_lean_heap",
     "release_freed_memory",
+    "short_openmp_spins",
     "tune_process",
 ]
