@@ -250,7 +250,8 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
 #if LANES == 16
 /* Two rows of W against TILE input rows: each input vector loaded feeds two multiply-adds, so
  * big tiles are bound by the multiply-adds rather than by loads (32 registers hold 2 x TILE
- * accumulators for TILE up to 8). Rows r0, r0 + 1 ... r1 - 1 with r1 - r0 even. */
+ * accumulators for TILE up to 8), and one or two input rows get four independent chains of
+ * multiply-adds each. Rows r0, r0 + 1 ... r1 - 1 with r1 - r0 even. */
 static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, int64_t r0,
                                                                  int64_t r1, int64_t b0,
                                                                  const int TILE) {
@@ -259,8 +260,9 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
     const int64_t chunks = w->blocksize / CHUNK;
     for (int64_t r = r0; r < r1; r += 2) {
         const uint8_t *row0 = w->packed + r * bytes, *row1 = row0 + bytes;
-        vec acc0[MAX_TILE], acc1[MAX_TILE];
+        vec acc0[MAX_TILE], acc1[MAX_TILE], lo_acc0[2], lo_acc1[2]; /* lo_: small tiles */
         for (int t = 0; t < TILE; t++) acc0[t] = acc1[t] = vzero();
+        lo_acc0[0] = lo_acc0[1] = lo_acc1[0] = lo_acc1[1] = vzero();
         for (int64_t k = 0; k < blocks; k++) {
             Table table0 = scaled_table(w->lut, block_scale(w, r * blocks + k));
             Table table1 = scaled_table(w->lut, block_scale(w, (r + 1) * blocks + k));
@@ -272,35 +274,52 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
                 for (int t = 0; t < TILE; t++) {
                     const float *x = j->x + (b0 + t) * in + col;
                     const vec even = vload(x), odd = vload(x + LANES);
-                    acc0[t] = vfma(lo0, odd, vfma(hi0, even, acc0[t]));
-                    acc1[t] = vfma(lo1, odd, vfma(hi1, even, acc1[t]));
+                    if (TILE <= 2) { /* four independent chains of multiply-adds an input row */
+                        acc0[t] = vfma(hi0, even, acc0[t]);
+                        lo_acc0[t] = vfma(lo0, odd, lo_acc0[t]);
+                        acc1[t] = vfma(hi1, even, acc1[t]);
+                        lo_acc1[t] = vfma(lo1, odd, lo_acc1[t]);
+                    } else {
+                        acc0[t] = vfma(lo0, odd, vfma(hi0, even, acc0[t]));
+                        acc1[t] = vfma(lo1, odd, vfma(hi1, even, acc1[t]));
+                    }
                 }
             }
         }
         for (int t = 0; t < TILE; t++) {
-            j->y[(b0 + t) * w->out + r] = vsum(acc0[t]);
-            j->y[(b0 + t) * w->out + r + 1] = vsum(acc1[t]);
+            const float lo0 = TILE <= 2 ? vsum(lo_acc0[t]) : 0.0f;
+            const float lo1 = TILE <= 2 ? vsum(lo_acc1[t]) : 0.0f;
+            j->y[(b0 + t) * w->out + r] = vsum(acc0[t]) + lo0;
+            j->y[(b0 + t) * w->out + r + 1] = vsum(acc1[t]) + lo1;
         }
     }
 }
 #endif
 
-/* Tiles of input rows, biggest first. With AVX-512, tiles of 4 or 8 rows take W two rows at
- * a time (an odd last row alone). */
+/* Tiles of input rows, biggest first. With AVX-512 W is taken two rows at a time (an odd last
+ * row alone), in tiles of up to 8 input rows. */
 static void q4_rows(const void *job, int64_t r0, int64_t r1) {
     const Job *j = job;
     int64_t b = 0;
     while (b < j->batch) {
         const int64_t left = j->batch - b;
 #if LANES == 16
-        if (left >= 4) {
+        {
             const int64_t even = r0 + (r1 - r0) / 2 * 2;
-            const int tile = left >= 8 ? 8 : 4;
-            if (tile == 8) tile_row_pairs(j, r0, even, b, 8);
-            else tile_row_pairs(j, r0, even, b, 4);
+            const int tile = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            switch (tile) {
+            case 8: tile_row_pairs(j, r0, even, b, 8); break;
+            case 4: tile_row_pairs(j, r0, even, b, 4); break;
+            case 2: tile_row_pairs(j, r0, even, b, 2); break;
+            default: tile_row_pairs(j, r0, even, b, 1);
+            }
             if (even < r1) {
-                if (tile == 8) tile_rows(j, even, r1, b, 8);
-                else tile_rows(j, even, r1, b, 4);
+                switch (tile) {
+                case 8: tile_rows(j, even, r1, b, 8); break;
+                case 4: tile_rows(j, even, r1, b, 4); break;
+                case 2: tile_rows(j, even, r1, b, 2); break;
+                default: tile_rows(j, even, r1, b, 1);
+                }
             }
             b += tile;
             continue;
