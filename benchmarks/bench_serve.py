@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -163,27 +164,31 @@ def main() -> int:
         context = inference_context(model)
         context.__enter__()
         engine.on_stop.append(lambda: context.__exit__(None, None, None))
-    engine.start()
     registry = AdapterRegistry("base", folder)
     for name, path in paths.items():
-        engine.load_adapter(name, path).result()
+        engine.load_adapter(name, path).result()  # the loop is not running yet: loads now
         registry.paths[name] = path
     rows = []
-    with BackgroundServer(create_app(engine, registry)) as server:
-        load_in_child(server.url, 32, args.concurrency, args.max_tokens, 300)  # warm-up
-        for repeat in range(args.repeats):
-            modes = [m == "mixed" for m in args.modes.split(",")]
-            for mixed in modes:
-                engine.mixed_batches = mixed
-                steps = engine.steps
-                result = load_in_child(
-                    server.url, args.requests, args.concurrency, args.max_tokens, args.time_limit
-                )
-                result.update(mode="mixed" if mixed else "one adapter at a time",
-                              repeat=repeat + 1, steps=engine.steps - steps)  # fmt: skip
-                rows.append(result)
-                print(result, flush=True)
-    engine.stop()
+
+    def drive() -> None:  # the HTTP server and the load runs, beside the engine's loop
+        try:
+            with BackgroundServer(create_app(engine, registry)) as server:
+                load_in_child(server.url, 32, args.concurrency, args.max_tokens, 300)  # warm-up
+                for repeat in range(args.repeats):
+                    for mixed in [m == "mixed" for m in args.modes.split(",")]:
+                        engine.mixed_batches = mixed
+                        steps = engine.steps
+                        result = load_in_child(server.url, args.requests, args.concurrency,
+                                               args.max_tokens, args.time_limit)  # fmt: skip
+                        result.update(mode="mixed" if mixed else "one adapter at a time",
+                                      repeat=repeat + 1, steps=engine.steps - steps)  # fmt: skip
+                        rows.append(result)
+                        print(result, flush=True)
+        finally:
+            engine.stop()
+
+    threading.Thread(target=drive, name="drive").start()
+    engine.run()  # on the thread that loaded the model, as `slimtune serve` runs it
     write_report(args, rows)
     return 0 if all(r["failures"] == 0 and r["done"] == args.requests for r in rows) else 1
 

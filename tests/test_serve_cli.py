@@ -22,6 +22,7 @@ def test_serve_command_serves_adapters_and_loads_more(tmp_path, monkeypatch):
 
     def serve_and_query(app, host, port):
         assert (host, port) == ("127.0.0.1", 8123)
+        app.state.engine.start()  # what serve_forever runs on the main thread
         with slimtune.serve.server.BackgroundServer(app) as server:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
             seen["models"] = [m.id for m in client.models.list().data]
@@ -56,6 +57,7 @@ def test_serve_command_takes_a_chat_template(tmp_path, monkeypatch, capsys):
 
     def serve_and_chat(app, host, port):
         seen["template"] = app.state.engine.tokenizer.chat_template
+        app.state.engine.start()
         with slimtune.serve.server.BackgroundServer(app) as server:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
             out = client.chat.completions.create(
@@ -125,6 +127,7 @@ def test_serve_command_serves_dpo_and_sft_adapters_as_generate_runs_them(
     served = {}
 
     def serve_and_query(app, host, port):
+        app.state.engine.start()
         with slimtune.serve.server.BackgroundServer(app) as server:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
             for name in ("tiny", "sft", "dpo"):
@@ -146,3 +149,37 @@ def test_serve_command_serves_dpo_and_sft_adapters_as_generate_runs_them(
     # The adapters change the answers: the comparison above is not the base's twice.
     assert expected["dpo", True] != expected["tiny", True]
     assert expected["sft", True] != expected["tiny", True]
+
+
+def test_serve_forever_runs_the_engine_on_the_calling_thread(tmp_path, monkeypatch):
+    """The CLI's loop: uvicorn in a background thread, the engine on the thread that loaded the
+    model, until stopped."""
+    import socket
+    import threading
+
+    from slimtune.serve import create_app
+    from slimtune.serve.build import build_engine
+
+    engine, registry = build_engine(str(save_tiny_model(tmp_path / "tiny")), start=False)
+    app = create_app(engine, registry)
+    seen = {}
+    real_loop = engine._loop
+
+    def loop():
+        seen["thread"] = threading.current_thread()
+        url = f"http://127.0.0.1:{port}"
+
+        def ask():
+            body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3}
+            seen["status"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code
+            engine.stop()
+
+        threading.Thread(target=ask).start()
+        real_loop()
+
+    monkeypatch.setattr(engine, "_loop", loop)
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    slimtune.serve.server.serve_forever(app, "127.0.0.1", port)
+    assert seen == {"thread": threading.main_thread(), "status": 200}

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         mixed_batches=not args.one_adapter_per_batch,
         chat_template=args.chat_template,
+        start=False,  # serve_forever runs the loop on this thread, which loaded the model
     )
     names = ", ".join([registry.base_name, *registry.names()])
     print(f"serving {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -34,9 +34,11 @@ def build_engine(
     four_bit: bool = True,
     compute_dtype=None,
     chat_template: str | Path | None = None,
+    start: bool = True,
     **engine_options,
 ) -> tuple[Engine, AdapterRegistry]:
-    """A started Engine with `adapters` loaded, and the registry of the names clients use.
+    """An Engine with `adapters` loaded, and the registry of the names clients use. `start`:
+    its loop runs in a background thread; else the caller runs it (`Engine.run()`).
 
     A 4-bit base (`qlora`: True for QLoRA's NF4, or its QuantConfig; or a 4-bit model folder)
     computes from its packed codes for the engine's life (`slimtune.quant.inference`);
@@ -59,7 +61,8 @@ def build_engine(
         raise SlimtuneError(f"--adapter-dir {adapter_dir} is not a folder")
     engine = Engine(network, tokenizer, **engine_options)
     engine.on_stop.append(stack.close)
-    engine.start()
+    if start:
+        engine.start()
     try:
         for name, path in adapters:
             check_name(name, registry.base_name)

@@ -130,15 +130,29 @@ class Engine:
         self._batch = new_batch(self.model, self.max_context, lean)
         self._cond = threading.Condition()
         self._stopping = False
+        self._running = False  # the loop runs (on its own thread, or on run()'s)
         self._thread: threading.Thread | None = None
         self.on_stop: list[Callable[[], object]] = []  # run once the engine thread has ended
 
     # -- public API (any thread) -------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Run the loop in a background thread (`stop()` ends it)."""
         self._thread = threading.Thread(target=self._loop, name="slimtune-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `stop()` is called from another one.
+
+        Use the thread that loaded the model: OpenMP keeps a pool of threads for every thread
+        that runs parallel work, and once there are more pooled threads than cores, idle ones
+        stop spinning and every small parallel op waits for a sleeping thread to wake (a
+        decode step of 16 rows took 6x as long on a second thread)."""
+        try:
+            self._loop()
+        finally:
+            self._run_on_stop()
 
     def stop(self) -> None:
         with self._cond:
@@ -146,6 +160,9 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+            self._run_on_stop()
+
+    def _run_on_stop(self) -> None:
         while self.on_stop:
             self.on_stop.pop()()
 
@@ -172,8 +189,12 @@ class Engine:
                     future.set_exception(error)
 
         with self._cond:
-            self._controls.append(control)
-            self._cond.notify_all()
+            running = self._running
+            if running:
+                self._controls.append(control)
+                self._cond.notify_all()
+        if not running:  # before the loop starts: this thread owns the model
+            control()
         return future
 
     def load_adapter(self, name: str, path) -> concurrent.futures.Future:
@@ -198,6 +219,15 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with self._cond:
+            self._running = True
+        try:
+            self._steps()
+        finally:
+            with self._cond:
+                self._running = False
+
+    def _steps(self) -> None:
         while True:
             with self._cond:
                 while not (

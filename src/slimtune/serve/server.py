@@ -1,7 +1,9 @@
-"""Run the app under uvicorn: in the foreground (the CLI) or in a thread (tests, benchmarks)."""
+"""Run the app under uvicorn in a background thread: beside the engine's loop on the main thread
+(the CLI), or beside a started engine (tests, benchmarks)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -11,8 +13,8 @@ import uvicorn
 class BackgroundServer:
     """`with BackgroundServer(app) as server:` serves on 127.0.0.1:server.port until the block ends."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
@@ -39,4 +41,8 @@ class BackgroundServer:
 
 
 def serve_forever(app, host: str, port: int) -> None:
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    """Serve `app` on host:port until interrupted: uvicorn in a background thread, the app's
+    engine loop on this one, the thread that loaded the model (see `Engine.run`)."""
+    with BackgroundServer(app, host, port, log_level="info"):
+        with contextlib.suppress(KeyboardInterrupt):
+            app.state.engine.run()
