@@ -43,6 +43,8 @@ class BackgroundServer:
 def serve_forever(app, host: str, port: int) -> None:
     """Serve `app` on host:port until interrupted: uvicorn in a background thread, the app's
     engine loop on this one, the thread that loaded the model (see `Engine.run`)."""
-    with BackgroundServer(app, host, port, log_level="info"):
-        with contextlib.suppress(KeyboardInterrupt):
-            app.state.engine.run()
+    with (
+        BackgroundServer(app, host, port, log_level="info"),
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        app.state.engine.run()
