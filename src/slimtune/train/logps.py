@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.forward import decoder_and_head
-from slimtune.train.loss import _chunk_logits, _head_weights, _in_dtype, _logits_buffers
+from slimtune.train.head import chunk_logits, head_weights, in_dtype, logits_buffers
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -42,8 +42,8 @@ def labelled_logps(
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
     y = targets[keep]
-    weight, bias = _head_weights(lm_head)
-    buffers = _logits_buffers(lm_head, h, weight, chunk_size)
+    weight, bias = head_weights(lm_head)
+    buffers = logits_buffers(lm_head, h, weight, chunk_size)
     token = _ChunkedTokenLogps.apply(h, weight, bias, y, buffers)
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
@@ -69,7 +69,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 # d logp / d h = (one_hot - softmax) @ W
                 probs.neg_()
                 probs[torch.arange(yc.numel(), device=yc.device), yc] += 1.0
-                unit[start : start + chunk] = (_in_dtype(probs, narrow, weight.dtype) @ weight).to(
+                unit[start : start + chunk] = (in_dtype(probs, narrow, weight.dtype) @ weight).to(
                     h.dtype
                 )
         ctx.buffers, ctx.flags = buffers, (need_h, need_w, need_b)
@@ -100,7 +100,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             probs[torch.arange(yc.numel(), device=yc.device), yc] += 1.0
             probs.mul_(grad_out[start:end, None].float())
             if need_h:
-                grad_h[start:end] = (_in_dtype(probs, narrow, weight.dtype) @ weight).to(h.dtype)
+                grad_h[start:end] = (in_dtype(probs, narrow, weight.dtype) @ weight).to(h.dtype)
             if need_w:
                 grad_w += probs.t() @ hc.float()
             if need_b:
@@ -114,7 +114,7 @@ def _softmax_and_logp(
     hc: Tensor, weight: Tensor, bias: Tensor | None, yc: Tensor, buffer, narrow
 ) -> tuple[Tensor, Tensor]:
     """(softmax of the chunk's logits, in place over them; log p of the targets)."""
-    logits = _chunk_logits(hc, weight, bias, buffer, narrow)
+    logits = chunk_logits(hc, weight, bias, buffer, narrow)
     peak = logits.amax(dim=-1, keepdim=True)
     target = logits.gather(1, yc[:, None]).squeeze(1)
     probs = logits.sub_(peak).exp_()

@@ -12,11 +12,10 @@ are recomputed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.buffers import empty_large
 from slimtune.tokens import IGNORE_INDEX
+from slimtune.train.head import chunk_logits, head_weights, in_dtype, logits_buffers
 
 
 def causal_lm_loss(
@@ -37,32 +36,14 @@ def causal_lm_loss(
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # (n, dim): only the positions that are trained
     y = targets[keep]
-    weight, bias = _head_weights(lm_head)
-    buffers = _logits_buffers(lm_head, h, weight, chunk_size)
+    weight, bias = head_weights(lm_head)
+    buffers = logits_buffers(lm_head, h, weight, chunk_size)
     total = _ChunkedLinearCrossEntropy.apply(h, weight, bias, y, buffers)
     if reduction == "sum":
         return total
     if reduction == "mean":
         return total / y.numel() if y.numel() else total
     raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-
-
-def _head_weights(lm_head: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The output layer's weight and bias, in its `compute_dtype` where one is set and the layer
-    is frozen (slimtune.train.precision): the product then runs in that dtype, the softmax in
-    float32. The cast copy is kept on the layer (a fresh 57 MB one per step for SmolLM2 costs its
-    page faults every time) and made again whenever the weights change."""
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    dtype = getattr(lm_head, "compute_dtype", None)
-    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if dtype is None or dtype == weight.dtype or not frozen:
-        return weight, bias
-    key = (weight.data_ptr(), weight._version, dtype)
-    cached = getattr(lm_head, "_slimtune_cast_weight", None)
-    if cached is None or cached[0] != key:
-        cast = empty_large(weight.shape, dtype, weight.device).copy_(weight)
-        lm_head._slimtune_cast_weight = cached = (key, cast)
-    return cached[1], None if bias is None else bias.to(dtype)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -80,7 +61,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk, buffer, narrow = buffers
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], y[start : start + chunk]
-            logits = _chunk_logits(hc, weight, bias, buffer, narrow)
+            logits = chunk_logits(hc, weight, bias, buffer, narrow)
             # log-sum-exp and softmax from one exp pass, in place over the logits buffer.
             peak = logits.amax(dim=-1, keepdim=True)
             target = logits.gather(1, yc[:, None]).squeeze(1)
@@ -93,9 +74,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs.div_(sums[:, None])
             probs[torch.arange(yc.numel(), device=yc.device), yc] -= 1.0
             if need_h:
-                grad_h[start : start + chunk] = (
-                    _in_dtype(probs, narrow, weight.dtype) @ weight
-                ).to(h.dtype)
+                grad_h[start : start + chunk] = (in_dtype(probs, narrow, weight.dtype) @ weight).to(
+                    h.dtype
+                )
             if need_w:
                 grad_w += probs.t() @ hc.float()
             if need_b:
@@ -112,56 +93,3 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         out_w = (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None
         out_b = (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None
         return out_h, out_w, out_b, None, None
-
-
-def _logits_buffers(lm_head: nn.Module, h: Tensor, weight: Tensor, chunk: int) -> tuple:
-    """(chunk, float32 logits buffer, buffer in the head's dtype): the (chunk x vocabulary)
-    buffers every chunk reuses, the second only for a bfloat16/float16 head (its product before
-    widening, its softmax narrowed again for the gradient). On the CPU they are kept on the
-    layer between calls: fresh ones cost their page faults again each step.
-    `release_loss_buffers` drops them."""
-    if h.device.type != "cpu":
-        return chunk, None, None
-    rows, vocab = min(chunk, h.shape[0]), weight.shape[0]
-    cached = getattr(lm_head, "_slimtune_loss_buffers", None)
-    if cached is None or cached[0] != (vocab, weight.dtype) or cached[1].shape[0] < rows:
-        narrow = None
-        if weight.dtype != torch.float32:
-            narrow = empty_large((rows, vocab), weight.dtype, h.device)
-        cached = (
-            (vocab, weight.dtype),
-            empty_large((rows, vocab), torch.float32, h.device),
-            narrow,
-        )
-        lm_head._slimtune_loss_buffers = cached
-    return chunk, cached[1], cached[2]
-
-
-def release_loss_buffers(lm_head: nn.Module) -> None:
-    """Drop what `causal_lm_loss` keeps on the output layer between calls."""
-    for name in ("_slimtune_loss_buffers", "_slimtune_cast_weight"):
-        if hasattr(lm_head, name):
-            delattr(lm_head, name)
-
-
-def _in_dtype(probs: Tensor, narrow: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """`probs` in `dtype`: written into the narrow buffer where there is one."""
-    return probs.to(dtype) if narrow is None else narrow[: probs.shape[0]].copy_(probs)
-
-
-def _chunk_logits(hc: Tensor, weight: Tensor, bias: Tensor | None, buffer, narrow):
-    hc = hc.to(weight.dtype)
-    if buffer is None:
-        return F.linear(hc, weight, bias).float()
-    out = buffer[: hc.shape[0]]
-    if narrow is not None:
-        # The product in the head's dtype, widened: the softmax runs in float32.
-        product = narrow[: hc.shape[0]]
-        if bias is None:
-            torch.mm(hc, weight.t(), out=product)
-        else:
-            torch.addmm(bias, hc, weight.t(), out=product)
-        return out.copy_(product)
-    if bias is None:
-        return torch.mm(hc, weight.t(), out=out)
-    return torch.addmm(bias, hc, weight.t(), out=out)

@@ -30,7 +30,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.hardware import cpu_model, device_has_native_bf16, dtype_name, resolve_compute_dtype
 from slimtune.quant import Linear4bit
 from slimtune.targets import output_head
-from slimtune.train.loss import release_loss_buffers
+from slimtune.train.head import release_loss_buffers
 
 
 def training_dtype(name: str, method: str, device: torch.device | str = "cpu") -> torch.dtype:
