@@ -183,3 +183,32 @@ def test_serve_forever_runs_the_engine_on_the_calling_thread(tmp_path, monkeypat
         port = probe.getsockname()[1]
     slimtune.serve.server.serve_forever(app, "127.0.0.1", port)
     assert seen == {"thread": threading.main_thread(), "status": 200}
+
+
+def test_engine_on_own_thread_loads_and_computes_on_one_thread(tmp_path, monkeypatch):
+    """The UI's playground engine: the thread that loads the model runs the loop."""
+    import threading
+
+    import slimtune.serve.build as build
+    from helpers import generation_request
+
+    threads = {}
+    load = build.load_model
+
+    def spy_load(*args, **kwargs):
+        threads["load"] = threading.current_thread()
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(build, "load_model", spy_load)
+    engine, _ = build.engine_on_own_thread(str(save_tiny_model(tmp_path / "tiny")))
+    prefill = engine._batch.prefill
+
+    def spy_prefill(*args):
+        threads["compute"] = threading.current_thread()
+        return prefill(*args)
+
+    engine._batch.prefill = spy_prefill
+    finish = engine.submit(generation_request(engine.tokenizer, "Hi", None)).result(60)
+    engine.stop()
+    assert finish.reason in ("stop", "length")
+    assert threads["load"] is threads["compute"] is not threading.main_thread()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import threading
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
@@ -74,3 +76,22 @@ def build_engine(
         engine.stop()
         raise
     return engine, registry
+
+
+def engine_on_own_thread(model: str | None, **options) -> tuple[Engine, AdapterRegistry]:
+    """`build_engine(model, **options)` on a new thread, which then runs the engine's loop: the
+    thread that loads the model is the one that computes with it (see `Engine.run`). Returns
+    once the engine is built; `engine.stop()` ends the thread."""
+    built: concurrent.futures.Future = concurrent.futures.Future()
+
+    def own() -> None:
+        try:
+            engine, registry = build_engine(model, start=False, **options)
+        except BaseException as error:  # handed to the caller
+            built.set_exception(error)
+            return
+        built.set_result((engine, registry))
+        engine.run()
+
+    threading.Thread(target=own, name="slimtune-engine", daemon=True).start()
+    return built.result()

@@ -34,13 +34,14 @@ class Playground:
     def engine(self, model: str | None, qlora: bool):
         """The engine for this base model, built on first use (replacing another one)."""
         # Imported on first use: the UI starts without loading the model stack (transformers).
-        from slimtune.serve.build import build_engine
+        from slimtune.serve.build import engine_on_own_thread
 
         key = (model, qlora)
         with self._lock:
             if self._key != key:
                 self._drop()
-                self._engine, _ = build_engine(model, qlora=qlora, max_batch_size=8)
+                # Loaded and run by one thread: a second thread's OpenMP pool would slow it.
+                self._engine, _ = engine_on_own_thread(model, qlora=qlora, max_batch_size=8)
                 self._key = key
             return self._engine
 
