@@ -189,8 +189,9 @@ def test_engine_on_own_thread_loads_and_computes_on_one_thread(tmp_path, monkeyp
     """The UI's playground engine: the thread that loads the model runs the loop."""
     import threading
 
-    import slimtune.serve.build as build
     from helpers import generation_request
+
+    import slimtune.serve.build as build
 
     threads = {}
     load = build.load_model
