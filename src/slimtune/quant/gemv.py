@@ -258,10 +258,8 @@ def linear_4bit_inference(
     `Prepared(packed, state)`; `table`, `input_table(x)` (layers sharing an input)."""
     out_features, in_features = state.shape
     x2d = x.reshape(-1, in_features)
-    if weight is not None and x2d.shape[0] <= NATIVE_ROWS:
-        y = native.matmul(x2d, weight).to(dtype)
-    elif native_usable(x2d, state):
-        y = native.matmul(x2d, native_weight(packed, state)).to(dtype)
+    if native_usable(x2d, state):
+        y = native.matmul(x2d, weight or native_weight(packed, state)).to(dtype)
     elif fused_usable(x2d, state):
         if table is None:
             table = input_table(x2d, state.quant_type)

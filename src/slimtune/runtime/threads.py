@@ -24,7 +24,7 @@ def passive_openmp_waits(env: MutableMapping[str, str]) -> bool:
     then waits for a descheduled spinner (a QLoRA step of the demo took 47 s instead of 4.4 s).
     OpenMP reads the policy when torch loads it.
     """
-    if OPENMP_WAIT_POLICY in env or OPENMP_SPIN_COUNT in env:
+    if _policy_named(env):
         return False
     env[OPENMP_WAIT_POLICY] = "PASSIVE"
     return True
@@ -41,10 +41,15 @@ def short_openmp_spins(env: MutableMapping[str, str]) -> bool:
     work wants the core. Training, whose regions are big, keeps passive waits (with two busy
     processes beside it a step took 6.3 s with these spins, 4.2 s with passive waits).
     """
-    if OPENMP_WAIT_POLICY in env or OPENMP_SPIN_COUNT in env:
+    if _policy_named(env):
         return False
     env[OPENMP_SPIN_COUNT] = DECODING_SPINS
     return True
+
+
+def _policy_named(env: MutableMapping[str, str]) -> bool:
+    """Whether the user chose how idle OpenMP threads wait: their choice wins."""
+    return OPENMP_WAIT_POLICY in env or OPENMP_SPIN_COUNT in env
 
 
 def numba_prefers_openmp(env: MutableMapping[str, str]) -> bool:

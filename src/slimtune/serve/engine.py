@@ -120,7 +120,7 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)  # masked out: the same rule as training
         self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
-        self._lora_layers = [layer for _, layer in lora_layers(self.model)]
+        self._lora_layers = self._find_lora_layers()
         self.steps = 0  # forward passes run, for tests and benchmarks
         self._pending: list[GenerationRequest] = []
         self._controls: list[Callable[[], None]] = []
@@ -202,7 +202,7 @@ class Engine:
             load_adapter(self.model, str(path), adapter_name=name)
             self.model.eval()
             self.adapters.add(name)
-            self._lora_layers = [layer for _, layer in lora_layers(self.model)]
+            self._lora_layers = self._find_lora_layers()
 
         return self.call(load)
 
@@ -369,6 +369,10 @@ class Engine:
             return contextlib.nullcontext()  # no LoRA layers in the model yet
         return per_sample_adapters(self.model, names, self._lora_layers)
 
+    def _find_lora_layers(self) -> list:
+        # Kept between adapter changes: finding them walks every module (ms a step).
+        return [layer for _, layer in lora_layers(self.model)]
+
     def _unload_unused(self) -> None:
         if not self._unloading:
             return
@@ -381,7 +385,7 @@ class Engine:
                 if name in self.adapters:
                     delete_adapter(self.model, name)
                     self.adapters.discard(name)
-            self._lora_layers = [layer for _, layer in lora_layers(self.model)]
+            self._lora_layers = self._find_lora_layers()
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

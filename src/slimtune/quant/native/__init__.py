@@ -109,6 +109,7 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
+@cache
 def lanes(lib: ctypes.CDLL | None = None) -> int:
     """Float lanes of the kernels: 16 (AVX-512), 8 (AVX2) or 1 (plain C); 0 without them."""
     lib = lib or library()
