@@ -65,7 +65,7 @@ class GenerationResult:
     tokens: int  # new tokens (the end token not counted)
     seconds: float  # prompt + new tokens
     prefill_seconds: float
-    engine: str  # "lean" (slimtune's decode loop) or "transformers"
+    engine: str  # "lean" / "native" (slimtune's decode loop, see Decoded) or "transformers"
     four_bit: bool  # whether 4-bit layers computed from their packed codes
 
     @property

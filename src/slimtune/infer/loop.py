@@ -1,7 +1,8 @@
 """The decode loop: prefill the prompts once, then one new token per row per step, KV cached.
 
 Rows are left-padded to a common length (the attention mask marks padding; positions come from
-it, so a padded row computes what it would alone) and leave the batch when they finish. Models
+it, so a padded row computes what it would alone) and leave the batch when they finish. One
+stream's steps run in one C call where it covers the model (`native_step.py`). Models
 the lean forward does not cover run through transformers' `generate` instead. 4-bit layers
 compute from their packed codes (`slimtune.quant.inference`) unless `four_bit=False`.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from slimtune.devices import device_of
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
+from slimtune.infer.native_step import NativeDecoder
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
 
 
@@ -28,7 +30,8 @@ class Decoded:
     tokens: list[list[int]]
     seconds: float
     prefill_seconds: float = 0.0
-    engine: str = "lean"  # "lean" (our loop) or "transformers" (its generate)
+    # "lean" (our loop), "native" (our loop, one stream's steps in C) or "transformers"
+    engine: str = "lean"
     finish: list[str] = field(default_factory=list)  # "stop" or "length" per row
 
     @property
@@ -87,7 +90,7 @@ def decode(
             if supports(model):
                 return _lean(
                     model, input_ids, attention_mask_, max_new_tokens, eos_ids,
-                    temperature, top_p, generator, on_token,
+                    temperature, top_p, generator, on_token, four_bit, compute_dtype,
                 )  # fmt: skip
             return _transformers(
                 model, input_ids, attention_mask_, max_new_tokens, eos_ids,
@@ -97,7 +100,10 @@ def decode(
         model.train(was_training)
 
 
-def _lean(model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, generator, on_token):
+def _lean(
+    model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, generator, on_token,
+    four_bit=True, compute_dtype=None,
+):  # fmt: skip
     start = time.perf_counter()
     batch, width = input_ids.shape
     device = model.lm_head.weight.device
@@ -116,6 +122,9 @@ def _lean(model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, g
         model, input_ids, positions, cache, rotary, attention_mask(valid, 0, width)
     )
     prefill = time.perf_counter() - start
+    # One stream takes the C decode step where it covers the model (native_step.py).
+    one_stream = batch == 1 and four_bit and bool(valid.all())
+    native = NativeDecoder.build(model, cache, rotary, compute_dtype) if one_stream else None
     rows = list(range(batch))  # which original row each batch row is
     position = positions[:, -1:]
     for step in range(max_new_tokens):
@@ -131,6 +140,9 @@ def _lean(model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, g
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
+        if native is not None:  # one stream, never padded: the cache's next column is its position
+            logits = native.step(chosen[0], cache.length)
+            continue
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
@@ -142,7 +154,8 @@ def _lean(model, input_ids, mask, max_new_tokens, eos_ids, temperature, top_p, g
         ids = torch.tensor(chosen, device=device)[:, None]
         mask_now = attention_mask(valid, cache.length, 1)
         logits = lean_forward(model, ids, position, cache, rotary, mask_now)
-    return Decoded(tokens, time.perf_counter() - start, prefill, "lean", finish)
+    engine = "lean" if native is None else "native"
+    return Decoded(tokens, time.perf_counter() - start, prefill, engine, finish)
 
 
 def _transformers(

@@ -31,6 +31,7 @@ from slimtune.files import atomic_file
 from slimtune.hardware import cpu_flags
 
 SOURCE = Path(__file__).with_name("q4_matmul.c")
+HEADER = SOURCE.with_name("q4.h")  # what other C files built with the kernels include
 ENV_SWITCH = "SLIMTUNE_NATIVE"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 
@@ -39,7 +40,7 @@ _i64 = ctypes.c_int64
 _int = ctypes.c_int
 
 
-class _Weight4(ctypes.Structure):
+class Weight4(ctypes.Structure):
     """`Weight4` of q4_matmul.c, field for field."""
 
     _fields_ = [("packed", _p), ("out", _i64), ("in_", _i64), ("blocksize", _i64), ("lut", _p),
@@ -48,7 +49,7 @@ class _Weight4(ctypes.Structure):
 
 
 _SIGNATURES = {
-    "slim_q4_matmul": [ctypes.POINTER(_Weight4), _p, _i64, _p, _int],
+    "slim_q4_matmul": [ctypes.POINTER(Weight4), _p, _i64, _p, _int],
     "slim_f32_matmul": [_p, _i64, _i64, _p, _i64, _p, _int],
     "slim_q4_decode": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _int, _int],
     "slim_q4_lanes": [],
@@ -63,36 +64,50 @@ def compiler() -> str | None:
     return None
 
 
-def library_path(cc: str, arch: str = "native") -> Path:
-    """Where the kernels compiled for this source, compiler, target and CPU live."""
+def library_path(
+    cc: str, arch: str = "native", sources: tuple[Path, ...] = (SOURCE,), name: str = "q4_matmul"
+) -> Path:
+    """Where the library compiled from these sources, compiler, target and CPU lives."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(), arch.encode(),
+    for part in (*(s.read_bytes() for s in (HEADER, *sources)), version.encode(),
+                 " ".join(_FLAGS).encode(), arch.encode(),
                  " ".join(sorted(cpu_flags())).encode()):  # fmt: skip
         key.update(part)
-    return cache_dir() / "kernels" / f"q4_matmul-{arch}-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"{name}-{arch}-{key.hexdigest()[:16]}.so"
 
 
-def build(cc: str, target: Path, arch: str = "native") -> None:
-    """Compile the kernels for `-march=arch` into `target` (atomically: concurrent first uses
+def build(
+    cc: str, target: Path, arch: str = "native", sources: tuple[Path, ...] = (SOURCE,)
+) -> None:
+    """Compile `sources` for `-march=arch` into `target` (atomically: concurrent first uses
     each write a whole file)."""
     with atomic_file(target) as tmp:
-        subprocess.run([cc, *_FLAGS, f"-march={arch}", str(SOURCE), "-o", str(tmp)],
+        command = [cc, *_FLAGS, f"-march={arch}", f"-I{HEADER.parent}", *map(str, sources)]
+        subprocess.run([*command, "-o", str(tmp)],
                        check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
-def load(arch: str = "native") -> ctypes.CDLL:
-    """The kernels compiled for `arch` (built first if needed). Raises where they cannot be."""
+def load(
+    arch: str = "native",
+    sources: tuple[Path, ...] = (SOURCE,),
+    name: str = "q4_matmul",
+    signatures: dict[str, list] | None = None,
+) -> ctypes.CDLL:
+    """The kernels compiled for `arch` (built first if needed), with the C files in `sources`
+    beside them (their `signatures`: argument types of functions returning int). Raises where
+    they cannot be built."""
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC)")
-    path = library_path(cc, arch)
+    sources = (SOURCE, *(s for s in sources if s != SOURCE))
+    path = library_path(cc, arch, sources, name)
     if not path.is_file():
-        build(cc, path, arch)
+        build(cc, path, arch, sources)
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = _int
+    for function, argtypes in {**_SIGNATURES, **(signatures or {})}.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = _int
     return lib
 
 
@@ -145,7 +160,7 @@ class Weight:
             fields.update(absmax_codes=absmax.data_ptr(), nested=nested.data_ptr(),
                           nested_code=nested_code.data_ptr(), offset=offset,
                           nested_blocksize=nested_blocksize)  # fmt: skip
-        self.struct = _Weight4(**fields)
+        self.struct = Weight4(**fields)
 
 
 def matmul(

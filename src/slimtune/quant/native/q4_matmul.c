@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "q4.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define LANES 16
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -36,18 +38,6 @@
 #endif
 #define CHUNK (2 * LANES) /* weights decoded per step: LANES bytes */
 #define MAX_TILE 16      /* input rows multiplied per decoded vector */
-
-/* A packed 4-bit weight, described once per layer (mirrored by slimtune.quant.native). */
-typedef struct {
-    const uint8_t *packed;   /* (out, in / 2) */
-    int64_t out, in, blocksize;
-    const float *lut;        /* the 16 code values */
-    const float *absmax;     /* float per block, or NULL when double quantized */
-    const uint8_t *absmax_codes;
-    const float *nested, *nested_code;
-    float offset;
-    int64_t nested_blocksize;
-} Weight4;
 
 typedef struct {
     const Weight4 *w;

@@ -1,0 +1,126 @@
+"""One stream's decode steps in one C call (slimtune.infer.native_step) against the lean forward
+they replace: the same greedy tokens, logits equal to float rounding, and the lean forward
+wherever the C step does not cover the model."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from helpers import make_tiny
+
+from slimtune.infer import decode, lean_forward, native_step
+from slimtune.infer.llama import KVCache, Rotary
+from slimtune.lora import LoraConfig, inject_adapter, per_sample_adapters
+from slimtune.quant import QuantConfig, quantize_model
+from slimtune.quant.inference import inference_4bit
+
+
+def _model(arch: str, seed: int, compute_dtype=torch.float32, adapters=("a",), **lora):
+    """A tiny 4-bit model with adapters whose B is not zero (they change the answers) and,
+    where the architecture has them, biases that are not zero."""
+    model = make_tiny(arch, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    config = QuantConfig(double_quant=True, compute_dtype=compute_dtype)
+    model = quantize_model(model, config)
+    for name in adapters:
+        inject_adapter(model, LoraConfig(r=4, alpha=8, **lora), name)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if f"lora_B.{name}." in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+def _prompt(seed: int = 1, length: int = 7) -> torch.Tensor:
+    return torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _lean_only(monkeypatch):
+    monkeypatch.setattr(native_step.NativeDecoder, "build", classmethod(lambda *a, **k: None))
+
+
+def test_the_step_builds_here():
+    assert native_step.library() is not None  # a C compiler is part of the set-up
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_steps_give_the_lean_forwards_tokens(arch, dtype, monkeypatch, one_thread):
+    model = _model(arch, seed=3, compute_dtype=dtype)
+    prompt = _prompt()
+    native = decode(model, prompt, max_new_tokens=24)
+    _lean_only(monkeypatch)
+    lean = decode(model, prompt, max_new_tokens=24)
+    assert (native.engine, lean.engine) == ("native", "lean")
+    assert native.tokens == lean.tokens and len(native.tokens[0]) == 24
+    assert len(set(native.tokens[0])) > 3  # not one token repeated: the steps see the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_step_logits_equal_the_lean_forwards(dtype, one_thread):
+    """Step by step from the same prompt and cache contents; bfloat16 layers round their outputs
+    as torch does, so both paths differ only in the order of float sums."""
+    model = _model("qwen2", seed=4, compute_dtype=dtype)
+    tokens = _prompt(seed=2, length=12)[0].tolist()
+    capacity = 5 + len(tokens)
+    caches = [KVCache.empty(model, 1, capacity, torch.float32) for _ in range(2)]
+    rotary = Rotary(model, capacity, torch.float32)
+    with inference_4bit(model), torch.no_grad():
+        for cache in caches:
+            lean_forward(
+                model, torch.tensor([tokens[:5]]), torch.arange(5)[None], cache, rotary, None
+            )
+        step = native_step.NativeDecoder.build(model, caches[0], rotary, None)
+        assert step is not None
+        for position, token in enumerate(tokens[5:], start=5):
+            fast = step.step(token, position)
+            ids, at = torch.tensor([[token]]), torch.tensor([[position]])
+            slow = lean_forward(model, ids, at, caches[1], rotary, None)
+            torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+        length = caches[1].length
+        assert caches[0].length == length == len(tokens)
+        for keys, reference in zip(caches[0].keys, caches[1].keys, strict=True):
+            torch.testing.assert_close(
+                keys[:, :, :length], reference[:, :, :length], rtol=0, atol=1e-5
+            )
+
+
+def test_lora_changes_what_the_c_step_gives(one_thread):
+    """The adapter really rides on the C step: disabling it changes the answer."""
+    with_adapter = _model("llama", seed=5)
+    without = _model("llama", seed=5, adapters=())
+    prompt = _prompt(seed=3)
+    a = decode(with_adapter, prompt, max_new_tokens=16)
+    b = decode(without, prompt, max_new_tokens=16)
+    assert a.engine == b.engine == "native" and a.tokens != b.tokens
+
+
+@pytest.mark.parametrize("case", ["two adapters", "dora", "per-sample", "padded", "gemma3"])
+def test_what_the_c_step_does_not_cover_runs_the_lean_forward(case, monkeypatch, one_thread):
+    prompt, mask = _prompt(seed=4), None
+    if case == "two adapters":
+        model = _model("llama", seed=6, adapters=("a", "b"))
+        for module in model.modules():
+            if hasattr(module, "set_active"):
+                module.set_active(["a", "b"])
+    elif case == "dora":
+        model = _model("llama", seed=6, use_dora=True)
+    elif case == "gemma3":
+        model = _model("gemma3", seed=6)
+    else:
+        model = _model("llama", seed=6)
+    if case == "padded":
+        mask = torch.ones_like(prompt)
+        mask[0, :2] = 0
+    context = per_sample_adapters(model, ["a"]) if case == "per-sample" else nullcontext()
+    with context:
+        out = decode(model, prompt, mask, max_new_tokens=12)
+        _lean_only(monkeypatch)
+        lean = decode(model, prompt, mask, max_new_tokens=12)
+    assert out.engine != "native" and out.tokens == lean.tokens
