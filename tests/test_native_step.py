@@ -8,13 +8,22 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from helpers import make_tiny
+from helpers import (
+    ADAPTERS,
+    PROMPTS,
+    generation_request,
+    make_char_tokenizer,
+    make_peft_adapter,
+    make_tiny,
+    make_tiny_llama,
+)
 
 from slimtune.infer import decode, lean_forward, native_step
 from slimtune.infer.llama import KVCache, Rotary
 from slimtune.lora import LoraConfig, inject_adapter, per_sample_adapters
 from slimtune.quant import QuantConfig, quantize_model
 from slimtune.quant.inference import inference_4bit
+from slimtune.serve import Engine
 
 
 def _model(arch: str, seed: int, compute_dtype=torch.float32, adapters=("a",), **lora):
@@ -76,10 +85,10 @@ def test_c_step_logits_equal_the_lean_forwards(dtype, one_thread):
             lean_forward(
                 model, torch.tensor([tokens[:5]]), torch.arange(5)[None], cache, rotary, None
             )
-        step = native_step.NativeDecoder.build(model, caches[0], rotary, None)
+        step = native_step.NativeDecoder.build(model, None)
         assert step is not None
         for position, token in enumerate(tokens[5:], start=5):
-            fast = step.step(token, position)
+            fast = step.step([token], caches[0], rotary)
             ids, at = torch.tensor([[token]]), torch.tensor([[position]])
             slow = lean_forward(model, ids, at, caches[1], rotary, None)
             torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
@@ -124,3 +133,58 @@ def test_what_the_c_step_does_not_cover_runs_the_lean_forward(case, monkeypatch,
         _lean_only(monkeypatch)
         lean = decode(model, prompt, mask, max_new_tokens=12)
     assert out.engine != "native" and out.tokens == lean.tokens
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+@pytest.fixture(scope="module")
+def served_adapters(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    model = make_tiny_llama()
+    return {n: make_peft_adapter(model, folder / n, seed) for n, seed in [("a", 1), ("b", 2)]}
+
+
+def _engine(adapters, tokenizer) -> Engine:
+    model = quantize_model(make_tiny_llama(), QuantConfig(double_quant=True))
+    engine = Engine(model, tokenizer, max_batch_size=8).start()
+    for name, path in adapters.items():
+        engine.load_adapter(name, path).result(timeout=60)
+    return engine
+
+
+def _serve(engine, tokenizer, together: bool) -> list[list[int]]:
+    """PROMPTS with ADAPTERS, of different lengths (rows join and leave a running batch)."""
+    requests = [
+        generation_request(tokenizer, prompt, adapter, max_tokens=3 + 3 * i)
+        for i, (prompt, adapter) in enumerate(zip(PROMPTS, ADAPTERS, strict=True))
+    ]
+    if not together:
+        return [engine.submit(r).result(120).token_ids for r in requests]
+    with engine._cond:  # queued while the engine waits: they meet in one prefill
+        for r in requests[:3]:
+            engine.submit(r)
+    first = [r.result(120) for r in requests[:1]]
+    for r in requests[3:]:  # these join the rows still running
+        engine.submit(r)
+    return [f.token_ids for f in first] + [r.result(120).token_ids for r in requests[1:]]
+
+
+def test_served_batches_in_c_give_the_lean_forwards_tokens(served_adapters, monkeypatch):
+    tokenizer = make_char_tokenizer()
+    engine = _engine(served_adapters, tokenizer)
+    try:
+        together, alone = _serve(engine, tokenizer, True), _serve(engine, tokenizer, False)
+        assert isinstance(engine._batch._native, native_step.NativeDecoder)
+        assert engine._batch.adapters == ["a", "b"]
+    finally:
+        engine.stop()
+    _lean_only(monkeypatch)
+    engine = _engine(served_adapters, tokenizer)
+    try:
+        lean = _serve(engine, tokenizer, True)
+        assert engine._batch._native is None
+    finally:
+        engine.stop()
+    assert together == alone == lean
+    assert len({tuple(t) for t in alone}) > 3  # adapters and prompts change the answers

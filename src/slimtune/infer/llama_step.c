@@ -1,13 +1,14 @@
-/* One decode step of a LLaMA-family decoder for one stream, in one call: every block of the
- * model for the one new token, from its embedding to the final norm.
+/* One decode step of a LLaMA-family decoder in one call: every block of the model for one new
+ * token per row, from the embeddings to the final norm.
  *
  * At 135M parameters a decode step is hundreds of small operations, and from Python each
  * costs microseconds of dispatch, more in all than the arithmetic. This is the lean forward
- * of llama.py (same modules, same order of operations) written out in C for batch 1:
+ * of llama.py (same modules, same order of operations) written out in C for decode steps:
  * RMSNorm, the q/k/v products from 4-bit codes (q4_matmul.c) with their biases and LoRA
- * adapters, the rotary embedding, the KV cache append, attention over the cache, the output
- * product, the gated SiLU MLP. The products run on torch's OpenMP threads (q4_matmul.c);
- * the small operations between them on the calling thread.
+ * adapters (each row its own: serving mixes adapters in a batch), the rotary embedding, the
+ * KV cache append, attention over each row's cached positions, the output product, the gated
+ * SiLU MLP. The products run on torch's OpenMP threads (q4_matmul.c), the rows of a batch read
+ * the codes once; the small operations between them are split by row (and head).
  *
  * Built into one library with q4_matmul.c by slimtune.infer.native_step.
  */
@@ -18,29 +19,43 @@
 
 #include "q4.h"
 
-/* A 4-bit projection with what rides on it: bias and at most one LoRA adapter. */
+/* A LoRA adapter of one projection: y += scaling * B (A x). Rank 0: none there. */
 typedef struct {
-    const Weight4 *weight;
-    const float *bias;     /* (out), or NULL */
-    const float *lora_a;   /* (rank, in), or NULL */
-    const float *lora_b;   /* (out, rank) */
+    const float *a; /* (rank, in) */
+    const float *b; /* (out, rank) */
     int64_t rank;
     float scaling;
-    int bf16;              /* the layer computes in bfloat16: its output rounded to it */
+} Adapter;
+
+/* A 4-bit projection with what rides on it: bias, and an adapter per adapter slot. */
+typedef struct {
+    const Weight4 *weight;
+    const float *bias;        /* (out), or NULL */
+    const Adapter *adapters;  /* one per slot of the Decoder */
+    int bf16;                 /* the layer computes in bfloat16: its output rounded to it */
 } Projection;
 
 typedef struct {
     Projection q, k, v, o, gate, up, down;
     const float *input_norm, *post_norm; /* (hidden) */
-    float *keys, *values;                /* (kv_heads, capacity, head_dim) */
 } Block;
 
 typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, blocks, max_rank;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, blocks, max_rank, slots;
     float eps, attention_scale;
     const Block *block;
     const float *final_norm;
+    const float *embedding; /* (vocab, hidden) */
 } Decoder;
+
+/* One step of a batch: row r's new token goes to cache column `column`; it sees the columns
+ * [start[r], column] (rows are left-padded) and is at rotary position column - start[r]. */
+typedef struct {
+    int64_t rows, capacity, column;
+    float *const *keys, *const *values; /* per block: (rows, kv_heads, capacity, head_dim) */
+    const int64_t *tokens, *start, *slot; /* per row; slot -1: no adapter */
+    const float *cos, *signed_sin;        /* rotary tables, (positions, head_dim) */
+} Batch;
 
 /* Nearest even bfloat16, as torch rounds a float32 tensor to bfloat16. */
 static inline float round_bf16(float v) {
@@ -52,9 +67,26 @@ static inline float round_bf16(float v) {
     return v;
 }
 
+/* Eight float lanes (one AVX2 register; half an AVX-512 one): the compiler does not vectorize a
+ * float sum by itself, as that reorders it. */
+typedef float lanes8 __attribute__((vector_size(32)));
+
+static inline lanes8 load8(const float *p) {
+    lanes8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 static inline float dot(const float *a, const float *b, int64_t n) {
+    lanes8 acc[4] = {{0}};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 4; k++) acc[k] += load8(a + i + 8 * k) * load8(b + i + 8 * k);
+    for (; i + 8 <= n; i += 8) acc[0] += load8(a + i) * load8(b + i);
+    const lanes8 total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+    for (int k = 0; k < 8; k++) sum += total[k];
+    for (; i < n; i++) sum += a[i] * b[i];
     return sum;
 }
 
@@ -63,20 +95,36 @@ static void rms_norm(const float *x, const float *weight, int64_t n, float eps, 
     for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
-/* y = W x (+ bias) + scaling * B (A x). `lora` holds rank floats of scratch. */
-static int project(const Projection *p, const float *x, float *y, float *lora, int threads) {
+/* What rides on a product y = W x for one row: bias, and the row's adapter. `lora` holds
+ * max_rank floats of scratch. */
+static void finish(const Projection *p, int64_t slot, const float *x, float *y, float *lora) {
     const int64_t out = p->weight->out, in = p->weight->in;
-    if (slim_q4_matmul(p->weight, x, 1, y, threads) != 0) return -1;
     if (p->bf16)
         for (int64_t i = 0; i < out; i++) y[i] = round_bf16(y[i]);
     if (p->bias)
         for (int64_t i = 0; i < out; i++)
             y[i] = p->bf16 ? round_bf16(y[i] + round_bf16(p->bias[i])) : y[i] + p->bias[i];
-    if (p->lora_a) {
-        for (int64_t r = 0; r < p->rank; r++) lora[r] = dot(p->lora_a + r * in, x, in);
-        for (int64_t i = 0; i < out; i++)
-            y[i] += p->scaling * dot(p->lora_b + i * p->rank, lora, p->rank);
+    const Adapter *a = slot >= 0 ? p->adapters + slot : NULL;
+    if (a && a->rank > 0) {
+        for (int64_t r = 0; r < a->rank; r++) lora[r] = dot(a->a + r * in, x, in);
+        for (int64_t i = 0; i < out; i++) y[i] += a->scaling * dot(a->b + i * a->rank, lora, a->rank);
     }
+}
+
+/* y_i = W_i x + what rides on it, for n projections of one input (q/k/v; gate/up), every row:
+ * the products in one parallel region, reading the codes once for all rows. x: (rows, in);
+ * y_i: (rows, out_i). */
+static int project(const Decoder *d, const Batch *b, const Projection *const *p, int n,
+                   const float *x, float *const *y, float *lora, int threads) {
+    const Weight4 *w[3];
+    for (int i = 0; i < n; i++) w[i] = p[i]->weight;
+    if (slim_q4_matmul_many(w, n, x, b->rows, y, threads) != 0) return -1;
+    const int64_t in = p[0]->weight->in;
+#pragma omp parallel for num_threads(threads) if (b->rows > 1 && threads > 1)
+    for (int64_t r = 0; r < b->rows; r++)
+        for (int i = 0; i < n; i++)
+            finish(p[i], b->slot[r], x + r * in, y[i] + r * p[i]->weight->out,
+                   lora + r * d->max_rank);
     return 0;
 }
 
@@ -92,27 +140,31 @@ static void rotate(float *x, int64_t heads, int64_t head_dim, const float *cos,
     }
 }
 
-/* Softmax attention of each query head over the first `length` cached positions of its
- * key/value head (grouped-query: `heads / kv_heads` query heads share one). */
-static void attend(const Decoder *d, const Block *b, const float *q, int64_t length, float *out,
+/* Softmax attention of each row's query heads over its cached positions, [start, column]
+ * (grouped-query: `heads / kv_heads` query heads share one key/value head). q, out: (rows,
+ * heads * head_dim). */
+static void attend(const Decoder *d, const Batch *b, int64_t block, const float *q, float *out,
                    int threads) {
-    const int64_t hd = d->head_dim, group = d->heads / d->kv_heads;
-    const int parallel = threads > 1 && length * d->heads * hd >= (1 << 15);
+    const int64_t hd = d->head_dim, group = d->heads / d->kv_heads, items = b->rows * d->heads;
+    const int parallel = threads > 1 && items * (b->column + 1) * hd >= (1 << 15);
 #pragma omp parallel for num_threads(threads) if (parallel)
-    for (int64_t h = 0; h < d->heads; h++) {
-        const float *keys = b->keys + (h / group) * d->capacity * hd;
-        const float *values = b->values + (h / group) * d->capacity * hd;
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t r = item / d->heads, h = item % d->heads, first = b->start[r];
+        const int64_t length = b->column + 1 - first;
+        const int64_t at = ((r * d->kv_heads + h / group) * b->capacity + first) * hd;
+        const float *keys = b->keys[block] + at, *values = b->values[block] + at;
+        const float *query = q + item * hd;
         float *scores = malloc((size_t)length * sizeof(float)), top = -INFINITY, total = 0.0f;
         for (int64_t t = 0; t < length; t++) {
-            scores[t] = dot(q + h * hd, keys + t * hd, hd) * d->attention_scale;
+            scores[t] = dot(query, keys + t * hd, hd) * d->attention_scale;
             top = scores[t] > top ? scores[t] : top;
         }
         for (int64_t t = 0; t < length; t++) total += scores[t] = expf(scores[t] - top);
-        float *o = out + h * hd;
+        float *o = out + item * hd;
         memset(o, 0, (size_t)hd * sizeof(float));
         for (int64_t t = 0; t < length; t++) {
             const float p = scores[t] / total;
-            for (int64_t j = 0; j < hd; j++) o[j] += p * values[t * hd + j];
+            for (int64_t j = 0; j < hd; j++) o[j] += p * values[t * hd + j]; /* vectorized */
         }
         free(scores);
     }
@@ -120,56 +172,68 @@ static void attend(const Decoder *d, const Block *b, const float *q, int64_t len
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* Scratch of one step, in floats. */
-static int64_t scratch_size(const Decoder *d) {
+/* Scratch of one row, in floats. */
+static int64_t row_scratch(const Decoder *d) {
     const int64_t width = d->heads * d->head_dim, kv = d->kv_heads * d->head_dim;
-    return 3 * d->hidden + 2 * width + 2 * kv + 2 * d->intermediate + d->max_rank;
+    return 2 * d->hidden + 2 * width + 2 * kv + 2 * d->intermediate + d->max_rank;
 }
 
-/* The block's output added to `hidden` (the residual stream). */
-static int block_step(const Decoder *d, const Block *b, float *hidden, int64_t position,
-                      const float *cos, const float *signed_sin, float *scratch, int threads) {
-    const int64_t hd = d->head_dim, width = d->heads * hd, kv = d->kv_heads * hd;
-    float *x = scratch, *mixed = x + d->hidden, *q = mixed + d->hidden, *k = q + width,
-          *v = k + kv, *attended = v + kv, *gate = attended + width, *up = gate + d->intermediate,
-          *lora = up + d->intermediate;
-    rms_norm(hidden, b->input_norm, d->hidden, d->eps, x);
-    if (project(&b->q, x, q, lora, threads) || project(&b->k, x, k, lora, threads) ||
-        project(&b->v, x, v, lora, threads))
+/* The block's output added to `hidden` (rows, hidden): the residual stream. */
+static int block_step(const Decoder *d, const Batch *b, int64_t index, float *hidden,
+                      float *scratch, int threads) {
+    const Block *blk = d->block + index;
+    const int64_t rows = b->rows, hd = d->head_dim, width = d->heads * hd;
+    const int64_t kv = d->kv_heads * hd, n = d->hidden, inter = d->intermediate;
+    float *x = scratch, *mixed = x + rows * n, *q = mixed + rows * n, *k = q + rows * width,
+          *v = k + rows * kv, *attended = v + rows * kv, *gate = attended + rows * width,
+          *up = gate + rows * inter, *lora = up + rows * inter;
+    for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->input_norm, n, d->eps, x + r * n);
+    if (project(d, b, (const Projection *[]){&blk->q, &blk->k, &blk->v}, 3, x,
+                (float *[]){q, k, v}, lora, threads))
         return -1;
-    rotate(q, d->heads, hd, cos, signed_sin);
-    rotate(k, d->kv_heads, hd, cos, signed_sin);
-    for (int64_t g = 0; g < d->kv_heads; g++) {
-        memcpy(b->keys + (g * d->capacity + position) * hd, k + g * hd, hd * sizeof(float));
-        memcpy(b->values + (g * d->capacity + position) * hd, v + g * hd, hd * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t position = b->column - b->start[r];
+        const float *cos = b->cos + position * hd, *sin = b->signed_sin + position * hd;
+        rotate(q + r * width, d->heads, hd, cos, sin);
+        rotate(k + r * kv, d->kv_heads, hd, cos, sin);
+        for (int64_t g = 0; g < d->kv_heads; g++) {
+            const int64_t at = ((r * d->kv_heads + g) * b->capacity + b->column) * hd;
+            memcpy(b->keys[index] + at, k + r * kv + g * hd, hd * sizeof(float));
+            memcpy(b->values[index] + at, v + r * kv + g * hd, hd * sizeof(float));
+        }
     }
-    attend(d, b, q, position + 1, attended, threads);
-    if (project(&b->o, attended, mixed, lora, threads)) return -1;
-    for (int64_t i = 0; i < d->hidden; i++) hidden[i] += mixed[i];
-    rms_norm(hidden, b->post_norm, d->hidden, d->eps, x);
-    if (project(&b->gate, x, gate, lora, threads) || project(&b->up, x, up, lora, threads))
+    attend(d, b, index, q, attended, threads);
+    if (project(d, b, (const Projection *[]){&blk->o}, 1, attended, &mixed, lora, threads))
         return -1;
-    for (int64_t i = 0; i < d->intermediate; i++) gate[i] = silu(gate[i]) * up[i];
-    if (project(&b->down, gate, mixed, lora, threads)) return -1;
-    for (int64_t i = 0; i < d->hidden; i++) hidden[i] += mixed[i];
+    for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
+    for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->post_norm, n, d->eps, x + r * n);
+    if (project(d, b, (const Projection *[]){&blk->gate, &blk->up}, 2, x, (float *[]){gate, up},
+                lora, threads))
+        return -1;
+    for (int64_t i = 0; i < rows * inter; i++) gate[i] = silu(gate[i]) * up[i];
+    if (project(d, b, (const Projection *[]){&blk->down}, 1, gate, &mixed, lora, threads))
+        return -1;
+    for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
     return 0;
 }
 
-/* The final-norm hidden state (hidden) of the token whose embedding is `embedding`, at
- * `position` (its keys and values written to that column of every block's cache; earlier
- * columns must hold the tokens before it). `cos`/`signed_sin`: the rotary tables' row for
- * the position. Returns 0, or -1 where a shape does not fit the kernels. */
-int slim_llama_step(const Decoder *d, const float *embedding, int64_t position, const float *cos,
-                    const float *signed_sin, float *out, int threads) {
-    if (position < 0 || position >= d->capacity) return -1;
-    float *hidden = malloc((size_t)(d->hidden + scratch_size(d)) * sizeof(float));
+/* The final-norm hidden states `out` (rows, hidden) of the batch's new tokens, their keys and
+ * values written to column `column` of every block's cache (earlier columns must hold the
+ * tokens before them). Returns 0, or -1 where a shape does not fit the kernels. */
+int slim_llama_step(const Decoder *d, const Batch *b, float *out, int threads) {
+    if (b->rows < 1 || b->column < 0 || b->column >= b->capacity) return -1;
+    for (int64_t r = 0; r < b->rows; r++)
+        if (b->start[r] < 0 || b->start[r] > b->column || b->slot[r] >= d->slots) return -1;
+    const int64_t n = d->hidden;
+    float *hidden = malloc((size_t)(b->rows * (n + row_scratch(d))) * sizeof(float));
     if (!hidden) return -1;
-    memcpy(hidden, embedding, (size_t)d->hidden * sizeof(float));
+    for (int64_t r = 0; r < b->rows; r++)
+        memcpy(hidden + r * n, d->embedding + b->tokens[r] * n, (size_t)n * sizeof(float));
     int status = 0;
     for (int64_t i = 0; i < d->blocks && status == 0; i++)
-        status = block_step(d, d->block + i, hidden, position, cos, signed_sin,
-                            hidden + d->hidden, threads);
-    if (status == 0) rms_norm(hidden, d->final_norm, d->hidden, d->eps, out);
+        status = block_step(d, b, i, hidden, hidden + b->rows * n, threads);
+    for (int64_t r = 0; r < b->rows && status == 0; r++)
+        rms_norm(hidden + r * n, d->final_norm, n, d->eps, out + r * n);
     free(hidden);
     return status;
 }

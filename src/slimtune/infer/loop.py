@@ -19,7 +19,7 @@ from torch import nn
 
 from slimtune.devices import device_of
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
-from slimtune.infer.native_step import NativeDecoder
+from slimtune.infer.native_step import NativeDecoder, usable
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
 
 
@@ -123,8 +123,8 @@ def _lean(
     )
     prefill = time.perf_counter() - start
     # One stream takes the C decode step where it covers the model (native_step.py).
-    one_stream = batch == 1 and four_bit and bool(valid.all())
-    native = NativeDecoder.build(model, cache, rotary, compute_dtype) if one_stream else None
+    one_stream = batch == 1 and four_bit and bool(valid.all()) and usable(cache, rotary)
+    native = NativeDecoder.build(model, compute_dtype) if one_stream else None
     rows = list(range(batch))  # which original row each batch row is
     position = positions[:, -1:]
     for step in range(max_new_tokens):
@@ -141,7 +141,7 @@ def _lean(
         if not keep or step == max_new_tokens - 1:
             break
         if native is not None:  # one stream, never padded: the cache's next column is its position
-            logits = native.step(chosen[0], cache.length)
+            logits = native.step(chosen, cache, rotary)
             continue
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
+from slimtune.infer.native_step import NativeDecoder, usable
 from slimtune.serve import kv
 
 
@@ -38,8 +39,9 @@ class TransformersBatch:
         self.cache, self.mask = kv.join(self.cache, self.mask, out.past_key_values, mask)
         return out.logits[:, -1]
 
-    def decode(self, last: torch.Tensor) -> torch.Tensor:
-        """One new token per row (`last`: (rows, 1)); the logits of the next."""
+    def decode(self, last: torch.Tensor, adapters: list[str | None] | None = None) -> torch.Tensor:
+        """One new token per row (`last`: (rows, 1)); the logits of the next. (`adapters`: each
+        row's, as `per_sample_adapters` around the call sets them.)"""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
         out = self.model(
             input_ids=last,
@@ -56,9 +58,14 @@ class TransformersBatch:
         else:
             self.cache, self.mask = None, None
 
+    def adapters_changed(self, names: list[str]) -> None:
+        """Adapters were loaded or deleted (nothing to do: each forward reads the model)."""
+
 
 class LeanBatch:
-    """slimtune's lean forward over a KV cache with room to grow (doubled when full)."""
+    """slimtune's lean forward over a KV cache with room to grow (doubled when full). Decode
+    steps run in one C call where it covers the model (`slimtune.infer.native_step`): every
+    row's adapter among the loaded ones (`adapters_changed`)."""
 
     def __init__(self, model: nn.Module, max_context: int):
         self.model = model
@@ -66,6 +73,8 @@ class LeanBatch:
         self.rotary = Rotary(model, max_context, self.dtype)
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, time) bool: True where a token is
+        self.adapters: list[str] = []  # the C step's adapter slots
+        self._native: NativeDecoder | None | bool = False  # False: not built yet
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         valid = mask.bool()
@@ -78,13 +87,36 @@ class LeanBatch:
         self._join(cache, valid)
         return logits
 
-    def decode(self, last: torch.Tensor) -> torch.Tensor:
+    def decode(self, last: torch.Tensor, adapters: list[str | None] | None = None) -> torch.Tensor:
+        """One new token per row (`last`: (rows, 1)); the logits of the next. `adapters`: each
+        row's adapter (None: the base alone), as `per_sample_adapters` around the call sets."""
         if self.cache.length == self.cache.capacity:
             self._resize(2 * self.cache.capacity)
+        adapters = adapters or [None] * len(last)
+        native = self._native_decoder(adapters)
+        if native is not None and usable(self.cache, self.rotary):
+            # Rows are left-padded: each sees its cache from its first real column on.
+            start = self.mask.int().argmax(-1).tolist()
+            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
+            return native.step(last.view(-1).tolist(), self.cache, self.rotary, start, slots)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
         mask = attention_mask(self.mask, self.cache.length, 1)
         return lean_forward(self.model, last, positions, self.cache, self.rotary, mask)
+
+    def adapters_changed(self, names: list[str]) -> None:
+        """Adapters were loaded or deleted: `names` are the loaded ones (the C step's slots are
+        described anew on the next step)."""
+        self.adapters, self._native = list(names), False
+
+    def _native_decoder(self, adapters: list[str | None]) -> NativeDecoder | None:
+        new = {a for a in adapters if a is not None} - set(self.adapters)
+        if new:  # loaded without adapters_changed: give them slots
+            self.adapters_changed(sorted(set(self.adapters) | new))
+        if self._native is False:
+            self._native = NativeDecoder.build(self.model, None, self.adapters)
+        return self._native
 
     def keep_rows(self, rows: list[int]) -> None:
         if not rows:

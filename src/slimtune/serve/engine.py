@@ -202,7 +202,7 @@ class Engine:
             load_adapter(self.model, str(path), adapter_name=name)
             self.model.eval()
             self.adapters.add(name)
-            self._lora_layers = self._find_lora_layers()
+            self._adapters_changed()
 
         return self.call(load)
 
@@ -307,8 +307,9 @@ class Engine:
 
     def _decode(self) -> None:
         last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
-        with self._adapters([row.request.adapter for row in self._rows]), torch.inference_mode():
-            logits = self._batch.decode(last)
+        names = [row.request.adapter for row in self._rows]
+        with self._adapters(names), torch.inference_mode():
+            logits = self._batch.decode(last, names)
         self.steps += 1
         self._advance(logits, range(len(self._rows)))
 
@@ -369,6 +370,10 @@ class Engine:
             return contextlib.nullcontext()  # no LoRA layers in the model yet
         return per_sample_adapters(self.model, names, self._lora_layers)
 
+    def _adapters_changed(self) -> None:
+        self._lora_layers = self._find_lora_layers()
+        self._batch.adapters_changed(sorted(self.adapters))
+
     def _find_lora_layers(self) -> list:
         # Kept between adapter changes: finding them walks every module (ms a step).
         return [layer for _, layer in lora_layers(self.model)]
@@ -385,7 +390,7 @@ class Engine:
                 if name in self.adapters:
                     delete_adapter(self.model, name)
                     self.adapters.discard(name)
-            self._lora_layers = self._find_lora_layers()
+            self._adapters_changed()
 
 
 def _emit(request: GenerationRequest, event: Event) -> None:

@@ -1,6 +1,7 @@
 /* Matmuls and decoding straight from packed 4-bit codes (bitsandbytes' layout), on a CPU.
  *
  *   slim_q4_matmul   y = x @ W.T for a few input rows (decode steps, short prompts)
+ *   slim_q4_matmul_many  the same for weights sharing the input, in one parallel region
  *   slim_q4_decode   the float32 or bfloat16 values of rows of codes (training's bands)
  *   slim_f32_matmul  y = x @ W.T for a few rows against a big float32 W (the output layer)
  *
@@ -38,6 +39,7 @@
 #endif
 #define CHUNK (2 * LANES) /* weights decoded per step: LANES bytes */
 #define MAX_TILE 16      /* input rows multiplied per decoded vector */
+#define MAX_WEIGHTS 8    /* weights sharing an input in one call */
 
 typedef struct {
     const Weight4 *w;
@@ -386,11 +388,41 @@ static void run(void (*rows)(const void *, int64_t, int64_t), const void *job, i
 
 int slim_q4_lanes(void) { return LANES; }
 
-/* y (batch, out) = x (batch, in) @ W.T, float32, contiguous. Returns 0, or -1 when the shapes
- * do not fit the kernel (the caller falls back). */
-int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads) {
-    const int64_t in = w->in;
-    if (w->blocksize % CHUNK != 0 || in % w->blocksize != 0 || batch < 1) return -1;
+/* Weights that read one input (q/k/v, gate/up): their rows split between the threads as one
+ * stack of rows, in one parallel region. */
+typedef struct {
+    const Weight4 *const *w;
+    int n;
+    const float *x;          /* arranged as in Job */
+    int64_t batch;
+    float *const *y;
+    int64_t start[MAX_WEIGHTS + 1]; /* first row of each weight in the stack */
+} StackJob;
+
+static void stack_rows(const void *job, int64_t r0, int64_t r1) {
+    const StackJob *s = job;
+    for (int i = 0; i < s->n; i++) {
+        const int64_t a = r0 > s->start[i] ? r0 : s->start[i];
+        const int64_t b = r1 < s->start[i + 1] ? r1 : s->start[i + 1];
+        if (a >= b) continue;
+        const Job j = {s->w[i], s->x, s->batch, s->y[i]};
+        q4_rows(&j, a - s->start[i], b - s->start[i]);
+    }
+}
+
+/* y[i] (batch, out_i) = x (batch, in) @ W_i.T for n <= MAX_WEIGHTS weights of one `in`,
+ * float32, contiguous. Returns 0, or -1 when the shapes do not fit the kernel (the caller
+ * falls back). */
+int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t batch,
+                        float *const *y, int threads) {
+    if (n < 1 || n > MAX_WEIGHTS || batch < 1) return -1;
+    const int64_t in = w[0]->in;
+    StackJob s = {w, n, NULL, batch, y, {0}};
+    for (int i = 0; i < n; i++) {
+        if (w[i]->in != in || w[i]->blocksize % CHUNK != 0 || in % w[i]->blocksize != 0)
+            return -1;
+        s.start[i + 1] = s.start[i] + w[i]->out;
+    }
     float *arranged = malloc((size_t)(batch * in) * sizeof(float));
     if (!arranged) return -1;
     for (int64_t b = 0; b < batch; b++) {
@@ -402,10 +434,16 @@ int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, in
                 dst[c + LANES + l] = src[c + 2 * l + 1];
             }
     }
-    Job j = {w, arranged, batch, y};
-    run(q4_rows, &j, w->out, threads);
+    s.x = arranged;
+    run(stack_rows, &s, s.start[n], threads);
     free(arranged);
     return 0;
+}
+
+/* y (batch, out) = x (batch, in) @ W.T, float32, contiguous. Returns 0, or -1 when the shapes
+ * do not fit the kernel (the caller falls back). */
+int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads) {
+    return slim_q4_matmul_many(&w, 1, x, batch, &y, threads);
 }
 
 /* y (batch, out) = x (batch, in) @ W.T for a float32 W (out, in), all contiguous. */
