@@ -1,8 +1,8 @@
 """The decode loop: prefill the prompts once, then one new token per row per step, KV cached.
 
 Rows are left-padded to a common length (the attention mask marks padding; positions come from
-it, so a padded row computes what it would alone) and leave the batch when they finish. One
-stream's steps run in one C call where it covers the model (`native_step.py`). Models
+it, so a padded row computes what it would alone) and leave the batch when they finish. Decode
+steps run in one C call where it covers the model (`native_step.py`). Models
 the lean forward does not cover run through transformers' `generate` instead. 4-bit layers
 compute from their packed codes (`slimtune.quant.inference`) unless `four_bit=False`.
 """
@@ -30,7 +30,7 @@ class Decoded:
     tokens: list[list[int]]
     seconds: float
     prefill_seconds: float = 0.0
-    # "lean" (our loop), "native" (our loop, one stream's steps in C) or "transformers"
+    # "lean" (our loop), "native" (our loop, its decode steps in C) or "transformers"
     engine: str = "lean"
     finish: list[str] = field(default_factory=list)  # "stop" or "length" per row
 
@@ -122,9 +122,13 @@ def _lean(
         model, input_ids, positions, cache, rotary, attention_mask(valid, 0, width)
     )
     prefill = time.perf_counter() - start
-    # One stream takes the C decode step where it covers the model (native_step.py).
-    one_stream = batch == 1 and four_bit and bool(valid.all()) and usable(cache, rotary)
-    native = NativeDecoder.build(model, compute_dtype) if one_stream else None
+    # Decode steps run in one C call where it covers the model (native_step.py). Rows are
+    # left-padded: each sees the cache from its first real column on.
+    left_padded = bool((valid == valid.cummax(dim=1).values).all())
+    native = None
+    if four_bit and left_padded and usable(cache, rotary):
+        native = NativeDecoder.build(model, compute_dtype)
+    first = valid.int().argmax(-1).tolist()
     rows = list(range(batch))  # which original row each batch row is
     position = positions[:, -1:]
     for step in range(max_new_tokens):
@@ -140,15 +144,16 @@ def _lean(
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
-        if native is not None:  # one stream, never padded: the cache's next column is its position
-            logits = native.step(chosen, cache, rotary)
-            continue
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
             valid, position = valid[index], position[index]
             rows = [rows[i] for i in keep]
             chosen = [chosen[i] for i in keep]
+            first = [first[i] for i in keep]
+        if native is not None:
+            logits = native.step(chosen, cache, rotary, first)
+            continue
         valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
         position = position + 1
         ids = torch.tensor(chosen, device=device)[:, None]
