@@ -19,7 +19,7 @@ from torch import nn
 
 from slimtune.devices import device_of
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
-from slimtune.infer.native_step import NativeDecoder, usable
+from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, usable
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
 
 
@@ -126,7 +126,7 @@ def _lean(
     # left-padded: each sees the cache from its first real column on.
     left_padded = bool((valid == valid.cummax(dim=1).values).all())
     native = None
-    if four_bit and left_padded and usable(cache, rotary):
+    if four_bit and left_padded and batch <= MAX_ROWS and usable(cache, rotary):
         native = NativeDecoder.build(model, compute_dtype)
     first = valid.int().argmax(-1).tolist()
     rows = list(range(batch))  # which original row each batch row is

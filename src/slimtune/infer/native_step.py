@@ -23,9 +23,11 @@ from torch import nn
 from slimtune.infer.llama import KVCache, Rotary, _head_dim, supports
 from slimtune.lora.layer import LoraLinear
 from slimtune.quant import Linear4bit, native
-from slimtune.quant.gemv import native_layout, native_weight
+from slimtune.quant.gemv import NATIVE_ROWS, native_layout, native_weight
 
 SOURCE = Path(__file__).with_name("llama_step.c")
+# Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
+MAX_ROWS = NATIVE_ROWS
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 _p = ctypes.c_void_p
@@ -155,19 +157,21 @@ class NativeDecoder:
         """Float32 logits (rows, vocab) of one new token per row, written to the cache's next
         column. `start`: each row's first cached column (left padding; default 0); `slots`:
         each row's adapter slot, -1 for none (default 0)."""
-        rows = len(tokens)
+        rows, start = len(tokens), start or [0] * len(tokens)
+        if cache.keys[0].shape[0] != rows or cache.length >= cache.capacity:
+            raise ValueError(f"a step of {rows} rows does not fit the cache")
+        if cache.length - min(start) >= len(rotary.cos):
+            raise ValueError(f"position {cache.length - min(start)} is past the rotary tables")
         keys = (_p * len(cache.keys))(*(k.data_ptr() for k in cache.keys))
         values = (_p * len(cache.values))(*(v.data_ptr() for v in cache.values))
         row_ints = _i64 * rows
         batch = _Batch(
             rows=rows, capacity=cache.capacity, column=cache.length, keys=keys, values=values,
-            tokens=row_ints(*tokens), start=row_ints(*(start or [0] * rows)),
+            tokens=row_ints(*tokens), start=row_ints(*start),
             slot=row_ints(*(slots or [0] * rows)), cos=rotary.cos.data_ptr(),
             signed_sin=rotary.signed_sin.data_ptr(),
         )  # fmt: skip
         out = torch.empty(rows, self.hidden)
-        if cache.keys[0].shape[0] != rows or cache.length >= min(cache.capacity, len(rotary.cos)):
-            raise ValueError(f"a step of {rows} rows does not fit the cache")
         status = self.lib.slim_llama_step(
             ctypes.byref(self.struct), ctypes.byref(batch), out.data_ptr(), torch.get_num_threads()
         )

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
-from slimtune.infer.native_step import NativeDecoder, usable
+from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, usable
 from slimtune.serve import kv
 
 
@@ -94,7 +94,7 @@ class LeanBatch:
             self._resize(2 * self.cache.capacity)
         adapters = adapters or [None] * len(last)
         native = self._native_decoder(adapters)
-        if native is not None and usable(self.cache, self.rotary):
+        if native is not None and len(last) <= MAX_ROWS and usable(self.cache, self.rotary):
             # Rows are left-padded: each sees its cache from its first real column on.
             start = self.mask.int().argmax(-1).tolist()
             slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
