@@ -190,8 +190,8 @@ def test_inference_4bit_sends_the_big_float_layer_to_the_c_kernel(monkeypatch):
         ref = model(x)
     with inference_4bit(model):
         y = model(x)
-        batch = model(torch.randn(9, 64))  # more rows than the kernel takes: plain linear
-    assert batch.shape == (9, 32)
+        batch = model(torch.randn(inference.DENSE_ROWS + 1, 64))  # more rows: plain linear
+    assert batch.shape == (inference.DENSE_ROWS + 1, 32)
     assert calls == ([1] if native.library() is not None else [])
     _close(y, ref)
     assert "forward" not in model[1].__dict__

@@ -19,10 +19,11 @@
 
 #include "q4.h"
 
-/* A LoRA adapter of one projection: y += scaling * B (A x). Rank 0: none there. */
+/* A LoRA adapter of one projection: y += scaling * B (A x). Rank 0: none there. B is kept
+ * transposed, so that its product is `rank` contiguous multiply-adds into y. */
 typedef struct {
-    const float *a; /* (rank, in) */
-    const float *b; /* (out, rank) */
+    const float *a;   /* (rank, in) */
+    const float *b_t; /* (rank, out) */
     int64_t rank;
     float scaling;
 } Adapter;
@@ -106,8 +107,11 @@ static void finish(const Projection *p, int64_t slot, const float *x, float *y, 
             y[i] = p->bf16 ? round_bf16(y[i] + round_bf16(p->bias[i])) : y[i] + p->bias[i];
     const Adapter *a = slot >= 0 ? p->adapters + slot : NULL;
     if (a && a->rank > 0) {
-        for (int64_t r = 0; r < a->rank; r++) lora[r] = dot(a->a + r * in, x, in);
-        for (int64_t i = 0; i < out; i++) y[i] += a->scaling * dot(a->b + i * a->rank, lora, a->rank);
+        for (int64_t r = 0; r < a->rank; r++) lora[r] = a->scaling * dot(a->a + r * in, x, in);
+        for (int64_t r = 0; r < a->rank; r++) {
+            const float *b = a->b_t + r * out;
+            for (int64_t i = 0; i < out; i++) y[i] += lora[r] * b[i]; /* vectorized */
+        }
     }
 }
 

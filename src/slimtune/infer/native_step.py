@@ -35,7 +35,7 @@ _i64 = ctypes.c_int64
 
 
 class _Adapter(ctypes.Structure):
-    _fields_ = [("a", _p), ("b", _p), ("rank", _i64), ("scaling", ctypes.c_float)]
+    _fields_ = [("a", _p), ("b_t", _p), ("rank", _i64), ("scaling", ctypes.c_float)]
 
 
 class _Projection(ctypes.Structure):
@@ -211,7 +211,7 @@ def usable(cache: KVCache, rotary: Rotary) -> bool:
 
 
 def _projection(module: nn.Module, compute_dtype: torch.dtype | None, names: list[str] | None):
-    """(4-bit layer, float32 bias, [(A, B, scaling) or None per slot], bf16 output) of a block
+    """(4-bit layer, float32 bias, [(A, B.T, scaling) or None per slot], bf16 output) of a block
     projection the C step computes, or None."""
     adapters: list = [None]
     if isinstance(module, LoraLinear):
@@ -241,7 +241,7 @@ def _projection(module: nn.Module, compute_dtype: torch.dtype | None, names: lis
 
 
 def _adapter(module: LoraLinear, name: str):
-    """(A, B, scaling) of adapter `name` in this layer; None where the layer lacks it; False
+    """(A, B transposed, scaling) of adapter `name` in this layer; None where the layer lacks it; False
     where the C step cannot compute it (DoRA, not float32)."""
     if name not in module.lora_A:
         return None
@@ -250,4 +250,4 @@ def _adapter(module: LoraLinear, name: str):
     a, b = module.lora_A[name].weight, module.lora_B[name].weight
     if not (_float32(a) and _float32(b)):
         return False
-    return a.detach().contiguous(), b.detach().contiguous(), float(module.scaling[name])
+    return a.detach().contiguous(), b.detach().t().contiguous(), float(module.scaling[name])
