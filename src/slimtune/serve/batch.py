@@ -9,12 +9,19 @@ axis for all rows (`slimtune.serve.kv`): rows join after their prefill and leave
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
 from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, usable
 from slimtune.serve import kv
+
+# The context that gives each row of a forward pass its adapter (the engine's
+# per_sample_adapters over its loaded LoRA layers).
+PerSample = Callable[[list[str | None]], AbstractContextManager]
 
 
 class TransformersBatch:
@@ -39,17 +46,20 @@ class TransformersBatch:
         self.cache, self.mask = kv.join(self.cache, self.mask, out.past_key_values, mask)
         return out.logits[:, -1]
 
-    def decode(self, last: torch.Tensor, adapters: list[str | None] | None = None) -> torch.Tensor:
-        """One new token per row (`last`: (rows, 1)); the logits of the next. (`adapters`: each
-        row's, as `per_sample_adapters` around the call sets them.)"""
+    def decode(
+        self, last: torch.Tensor, adapters: list[str | None], per_sample: PerSample
+    ) -> torch.Tensor:
+        """One new token per row (`last`: (rows, 1)); the logits of the next. `adapters`: each
+        row's adapter (None: the base alone), applied by the context `per_sample(adapters)`."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
-        out = self.model(
-            input_ids=last,
-            attention_mask=self.mask,
-            position_ids=self.mask.sum(-1, keepdim=True) - 1,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        with per_sample(adapters):
+            out = self.model(
+                input_ids=last,
+                attention_mask=self.mask,
+                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         return out.logits[:, -1]
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -87,12 +97,14 @@ class LeanBatch:
         self._join(cache, valid)
         return logits
 
-    def decode(self, last: torch.Tensor, adapters: list[str | None] | None = None) -> torch.Tensor:
+    def decode(
+        self, last: torch.Tensor, adapters: list[str | None], per_sample: PerSample
+    ) -> torch.Tensor:
         """One new token per row (`last`: (rows, 1)); the logits of the next. `adapters`: each
-        row's adapter (None: the base alone), as `per_sample_adapters` around the call sets."""
+        row's adapter (None: the base alone): the C step's slots, else applied by the context
+        `per_sample(adapters)` around the lean forward."""
         if self.cache.length == self.cache.capacity:
             self._resize(2 * self.cache.capacity)
-        adapters = adapters or [None] * len(last)
         native = self._native_decoder(adapters)
         if native is not None and len(last) <= MAX_ROWS and usable(self.cache, self.rotary):
             # Rows are left-padded: each sees its cache from its first real column on.
@@ -103,7 +115,8 @@ class LeanBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
         mask = attention_mask(self.mask, self.cache.length, 1)
-        return lean_forward(self.model, last, positions, self.cache, self.rotary, mask)
+        with per_sample(adapters):
+            return lean_forward(self.model, last, positions, self.cache, self.rotary, mask)
 
     def adapters_changed(self, names: list[str]) -> None:
         """Adapters were loaded or deleted: `names` are the loaded ones (the C step's slots are

@@ -308,8 +308,8 @@ class Engine:
     def _decode(self) -> None:
         last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
         names = [row.request.adapter for row in self._rows]
-        with self._adapters(names), torch.inference_mode():
-            logits = self._batch.decode(last, names)
+        with torch.inference_mode():
+            logits = self._batch.decode(last, names, self._adapters)
         self.steps += 1
         self._advance(logits, range(len(self._rows)))
 
