@@ -136,6 +136,11 @@ def main() -> int:
         action="store_true",
         help="base in NF4, computing from the packed codes (as `slimtune serve --qlora`)",
     )
+    parser.add_argument(
+        "--compute-dtype",
+        default="float32",
+        help="with --qlora: the 4-bit layers' compute dtype (as `slimtune serve --compute-dtype`)",
+    )
     parser.add_argument("--modes", default="mixed,single", help="mixed, single or both")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/serve.md")
     args = parser.parse_args()
@@ -151,9 +156,10 @@ def main() -> int:
 
     quant = None
     if args.qlora:
+        from slimtune.hardware import resolve_compute_dtype
         from slimtune.quant import QuantConfig
 
-        quant = QuantConfig()
+        quant = QuantConfig(compute_dtype=resolve_compute_dtype(args.compute_dtype))
     model, tokenizer = load_model(quant=quant)
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     paths = make_adapters(model, folder)
@@ -203,7 +209,8 @@ def write_report(args, rows: list[dict]) -> None:
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine_summary()}, shared with "
         "other jobs (noisy: compare the two modes of one run, not runs of different days).  ",
-        f"Model: SmolLM2-135M-Instruct {'NF4 (4-bit kernels)' if args.qlora else 'fp32'}; "
+        f"Model: SmolLM2-135M-Instruct "
+        f"{f'NF4 (4-bit kernels, {args.compute_dtype} compute)' if args.qlora else 'fp32'}; "
         "3 adapters r=16 on all linear layers; "
         f"{args.requests} requests of {args.max_tokens} new tokens each (greedy, `ignore_eos`) "
         f"at concurrency "
