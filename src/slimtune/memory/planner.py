@@ -28,6 +28,7 @@ from slimtune.choices import AUTO, COMPUTE_DTYPES
 from slimtune.errors import SlimtuneError
 from slimtune.memory.activations import activation_bytes
 from slimtune.memory.architecture import Architecture, adapter_ranks
+from slimtune.memory.batch import BatchShape, RowSizes, full_rows
 from slimtune.memory.units import DTYPE_BYTES
 
 if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else of train/
@@ -73,6 +74,7 @@ class MemoryEstimate:
     device: str
     compute_dtype: str  # what the frozen base computes in, `auto` resolved
     parts: dict[str, int]
+    shape: BatchShape  # the micro-batch planned for
     trainable_params: int
     notes: list[str] = field(default_factory=list)
 
@@ -108,6 +110,7 @@ class MemoryEstimate:
         out["total_params"] = self.architecture.num_params()
         out["model"] = self.architecture.name
         out["settings"] = self.settings()
+        out["batch_shape"] = self.shape.to_dict()
         return out
 
 
@@ -150,13 +153,17 @@ def estimate(
     device: str = "cpu",
     auto_dtype: str = "float32",
     processes: int = 1,
+    rows: RowSizes | None = None,
 ) -> MemoryEstimate:
     """The memory a training step of `arch` under `config` needs at its peak on `device`
     ("cpu" or "cuda"); `auto_dtype`: what compute_dtype auto resolves to there. `processes`:
-    how many torchrun starts; with `fsdp` the estimate is then that of each one."""
+    how many torchrun starts; with `fsdp` the estimate is then that of each one. `rows`: the
+    training rows the run will see, whose largest batch is planned for; without them,
+    `batch_size` rows filling `max_length`, every position trained."""
     if device not in DEVICES:
         raise SlimtuneError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     compute = planned_compute_dtype(config, auto_dtype)
+    shape = rows.largest_batch(config) if rows is not None else full_rows(config)
     parts = dict.fromkeys(PARTS, 0)
     parts["runtime"] = RUNTIME_BYTES[device]
     sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
@@ -183,7 +190,9 @@ def estimate(
         if config.init == "pissa":  # the starting A and B, kept for the conversion on save
             parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
     parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
-    parts["activations"] = activation_bytes(arch, config, adapted, device, DTYPE_BYTES[compute])
+    parts["activations"] = activation_bytes(
+        arch, config, adapted, device, DTYPE_BYTES[compute], shape
+    )
     notes = _notes(arch, config, device)
     if config.fsdp and processes > 1:
         head_copy = _head_copy_bytes(arch, config, compute)
@@ -192,7 +201,7 @@ def estimate(
             f"fsdp: per process of {processes}; the base, adapter and optimizer state sharded, "
             "one decoder layer at a time and the output layer for the step gathered whole"
         )
-    return MemoryEstimate(arch, config, device, compute, parts, trainable, notes)
+    return MemoryEstimate(arch, config, device, compute, parts, shape, trainable, notes)
 
 
 def per_process(
