@@ -223,6 +223,71 @@ def test_rows_plan_the_largest_batch_they_can_make():
     assert planned.total < estimate(builtin_architecture("gemma-3-270m"), config).total
 
 
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds `tensor`'s data, or None (anonymous memory)."""
+    address = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_4bit_loader_maps_a_float32_checkpoints_embedding(tmp_path, dtype):
+    """What the planner's `float32_checkpoint` rests on: loading a float32 folder into 4 bits
+    leaves the untied input embedding a memory map of the safetensors file (only the rows read
+    become resident); a bfloat16 folder's is converted, a copy in memory."""
+    from helpers import make_char_tokenizer
+
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    folder = tmp_path / "model"
+    model = make_tiny_llama(tie_word_embeddings=False).to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    model.save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    arch = resolve_architecture(str(folder))
+    assert arch.float32_checkpoint == (dtype == "float32")
+    loaded, _ = load_model(folder, quant=QuantConfig())
+    where = _mapped_file(loaded.get_input_embeddings().weight)
+    assert (where is not None and where.endswith("model.safetensors")) == (dtype == "float32")
+
+
+def test_an_untied_mapped_embedding_counts_the_rows_the_data_reads():
+    """QLoRA from a float32 checkpoint: the untied input embedding counts FAULT_AROUND per
+    distinct token of the data instead of whole; tied, LoRA, no data or FSDP: whole."""
+    from dataclasses import replace
+
+    from slimtune.memory.batch import RowSizes
+    from slimtune.memory.planner import FAULT_AROUND
+
+    # Qwen2.5-Coder-0.5B's GGUF: untied, converted to float32
+    arch = replace(builtin_architecture("qwen2.5-0.5b"), tie_embeddings=False)
+    mapped = replace(arch, float32_checkpoint=True)
+    rows = RowSizes((50,), (10,), "data", distinct_tokens=300)
+    config = TrainConfig(method="qlora", batch_size=1, max_length=64)
+    table = arch.vocab_size * arch.hidden_size * 4
+    read = 300 * FAULT_AROUND
+    planned = estimate(mapped, config, rows=rows).parts["weights"]
+    assert planned == estimate(arch, config, rows=rows).parts["weights"] - table + read
+    assert estimate(mapped, config).parts == estimate(arch, config).parts  # no data: all read
+
+    def same(arch_a, arch_b, settings, **kwargs) -> bool:
+        return (
+            estimate(arch_a, settings, **kwargs).parts == estimate(arch_b, settings, **kwargs).parts
+        )
+
+    tied = replace(mapped, tie_embeddings=True)
+    assert same(tied, replace(tied, float32_checkpoint=False), config, rows=rows)
+    assert same(mapped, arch, config.model_copy(update={"method": "lora"}), rows=rows)
+    fsdp = config.model_copy(update={"fsdp": True})
+    assert same(mapped, arch, fsdp, rows=rows, processes=2)  # shards are copies
+
+
 def test_gemma3_270m_loss_buffers_at_bfloat16():
     """Gemma 3 270M at batch 4 x 128: 508 trained rows of 262,144 logits, 4 bytes each and 2
     more under bfloat16 compute, held through backward on the CPU (762 MiB of the step)."""
@@ -469,10 +534,8 @@ def test_cli_plans_for_the_rows_the_data_gives(tmp_path, capsys):
     full = plan("--full-rows")
     assert full["batch_shape"] == {"rows": 4, "length": 64, "trained": 252, "source": "max_length"}
     assert out["activations_bytes"] < full["activations_bytes"]
-    assert (
-        out["total_bytes"] - out["activations_bytes"]
-        == full["total_bytes"] - full["activations_bytes"]
-    )
+    for part in ("weights", "lora_weights", "optimizer_state"):  # the rows change these not
+        assert out[f"{part}_bytes"] == full[f"{part}_bytes"]
     packed = plan("--packing")["batch_shape"]
     assert (
         packed
@@ -483,7 +546,29 @@ def test_cli_plans_for_the_rows_the_data_gives(tmp_path, capsys):
     assert packed["length"] > max(lengths)  # packing fills rows
     assert cli_main(["estimate", "llama-2-7b", "--data", str(data)]) == 0
     text = capsys.readouterr().out
-    assert "'llama-2-7b' names no tokenizer" in text and "rows filling max_length" in text
+    assert "not counted: 'llama-2-7b' is no model folder" in text
+    assert "for rows filling max_length" in text
+
+
+def test_cli_counts_the_tokenizer_it_loads(tmp_path, capsys):
+    """The tokenizer `slimtune train` keeps loaded is measured as the estimate loads it: a
+    200k-word vocabulary takes tens of MiB; a built-in name has none to count."""
+    from helpers import save_tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = save_tiny_model(tmp_path / "model")
+    words = {f"word{i:06d}": i for i in range(200_000)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="word000000"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="word000000").save_pretrained(
+        folder
+    )
+    assert cli_main(["estimate", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 8 * 2**20 < out["tokenizer_bytes"] < 400 * 2**20, out["tokenizer_bytes"]
+    assert cli_main(["estimate", "llama-2-7b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_bytes"] == 0
 
 
 def test_cli_bad_model_exits_2(capsys):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 
 from slimtune.errors import SlimtuneError
 from slimtune.memory.planner import DEVICES
@@ -54,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     auto = _auto_dtype(args.device)
     if args.processes < 1:
         raise SlimtuneError(f"--processes: expected 1 or more, got {args.processes}")
-    rows, why_not = (None, None) if args.full_rows else _training_rows(config)
-    result = estimate(arch, config, args.device, auto, args.processes, rows)
-    if why_not:
-        result.notes.append(why_not)
+    tokenizer, tokenizer_bytes, no_tokenizer = _measured_tokenizer(config)
+    rows, no_rows = (None, None) if args.full_rows else _training_rows(config, tokenizer)
+    result = estimate(arch, config, args.device, auto, args.processes, rows, tokenizer_bytes)
+    result.notes += [why for why in (no_tokenizer, no_rows) if why]
     budget = parse_bytes(args.device_memory) if args.device_memory else None
     steps = []
     if budget is not None and result.total > budget:
-        steps = suggest(arch, config, budget, args.device, auto, rows)
+        steps = suggest(arch, config, budget, args.device, auto, rows, tokenizer_bytes)
     if args.json:
         out = result.to_dict()
         if budget is not None:
@@ -86,7 +88,41 @@ def _config_or_model(source: str | None) -> tuple[str | None, str | None]:
     return None, source
 
 
-def _training_rows(config):
+def _measured_tokenizer(config):
+    """(the tokenizer `slimtune train` would load, the resident memory it took to load it here,
+    None); (None, 0, why not) where the model has no tokenizer to load (a built-in name)."""
+    from slimtune.models.chat_templates import set_chat_template
+    from slimtune.models.loading import tokenizer_of
+    from slimtune.runtime import release_freed_memory
+
+    release_freed_memory()  # what the tokenizer allocates then comes in fresh pages
+    before = _resident_bytes()
+    try:
+        tokenizer = tokenizer_of(config.model)
+    except SlimtuneError as error:  # a folder with a config only; the default model missing
+        return None, 0, f"the tokenizer is not counted: {error}"
+    if tokenizer is None:
+        return (
+            None,
+            0,
+            (f"the tokenizer is not counted: {config.model!r} is no model folder or .gguf file"),
+        )
+    set_chat_template(tokenizer, config.chat_template)
+    gc.collect()  # what loading it left behind does not stay with the run
+    release_freed_memory()
+    return tokenizer, max(0, _resident_bytes() - before), None
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux; elsewhere 0: the tokenizer is then not counted)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _training_rows(config, tokenizer):
     """(the rows `slimtune train` would batch, None) from the config's data, tokenized with the
     model's tokenizer; (None, why not) where they cannot be read: the plan is then for rows
     filling max_length."""
@@ -96,17 +132,10 @@ def _training_rows(config):
         return None, None
     if config.objective != "sft":
         return None, f"{config.objective}: pairs planned to fill max_length; the data is not read"
-    from slimtune.models.chat_templates import set_chat_template
-    from slimtune.models.loading import tokenizer_of
+    if tokenizer is None:
+        return None, "the data is not read without a tokenizer: planned for rows filling max_length"
     from slimtune.train.setup import build_data
 
-    tokenizer = tokenizer_of(config.model)
-    if tokenizer is None:
-        return None, (
-            f"{config.model!r} names no tokenizer: planned for rows filling max_length; give "
-            "a model folder or .gguf file to plan for the data's rows"
-        )
-    set_chat_template(tokenizer, config.chat_template)
     data = build_data(config, tokenizer)  # the rows train would train on, packed where it packs
     return RowSizes.of(data.train, str(config.data)), None
 

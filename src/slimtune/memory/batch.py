@@ -53,22 +53,25 @@ def full_rows(config: TrainConfig) -> BatchShape:
 @dataclass(frozen=True)
 class RowSizes:
     """Per training row: its tokens, and its positions whose next token is trained (what
-    slimtune.train.loss computes: labels shifted by one, IGNORE_INDEX left out)."""
+    slimtune.train.loss computes: labels shifted by one, IGNORE_INDEX left out); and how many
+    different token ids all rows hold (the embedding rows a run looks up)."""
 
     lengths: tuple[int, ...]
     trained: tuple[int, ...]
     source: str
+    distinct_tokens: int = 0
 
     @classmethod
     def of(cls, examples: Iterable[dict], source: str) -> RowSizes:
         """From tokenized rows ({"input_ids", "labels"}), as the trainer batches them."""
-        lengths, trained = [], []
+        lengths, trained, seen = [], [], set()
         for example in examples:
             lengths.append(len(example["input_ids"]))
             trained.append(sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX))
+            seen.update(example["input_ids"])
         if not lengths:
             raise ValueError("no rows")
-        return cls(tuple(lengths), tuple(trained), source)
+        return cls(tuple(lengths), tuple(trained), source, len(seen))
 
     def largest_batch(self, config: TrainConfig) -> BatchShape:
         """The largest micro-batch any order of these rows can give under `config`: the
