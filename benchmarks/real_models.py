@@ -132,7 +132,7 @@ def run_train(args: list[str]) -> dict:
                     refs.write("5")  # VmHWM := VmRSS
                 watcher = _watch_peak(child.pid)
         child.stdout.close()
-        _, status, usage = os.wait4(child.pid, 0)
+        _, status, _ = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
         if setup_peak is not None:
             step_peak = watcher()
@@ -143,9 +143,10 @@ def run_train(args: list[str]) -> dict:
             )
     if setup_peak is None or step_peak is None:
         raise SystemExit("train printed no `compute dtype:` line: its steps were not measured")
+    # wait4's ru_maxrss would not do for the whole process: the reset lowered it too.
     return {"seconds": seconds, "setup_peak_rss_bytes": setup_peak * 1024,
             "step_peak_rss_bytes": step_peak * 1024,
-            "process_peak_rss_bytes": usage.ru_maxrss * 1024}  # fmt: skip
+            "process_peak_rss_bytes": max(setup_peak, step_peak) * 1024}  # fmt: skip
 
 
 def _watch_peak(pid: int):
