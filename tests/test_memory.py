@@ -168,10 +168,14 @@ def test_compute_dtype_stores_the_frozen_bases_under_lora_and_a_head_copy(tiny_l
 def test_loss_buffers_are_what_the_chunked_loss_keeps_on_a_gemma3_head(dtype):
     """On Gemma 3's layout (tied output layer, q/k norms, one KV head) the planned loss buffers
     are the bytes slimtune.train.loss still holds on the output layer after backward: float32
-    logits and, for bfloat16 compute, a bfloat16 twin, for up to one chunk of trained rows."""
+    logits and, for bfloat16 compute, a bfloat16 twin, one row per trained position of the
+    batch up to a chunk; for rows filling max_length and for rows with their prompts masked."""
     from helpers import make_tiny
 
     from slimtune.memory.activations import loss_buffer_bytes
+    from slimtune.memory.batch import RowSizes, full_rows
+    from slimtune.tokens import IGNORE_INDEX
+    from slimtune.train.head import release_loss_buffers
     from slimtune.train.loss import causal_lm_loss
     from slimtune.train.precision import cast_frozen
 
@@ -180,26 +184,122 @@ def test_loss_buffers_are_what_the_chunked_loss_keeps_on_a_gemma3_head(dtype):
     arch = architecture_from_config(model.config.to_dict())
     assert arch.tie_embeddings and arch.qk_norm and arch.num_kv_heads == 1
     head = model.get_output_embeddings()
-    for batch, length in [(2, 64), (2, 300)]:  # 126 rows; 598 rows, one chunk of 512
+    # 126 rows; 598 rows, one chunk of 512; 2 x 50 answer positions after 250-token prompts
+    for batch, length, prompt in [(2, 64, 0), (2, 300, 0), (2, 300, 250)]:
+        release_loss_buffers(head)
         hidden = torch.randn(batch, length, arch.hidden_size, requires_grad=True)
         labels = torch.randint(0, arch.vocab_size, (batch, length))
+        labels[:, :prompt] = IGNORE_INDEX
         causal_lm_loss(hidden, head, labels).backward()
         held = sum(b.nbytes for b in head._slimtune_loss_buffers[1:] if b is not None)
         config = TrainConfig(method="qlora", batch_size=batch, max_length=length)
-        assert held == loss_buffer_bytes(arch, config, dtype.itemsize)
+        rows = RowSizes.of([{"input_ids": row, "labels": row} for row in labels.tolist()], "x")
+        assert held == loss_buffer_bytes(arch, rows.largest_batch(config), dtype.itemsize)
+        if not prompt:
+            assert held == loss_buffer_bytes(arch, full_rows(config), dtype.itemsize)
+
+
+def test_rows_plan_the_largest_batch_they_can_make():
+    """The longest row sets the padded length, the rows with the most trained positions the
+    loss's rows; a max_length below the rows cuts both."""
+    from slimtune.memory.batch import BatchShape, RowSizes, full_rows
+    from slimtune.tokens import IGNORE_INDEX as NO
+
+    rows = [
+        {"input_ids": [1] * 10, "labels": [NO] * 6 + [5] * 4},  # 4 trained next tokens
+        {"input_ids": [1] * 4, "labels": [NO, 5, 5, 5]},  # 3
+        {"input_ids": [1] * 7, "labels": [5] * 7},  # 6 (the first token has no predecessor)
+    ]
+    sizes = RowSizes.of(rows, "data.jsonl")
+    assert sizes.lengths == (10, 4, 7) and sizes.trained == (4, 3, 6)
+    config = TrainConfig(batch_size=2, max_length=128)
+    assert sizes.largest_batch(config) == BatchShape(2, 10, 10, "data.jsonl")
+    assert sizes.largest_batch(config.model_copy(update={"max_length": 5})).length == 5
+    assert sizes.largest_batch(config.model_copy(update={"max_length": 5})).trained == 8
+    assert sizes.largest_batch(config.model_copy(update={"batch_size": 8})).rows == 3
+    assert full_rows(config) == BatchShape(2, 128, 2 * 127)
+    planned = estimate(builtin_architecture("gemma-3-270m"), config, rows=sizes)
+    assert planned.shape == sizes.largest_batch(config)
+    assert planned.total < estimate(builtin_architecture("gemma-3-270m"), config).total
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds `tensor`'s data, or None (anonymous memory)."""
+    address = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_4bit_loader_maps_a_float32_checkpoints_embedding(tmp_path, dtype):
+    """What the planner's `float32_checkpoint` rests on: loading a float32 folder into 4 bits
+    leaves the untied input embedding a memory map of the safetensors file (only the rows read
+    become resident); a bfloat16 folder's is converted, a copy in memory."""
+    from helpers import make_char_tokenizer
+
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    folder = tmp_path / "model"
+    model = make_tiny_llama(tie_word_embeddings=False).to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    model.save_pretrained(folder)
+    make_char_tokenizer().save_pretrained(folder)
+    arch = resolve_architecture(str(folder))
+    assert arch.float32_checkpoint == (dtype == "float32")
+    loaded, _ = load_model(folder, quant=QuantConfig())
+    where = _mapped_file(loaded.get_input_embeddings().weight)
+    assert (where is not None and where.endswith("model.safetensors")) == (dtype == "float32")
+
+
+def test_an_untied_mapped_embedding_counts_the_rows_the_data_reads():
+    """QLoRA from a float32 checkpoint: the untied input embedding counts FAULT_AROUND per
+    distinct token of the data instead of whole; tied, LoRA, no data or FSDP: whole."""
+    from dataclasses import replace
+
+    from slimtune.memory.batch import RowSizes
+    from slimtune.memory.planner import FAULT_AROUND
+
+    # Qwen2.5-Coder-0.5B's GGUF: untied, converted to float32
+    arch = replace(builtin_architecture("qwen2.5-0.5b"), tie_embeddings=False)
+    mapped = replace(arch, float32_checkpoint=True)
+    rows = RowSizes((50,), (10,), "data", distinct_tokens=300)
+    config = TrainConfig(method="qlora", batch_size=1, max_length=64)
+    table = arch.vocab_size * arch.hidden_size * 4
+    read = 300 * FAULT_AROUND
+    planned = estimate(mapped, config, rows=rows).parts["weights"]
+    assert planned == estimate(arch, config, rows=rows).parts["weights"] - table + read
+    assert estimate(mapped, config).parts == estimate(arch, config).parts  # no data: all read
+
+    def same(arch_a, arch_b, settings, **kwargs) -> bool:
+        return (
+            estimate(arch_a, settings, **kwargs).parts == estimate(arch_b, settings, **kwargs).parts
+        )
+
+    tied = replace(mapped, tie_embeddings=True)
+    assert same(tied, replace(tied, float32_checkpoint=False), config, rows=rows)
+    assert same(mapped, arch, config.model_copy(update={"method": "lora"}), rows=rows)
+    fsdp = config.model_copy(update={"fsdp": True})
+    assert same(mapped, arch, fsdp, rows=rows, processes=2)  # shards are copies
 
 
 def test_gemma3_270m_loss_buffers_at_bfloat16():
     """Gemma 3 270M at batch 4 x 128: 508 trained rows of 262,144 logits, 4 bytes each and 2
     more under bfloat16 compute, held through backward on the CPU (762 MiB of the step)."""
     from slimtune.memory.activations import loss_buffer_bytes
+    from slimtune.memory.batch import full_rows
 
     arch = builtin_architecture("gemma-3-270m")
     config = TrainConfig(method="lora", rank=16, batch_size=4, max_length=128,
                          compute_dtype="bfloat16")  # fmt: skip
-    assert loss_buffer_bytes(arch, config, 2) == 508 * 262_144 * 6
+    assert loss_buffer_bytes(arch, full_rows(config), 2) == 508 * 262_144 * 6
     as_float = config.model_copy(update={"compute_dtype": "float32"})
-    assert loss_buffer_bytes(arch, as_float, 4) == 508 * 262_144 * 4
+    assert loss_buffer_bytes(arch, full_rows(as_float), 4) == 508 * 262_144 * 4
     plan, float_plan = estimate(arch, config), estimate(arch, as_float)
     assert plan.parts["activations"] - float_plan.parts["activations"] == 508 * 262_144 * 2
 
@@ -405,6 +505,70 @@ def test_cli_reads_the_training_config_train_reads(tmp_path, capsys):
     path.write_text("rank: 16\nblocksize: 96\n")
     assert cli_main(["estimate", str(path)]) == 2
     assert "run.yaml:2: key 'blocksize'" in capsys.readouterr().err
+
+
+def test_cli_plans_for_the_rows_the_data_gives(tmp_path, capsys):
+    """With --data (or a config's data:) the plan is for the largest batch of the rows train
+    would tokenize; --full-rows and a model name without a tokenizer plan for full rows."""
+    from helpers import save_tiny_model, sums, write_jsonl
+
+    from slimtune.data import load_dataset, pack
+    from slimtune.memory.batch import RowSizes
+    from slimtune.models.loading import load_tokenizer
+
+    folder = save_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "sums.jsonl", sums(30))
+    flags = ["--data", str(data), "--batch-size", "4", "--max-length", "64", "--json"]
+
+    def plan(*more: str) -> dict:
+        assert cli_main(["estimate", str(folder), *flags, "--eval-fraction", "0", *more]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    rows = load_dataset(str(data), load_tokenizer(folder), max_length=64).train
+    lengths = [len(r["input_ids"]) for r in rows]
+    trained = sorted((sum(x != -100 for x in r["labels"][1:]) for r in rows), reverse=True)
+    out = plan()
+    assert out["batch_shape"] == {"rows": 4, "length": max(lengths),
+                                  "trained": sum(trained[:4]), "source": str(data)}  # fmt: skip
+    assert max(lengths) < 64 and sum(trained[:4]) < 4 * max(lengths)  # prompts are masked
+    full = plan("--full-rows")
+    assert full["batch_shape"] == {"rows": 4, "length": 64, "trained": 252, "source": "max_length"}
+    assert out["activations_bytes"] < full["activations_bytes"]
+    for part in ("weights", "lora_weights", "optimizer_state"):  # the rows change these not
+        assert out[f"{part}_bytes"] == full[f"{part}_bytes"]
+    packed = plan("--packing")["batch_shape"]
+    assert (
+        packed
+        == RowSizes.of(pack(rows, 64), str(data))
+        .largest_batch(TrainConfig(batch_size=4, max_length=64))
+        .to_dict()
+    )
+    assert packed["length"] > max(lengths)  # packing fills rows
+    assert cli_main(["estimate", "llama-2-7b", "--data", str(data)]) == 0
+    text = capsys.readouterr().out
+    assert "not counted: 'llama-2-7b' is no model folder" in text
+    assert "for rows filling max_length" in text
+
+
+def test_cli_counts_the_tokenizer_it_loads(tmp_path, capsys):
+    """The tokenizer `slimtune train` keeps loaded is measured as the estimate loads it: a
+    200k-word vocabulary takes tens of MiB; a built-in name has none to count."""
+    from helpers import save_tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = save_tiny_model(tmp_path / "model")
+    words = {f"word{i:06d}": i for i in range(200_000)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="word000000"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="word000000").save_pretrained(
+        folder
+    )
+    assert cli_main(["estimate", str(folder), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 8 * 2**20 < out["tokenizer_bytes"] < 400 * 2**20, out["tokenizer_bytes"]
+    assert cli_main(["estimate", "llama-2-7b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_bytes"] == 0
 
 
 def test_cli_bad_model_exits_2(capsys):

@@ -187,6 +187,24 @@ def test_a_real_gguf_is_converted_exactly_then_reused(tmp_path, monkeypatch):
     assert torch.equal(logits(again), logits(original))
 
 
+def test_tokenizer_of_a_gguf_needs_no_conversion(tmp_path, monkeypatch):
+    """`tokenizer_of` (what `slimtune estimate` tokenizes data with) gives load_model's
+    tokenizer: from the GGUF's metadata before any conversion, from the cached folder after."""
+    from slimtune.models.loading import tokenizer_of
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", make_tiny_llama(seed=7, vocab_size=32))
+    before = tokenizer_of(path)
+    assert gguf_cache.converted_folder(path) is None  # nothing was converted
+    _, loaded = load_model(path)
+    after = tokenizer_of(path)
+    assert gguf_cache.converted_folder(path) is not None
+    text = "abba cab"
+    assert before(text)["input_ids"] == loaded(text)["input_ids"] == after(text)["input_ids"]
+    assert before.chat_template == loaded.chat_template
+    assert tokenizer_of("llama-2-7b") is None  # a planner name, not a file
+
+
 def test_failed_conversion_leaves_no_folder(fake_gguf, tmp_path, monkeypatch):
     path, _ = fake_gguf
 

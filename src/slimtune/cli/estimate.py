@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 
 from slimtune.errors import SlimtuneError
 from slimtune.memory.planner import DEVICES
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes torchrun starts; with --fsdp: memory of each")  # fmt: skip
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="e.g. 24GB or 16GiB: say whether the run fits, and what to change")  # fmt: skip
+    parser.add_argument("--full-rows", action="store_true",
+                        help="plan for rows filling --max-length, every position trained, "
+                             "whatever the --data rows hold (the worst case the settings allow)")  # fmt: skip
     parser.add_argument(
         "--json", action="store_true", help="print JSON (total_bytes, <part>_bytes)"
     )
@@ -51,11 +56,14 @@ def run(args: argparse.Namespace) -> int:
     auto = _auto_dtype(args.device)
     if args.processes < 1:
         raise SlimtuneError(f"--processes: expected 1 or more, got {args.processes}")
-    result = estimate(arch, config, args.device, auto, args.processes)
+    tokenizer, tokenizer_bytes, no_tokenizer = _measured_tokenizer(config)
+    rows, no_rows = (None, None) if args.full_rows else _training_rows(config, tokenizer)
+    result = estimate(arch, config, args.device, auto, args.processes, rows, tokenizer_bytes)
+    result.notes += [why for why in (no_tokenizer, no_rows) if why]
     budget = parse_bytes(args.device_memory) if args.device_memory else None
     steps = []
     if budget is not None and result.total > budget:
-        steps = suggest(arch, config, budget, args.device, auto)
+        steps = suggest(arch, config, budget, args.device, auto, rows, tokenizer_bytes)
     if args.json:
         out = result.to_dict()
         if budget is not None:
@@ -78,6 +86,58 @@ def _config_or_model(source: str | None) -> tuple[str | None, str | None]:
     if source is not None and source.lower().endswith((".yaml", ".yml")):
         return source, None
     return None, source
+
+
+def _measured_tokenizer(config):
+    """(the tokenizer `slimtune train` would load, the resident memory it took to load it here,
+    None); (None, 0, why not) where the model has no tokenizer to load (a built-in name)."""
+    from slimtune.models.chat_templates import set_chat_template
+    from slimtune.models.loading import tokenizer_of
+    from slimtune.runtime import release_freed_memory
+
+    release_freed_memory()  # what the tokenizer allocates then comes in fresh pages
+    before = _resident_bytes()
+    try:
+        tokenizer = tokenizer_of(config.model)
+    except SlimtuneError as error:  # a folder with a config only; the default model missing
+        return None, 0, f"the tokenizer is not counted: {error}"
+    if tokenizer is None:
+        return (
+            None,
+            0,
+            (f"the tokenizer is not counted: {config.model!r} is no model folder or .gguf file"),
+        )
+    set_chat_template(tokenizer, config.chat_template)
+    gc.collect()  # what loading it left behind does not stay with the run
+    release_freed_memory()
+    return tokenizer, max(0, _resident_bytes() - before), None
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux; elsewhere 0: the tokenizer is then not counted)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _training_rows(config, tokenizer):
+    """(the rows `slimtune train` would batch, None) from the config's data, tokenized with the
+    model's tokenizer; (None, why not) where they cannot be read: the plan is then for rows
+    filling max_length."""
+    from slimtune.memory.batch import RowSizes
+
+    if config.data is None:
+        return None, None
+    if config.objective != "sft":
+        return None, f"{config.objective}: pairs planned to fill max_length; the data is not read"
+    if tokenizer is None:
+        return None, "the data is not read without a tokenizer: planned for rows filling max_length"
+    from slimtune.train.setup import build_data
+
+    data = build_data(config, tokenizer)  # the rows train would train on, packed where it packs
+    return RowSizes.of(data.train, str(config.data)), None
 
 
 def _auto_dtype(device: str) -> str:
@@ -108,6 +168,7 @@ def _table(result) -> str:
         f"{arch.name}: {arch.num_params() / 1e9:.3g}B parameters, {result.trainable_params / 1e6:.3g}M trainable",
         f"{s.method}, rank {s.rank}, batch {s.batch_size} x {s.max_length}, "
         f"checkpointing {ckpt}, {s.optimizer}, compute {result.compute_dtype}, on {result.device}",
+        _describe_shape(result.shape),
         "",
     ]
     width = max(len(name) for name in result.parts) + 2
@@ -118,6 +179,18 @@ def _table(result) -> str:
     lines.append(_band(result))
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _describe_shape(shape) -> str:
+    from slimtune.memory.batch import FULL_ROWS
+
+    where = (
+        "rows filling max_length" if shape.source == FULL_ROWS else f"the rows of {shape.source}"
+    )
+    return (
+        f"largest micro-batch, for {where}: {shape.rows} x {shape.length} tokens, "
+        f"{shape.trained} trained positions"
+    )
 
 
 def _band(result) -> str:

@@ -1,7 +1,8 @@
 """What autograd keeps between the forward and the backward pass of a LLaMA-family model.
 
-Counted per block for `T = batch x length` tokens, in float32 (the residual stream, attention
-and the adapters compute in float32 whatever the frozen base multiplies in):
+Counted per block for the `T = rows x padded length` tokens of a micro-batch (batch.py), in
+float32 (the residual stream, attention and the adapters compute in float32 whatever the frozen
+base multiplies in):
 
 - always: the block input (the RMSNorm keeps it), the post-attention residual, the query, key,
   value and output of attention (scaled_dot_product_attention keeps them), and in the MLP the
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from slimtune.memory.architecture import Architecture
+from slimtune.memory.batch import BatchShape
 
 if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else of train/
     from slimtune.train.config import TrainConfig
@@ -93,11 +95,17 @@ def block_bytes(arch: Architecture, config: TrainConfig, adapted: list[tuple], t
 
 
 def activation_bytes(
-    arch: Architecture, config: TrainConfig, adapted: list[tuple], device: str, compute_bytes: int
+    arch: Architecture,
+    config: TrainConfig,
+    adapted: list[tuple],
+    device: str,
+    compute_bytes: int,
+    shape: BatchShape,
 ) -> int:
-    """Activation memory at the peak of a training step on `device`; `compute_bytes`: bytes of
-    the compute dtype, which a 4-bit layer decodes its weight into."""
-    tokens = config.batch_size * config.max_length
+    """Activation memory at the peak of a training step on `device` for a micro-batch of
+    `shape`; `compute_bytes`: bytes of the compute dtype, which a 4-bit layer decodes its
+    weight into."""
+    tokens = shape.tokens
     one_block = block_bytes(arch, config, adapted, tokens)
     if config.gradient_checkpointing:
         kept = arch.num_layers * tokens * arch.hidden_size * ITEM + RECOMPUTE_BLOCKS * one_block
@@ -107,7 +115,7 @@ def activation_bytes(
     kept += 3 * tokens * arch.hidden_size * ITEM
     if device == "cpu":
         kept = int(HEAP_OVERHEAD * kept)
-    loss = loss_buffer_bytes(arch, config, compute_bytes)
+    loss = loss_buffer_bytes(arch, shape, compute_bytes)
     backward = BACKWARD_BUFFERS * tokens * arch.mlp_width() * ITEM
     if config.method == "qlora":
         # Linear4bit decodes its weight per call, straight into the compute dtype.
@@ -118,14 +126,14 @@ def activation_bytes(
     return kept + max(loss, backward)
 
 
-def loss_buffer_bytes(arch: Architecture, config: TrainConfig, compute_bytes: int) -> int:
+def loss_buffer_bytes(arch: Architecture, shape: BatchShape, compute_bytes: int) -> int:
     """The (chunk x vocabulary) buffers of slimtune.train.loss: float32 logits, turned into the
     softmax in place, and for an output layer that multiplies in a narrower compute dtype one
     more in that dtype (its product before widening, the softmax narrowed for the gradient).
 
-    Planned for every position trained, as text rows or packing filling max_length have it;
-    the loss computes only trained positions, so with prompts masked (chat or completion
-    rows) it needs less: with a large vocabulary, much less."""
-    rows = min(LOSS_CHUNK, config.batch_size * (config.max_length - 1))
+    One row per trained position of the micro-batch, up to a chunk: the loss computes only
+    those, so with prompts masked (chat or completion rows) and a large vocabulary it needs
+    far less than rows filling max_length would."""
+    rows = min(LOSS_CHUNK, shape.trained)
     narrow = compute_bytes if compute_bytes < ITEM else 0  # the head's copy is in compute dtype
     return rows * arch.vocab_size * (ITEM + narrow)

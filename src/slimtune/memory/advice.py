@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from slimtune.memory.architecture import Architecture
+from slimtune.memory.batch import RowSizes
 from slimtune.memory.planner import MemoryEstimate, estimate, planned_compute_dtype
 
 if TYPE_CHECKING:
@@ -48,17 +49,20 @@ def suggest(
     budget: int,
     device: str = "cpu",
     auto_dtype: str = "float32",
+    rows: RowSizes | None = None,
+    tokenizer_bytes: int = 0,
 ) -> list[tuple[str, MemoryEstimate]]:
-    """Cumulative changes, each with the estimate after it; stops as soon as one fits."""
+    """Cumulative changes, each with the estimate after it; stops as soon as one fits.
+    `rows`, `tokenizer_bytes`: the training rows and the tokenizer, as `estimate` takes them."""
     steps: list[tuple[str, MemoryEstimate]] = []
     current = config
     while True:
         best = None
-        now = estimate(arch, current, device, auto_dtype).total
+        now = estimate(arch, current, device, auto_dtype, 1, rows, tokenizer_bytes).total
         for flag, candidate in _candidates(current, auto_dtype):
             if candidate is None:
                 continue
-            result = estimate(arch, candidate, device, auto_dtype)
+            result = estimate(arch, candidate, device, auto_dtype, 1, rows, tokenizer_bytes)
             if result.total < 0.98 * now:  # worth a flag: saves at least 2%
                 best = (flag, candidate, result)
                 break  # the first change that helps, in our order of preference

@@ -41,6 +41,10 @@ class Architecture:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     shared_expert_size: int = 0  # Qwen2-MoE's shared expert (with a 1-output gate)
+    # The checkpoint stores float32 tensors (a float32 folder, or a GGUF, which slimtune
+    # converts to one): the 4-bit loader then keeps the tensors it does not quantize as memory
+    # maps of the file (slimtune.models.streaming), resident only once read.
+    float32_checkpoint: bool = False
 
     @property
     def head_size(self) -> int:
@@ -183,6 +187,7 @@ def architecture_from_config(config: dict, name: str = "config") -> Architecture
         qk_norm=kind.startswith(("gemma3", "qwen3")),
         block_norms=4 if gemma else 2,
         gated_lean=kind != "phi3",
+        float32_checkpoint=str(config.get("dtype") or config.get("torch_dtype")) == "float32",
         num_experts=experts,
         experts_per_token=int(config.get("num_experts_per_tok") or 0) if experts else 0,
         moe_intermediate_size=int(
@@ -231,6 +236,7 @@ def architecture_from_gguf(path: Path) -> Architecture:
         qk_norm="blk.0.attn_q_norm.weight" in names,
         block_norms=4 if "blk.0.post_ffw_norm.weight" in names else 2,
         gated_lean=arch != "phi3",
+        float32_checkpoint=True,  # slimtune loads a GGUF from its float32 conversion
         num_experts=experts,
         experts_per_token=optional("expert_used_count"),
         moe_intermediate_size=optional("expert_feed_forward_length"),

@@ -1,14 +1,16 @@
 """Predict the peak memory of a training run, part by part, before running it.
 
-    total = runtime + weights + quantization constants + LoRA weights + gradients
-            + optimizer state + activations
+    total = runtime + tokenizer + weights + quantization constants + LoRA weights
+            + gradients + optimizer state + activations
 
 The run is a TrainConfig (the settings `slimtune train` reads) and the device it runs on.
 Every part but two is exact arithmetic over the architecture's shapes. `activations` comes
 from a model of what autograd keeps for the backward pass of a LLaMA block (activations.py),
 calibrated against peak RSS measured on CPU (benchmarks/bench_memory.py). `runtime` is the
 framework itself: Python, torch and transformers in the process (measured on CPU), or a CUDA
-context on a GPU (an assumption, not measured here).
+context on a GPU (an assumption, not measured here). `tokenizer` is what the run's tokenizer
+takes in host memory, which the caller measures (`slimtune estimate` loads it): it is no
+function of the shapes (a few hundred MiB for a vocabulary of 100-250k words).
 
 What the trainer keeps in which dtype (slimtune.train.precision): adapters, their gradients and
 optimizer state, the residual stream and every weight that is neither quantized nor under an
@@ -28,6 +30,7 @@ from slimtune.choices import AUTO, COMPUTE_DTYPES
 from slimtune.errors import SlimtuneError
 from slimtune.memory.activations import activation_bytes
 from slimtune.memory.architecture import Architecture, adapter_ranks
+from slimtune.memory.batch import BatchShape, RowSizes, full_rows
 from slimtune.memory.units import DTYPE_BYTES
 
 if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else of train/
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # the planner reads a config's fields; it needs nothing else 
 
 PARTS = (
     "runtime",
+    "tokenizer",
     "weights",
     "quant_constants",
     "lora_weights",
@@ -64,6 +68,10 @@ KERNEL_RUNTIME_BYTES = 130 * 2**20
 # measured: on CUDA the estimate is the analytic count alone.
 ERROR_BAND: dict[str, tuple[float, float]] = {"cpu": (-0.290, 0.044)}
 FLOAT32 = DTYPE_BYTES["float32"]
+# A page fault in a file mapping maps the neighbouring pages the page cache holds too (Linux's
+# fault_around_bytes, 64 KiB by default): what one looked-up row of a memory-mapped embedding
+# adds to RSS, at least.
+FAULT_AROUND = 64 * 2**10
 
 
 @dataclass
@@ -73,6 +81,7 @@ class MemoryEstimate:
     device: str
     compute_dtype: str  # what the frozen base computes in, `auto` resolved
     parts: dict[str, int]
+    shape: BatchShape  # the micro-batch planned for
     trainable_params: int
     notes: list[str] = field(default_factory=list)
 
@@ -108,6 +117,7 @@ class MemoryEstimate:
         out["total_params"] = self.architecture.num_params()
         out["model"] = self.architecture.name
         out["settings"] = self.settings()
+        out["batch_shape"] = self.shape.to_dict()
         return out
 
 
@@ -150,15 +160,22 @@ def estimate(
     device: str = "cpu",
     auto_dtype: str = "float32",
     processes: int = 1,
+    rows: RowSizes | None = None,
+    tokenizer_bytes: int = 0,
 ) -> MemoryEstimate:
     """The memory a training step of `arch` under `config` needs at its peak on `device`
     ("cpu" or "cuda"); `auto_dtype`: what compute_dtype auto resolves to there. `processes`:
-    how many torchrun starts; with `fsdp` the estimate is then that of each one."""
+    how many torchrun starts; with `fsdp` the estimate is then that of each one. `rows`: the
+    training rows the run will see, whose largest batch is planned for; without them,
+    `batch_size` rows filling `max_length`, every position trained. `tokenizer_bytes`: the
+    host memory of the run's tokenizer, as measured where it was loaded."""
     if device not in DEVICES:
         raise SlimtuneError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     compute = planned_compute_dtype(config, auto_dtype)
+    shape = rows.largest_batch(config) if rows is not None else full_rows(config)
     parts = dict.fromkeys(PARTS, 0)
     parts["runtime"] = RUNTIME_BYTES[device]
+    parts["tokenizer"] = tokenizer_bytes
     sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
     uses_numba = config.method == "qlora" or sparse_dropout
     if uses_numba and device == "cpu":
@@ -183,16 +200,20 @@ def estimate(
         if config.init == "pissa":  # the starting A and B, kept for the conversion on save
             parts["lora_weights"] += sum(_adapter_sizes(adapted, dora=False)) * FLOAT32
     parts["optimizer_state"] = optimizer_state_bytes(trainable_sizes, config.optimizer)
-    parts["activations"] = activation_bytes(arch, config, adapted, device, DTYPE_BYTES[compute])
+    parts["activations"] = activation_bytes(
+        arch, config, adapted, device, DTYPE_BYTES[compute], shape
+    )
     notes = _notes(arch, config, device)
-    if config.fsdp and processes > 1:
+    if config.fsdp and processes > 1:  # sharding copies every tensor: none stays mapped
         head_copy = _head_copy_bytes(arch, config, compute)
         parts = per_process(parts, arch, head_copy, processes)
         notes.append(
             f"fsdp: per process of {processes}; the base, adapter and optimizer state sharded, "
             "one decoder layer at a time and the output layer for the step gathered whole"
         )
-    return MemoryEstimate(arch, config, device, compute, parts, trainable, notes)
+    else:
+        parts["weights"] -= _unread_embedding_bytes(arch, config, rows)
+    return MemoryEstimate(arch, config, device, compute, parts, shape, trainable, notes)
 
 
 def per_process(
@@ -238,6 +259,19 @@ def _weight_bytes(
     else:
         weights = arch.num_params() * FLOAT32
     return weights + _head_copy_bytes(arch, config, compute), constants
+
+
+def _unread_embedding_bytes(arch: Architecture, config: TrainConfig, rows: RowSizes | None) -> int:
+    """The part of the input embedding that never becomes resident: with QLoRA from a float32
+    checkpoint it stays a memory map of the file, and a step reads only the rows its batches
+    look up (about FAULT_AROUND each). A tied embedding is the output layer, read whole; without
+    the data every row is assumed read."""
+    streamed = config.method == "qlora" and config.init != "loftq"  # loftq loads in float
+    if not (streamed and arch.float32_checkpoint) or arch.tie_embeddings or rows is None:
+        return 0
+    table = arch.vocab_size * arch.hidden_size * FLOAT32
+    read = rows.distinct_tokens * max(arch.hidden_size * FLOAT32, FAULT_AROUND)
+    return max(0, table - read)
 
 
 def _head_copy_bytes(arch: Architecture, config: TrainConfig, compute: str) -> int:

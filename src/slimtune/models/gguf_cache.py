@@ -29,6 +29,12 @@ def cache_key(gguf_path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
+def converted_folder(gguf_path: Path) -> Path | None:
+    """The safetensors folder already converted from `gguf_path`, or None (nothing converts)."""
+    target = cache_dir() / "gguf" / cache_key(gguf_path)
+    return target if target.is_dir() else None
+
+
 def cached_folder(gguf_path: Path) -> Path:
     """The safetensors folder for `gguf_path`, converting it first if it is not cached yet."""
     root = cache_dir() / "gguf"

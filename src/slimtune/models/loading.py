@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.models.gguf_cache import converted_folder
+from slimtune.models.paths import default_model_file
 from slimtune.models.quantized import load_4bit_folder
 from slimtune.models.source import resolve_model
 from slimtune.models.streaming import load_streaming_4bit
@@ -66,6 +68,24 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
             f"model folder {folder} has no usable tokenizer (tokenizer.json or "
             f"tokenizer_config.json expected): {error}"
         ) from None
+
+
+def tokenizer_of(model: str | Path | None, *, trust_remote_code: bool = False):
+    """The tokenizer `load_model(model)` gives, without loading or converting the weights:
+    a model folder's, a GGUF's converted folder's where the cache has one, else the one the
+    GGUF's metadata describes (transformers builds it; the conversion saves that same one).
+    None when `model` is neither a folder nor a .gguf file (a built-in planner name)."""
+    path = default_model_file() if model is None else Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return None
+    folder = converted_folder(path)
+    if folder is not None:
+        return load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def _refuse_custom_architecture(folder: Path) -> None:
