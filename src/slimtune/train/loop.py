@@ -29,6 +29,7 @@ from torch import nn
 from slimtune.data import Collator
 from slimtune.devices import to_device
 from slimtune.dist import (
+    LoadedPart,
     all_reduce_gradients,
     all_reduce_sum,
     full_optimizer_state,
@@ -99,8 +100,12 @@ def train(
 
     if data is None and config.data is None:  # before the (slow) model load
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
+    # --fsdp under torchrun: each rank keeps 1/N of the base (from loading on), the adapter, its
+    # gradients and its optimizer state.
+    sharded = config.fsdp and info.is_distributed
     if model is None:
-        model, tokenizer = build_model(config)
+        keep_part = LoadedPart(info.rank, info.world_size) if sharded else None
+        model, tokenizer = build_model(config, keep_part)
     if data is None:
         data = build_data(config, tokenizer, info)
     if not data.train:
@@ -117,9 +122,7 @@ def train(
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # --fsdp under torchrun: each rank keeps 1/N of the base, the adapter, its gradients and
-    # its optimizer state; `step_loss` is then the FSDP root, which gathers layer by layer.
-    sharded = config.fsdp and info.is_distributed
+    # Sharded: `step_loss` is the FSDP root, which gathers layer by layer.
     step_loss = shard_model(model, summed_loss, info) if sharded else partial(summed_loss, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
