@@ -1,5 +1,6 @@
 """Sharded loading for FSDP (slimtune.dist.parts): a process that loads with `LoadedPart` holds
 its rows of the base, never the whole base; the rows of all processes make the whole model.
+From a float folder (quantized as it streams in) and from a 4-bit folder.
 
 The 2-process check that a model loaded in parts shards into exactly the shards of a model
 loaded whole is in test_dist.py; `torchrun ... train --fsdp` loads in parts (test_fsdp_train.py).
@@ -16,7 +17,7 @@ from torch import nn
 
 from slimtune.dist import LoadedPart, part_rows
 from slimtune.dist.parts import WHOLE_SHAPES, _widen
-from slimtune.models import load_model
+from slimtune.models import load_model, save_quantized_model
 from slimtune.quant import Linear4bit, QuantConfig
 
 # A LLaMA whose 8 blocks outweigh the rest, as in a large model; an odd vocabulary, so that the
@@ -65,9 +66,15 @@ def _nbytes(module: nn.Module, name: str) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_char_model(tmp_path_factory.mktemp("parts") / "model", **SHAPE)
+@pytest.fixture(scope="module", params=["float", "4-bit"])
+def folder(request, tmp_path_factory) -> Path:
+    """A float folder (quantized while it streams in) or a 4-bit folder (read as stored)."""
+    root = tmp_path_factory.mktemp("parts")
+    float_folder = save_char_model(root / "float", **SHAPE)
+    if request.param == "float":
+        return float_folder
+    model, tokenizer = load_model(float_folder, quant=QuantConfig())
+    return save_quantized_model(model, tokenizer, root / "4bit")
 
 
 def _load(folder: Path, counter: HeldBytes) -> nn.Module:

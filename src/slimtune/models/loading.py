@@ -41,6 +41,7 @@ def load_model(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             compute_dtype=quant.compute_dtype if quant is not None else None,
+            keep_part=keep_part,
         )
     elif quant is not None:
         network = load_streaming_4bit(

@@ -84,13 +84,13 @@ def _model_tensors(
     per-expert and fused expert tensors go to the ExpertList layers."""
     expected = set(model.state_dict().keys())
     for path in safetensors_files(folder):
-        for key in _keys(path):
+        for key in tensor_keys(path):
             name = checkpoint_name(model, renamed(key), expected)
             part = expert_part(key) if name is None else None
             fused = name is None and key.endswith(FUSED_SUFFIXES)
             if name is None and part is None and not fused:
                 continue  # e.g. rotary caches some checkpoints carry
-            tensor = _read(path, key)
+            tensor = read_tensor(path, key)
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             if part is not None:  # one expert's gate, up or down: its layer's weight when whole
@@ -107,12 +107,12 @@ def _model_tensors(
                 yield name, tensor
 
 
-def _keys(path: Path) -> list[str]:
+def tensor_keys(path: Path) -> list[str]:
     with safe_open(path, framework="pt") as handle:
         return list(handle.keys())
 
 
-def _read(path: Path, key: str) -> torch.Tensor:
+def read_tensor(path: Path, key: str) -> torch.Tensor:
     # One open per tensor, on purpose: safe_open memory-maps the file, and every page a
     # tensor touched stays resident until the map is closed, so reading all tensors through
     # one handle would bring the whole float file into RSS after all.
