@@ -77,27 +77,22 @@ def _shardable(module: nn.Module, name: str) -> torch.Tensor | None:
     return tensor
 
 
-def has_loaded_parts(model: nn.Module) -> bool:
-    return any(getattr(module, WHOLE_SHAPES, None) for module in model.modules())
-
-
 @torch.no_grad()
 def widen_loaded_parts(unit: nn.Module, rank: int, world_size: int) -> None:
     """Before `fully_shard(unit)`: each part a LoadedPart kept in `unit` (and not yet in a unit
     sharded before) becomes a parameter of its whole shape holding this rank's rows (see the
     module doc). Parameters shared by several modules (tied embeddings) stay shared."""
-    widened: dict[int, nn.Parameter] = {}
-    kept_alive = []  # the parts, until every module's reference is swapped: ids stay unique
+    # id(part) -> (part, its widened parameter); holding the part keeps its id unique.
+    widened: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
     for module in unit.modules():
         for name, whole_shape in module.__dict__.pop(WHOLE_SHAPES, {}).items():
             part = module._parameters[name]  # a parameter by now (store_as_parameters)
             if id(part) not in widened:
-                widened[id(part)] = _widen(part, whole_shape, rank, world_size)
-                kept_alive.append(part)
+                widened[id(part)] = (part, _widen(part, whole_shape, rank, world_size))
     for module in unit.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) in widened:
-                module._parameters[name] = widened[id(param)]
+                module._parameters[name] = widened[id(param)][1]
 
 
 def _widen(

@@ -65,31 +65,34 @@ def _load_whole(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
 def _load_in_parts(model: nn.Module, folder: Path, dtype: torch.dtype, keep_part: KeepPart) -> None:
     expected = set(model.state_dict().keys())
     files = {path: tensor_keys(path) for path in safetensors_files(folder)}
-    layer_keys: dict[str, set[str]] = {}  # 4-bit layer -> all its keys, in any file
-    for key in (key for keys in files.values() for key in keys if QUANT_MARK in key):
-        layer_keys[key[: key.index(QUANT_MARK)]] = set()
-    for key in (key for keys in files.values() for key in keys):
-        if (layer := _layer_of(key, layer_keys)) is not None:
-            layer_keys[layer].add(key)
+    layer_keys = _keys_by_layer([key for keys in files.values() for key in keys])
     read: dict[str, dict[str, torch.Tensor]] = {layer: {} for layer in layer_keys}
     for path, keys in files.items():
         for key in keys:
             layer = _layer_of(key, layer_keys)
+            name = checkpoint_name(model, key, expected) if layer is None else None
+            if layer is None and name is None:
+                continue  # a tensor the model has no place for
             tensor = read_tensor(path, key)
-            if layer is None:
-                name = checkpoint_name(model, key, expected)
-                if name is not None:
-                    set_tensor(
-                        model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor
-                    )
-                    module_name, _, attr = name.rpartition(".")
-                    keep_part(model.get_submodule(module_name), attr)
+            if name is not None:  # a float tensor
+                set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                module_name, _, attr = name.rpartition(".")
+                keep_part(model.get_submodule(module_name), attr)
                 continue
             read[layer][key] = tensor
             if len(read[layer]) == len(layer_keys[layer]):  # the layer is complete: build it
                 load_quantized_state_dict(model, read.pop(layer), whole=False)
                 for tensor_name in ("bias", *Linear4bit.SHARDABLE):
                     keep_part(model.get_submodule(layer), tensor_name)
+
+
+def _keys_by_layer(keys: list[str]) -> dict[str, set[str]]:
+    """{4-bit layer: all its keys} (a layer is named by its quant-state key)."""
+    layers: dict[str, set[str]] = {k[: k.index(QUANT_MARK)]: set() for k in keys if QUANT_MARK in k}
+    for key in keys:
+        if (layer := _layer_of(key, layers)) is not None:
+            layers[layer].add(key)
+    return layers
 
 
 def _layer_of(key: str, layers: dict[str, set[str]]) -> str | None:
