@@ -46,6 +46,7 @@ from slimtune.dist.info import DistInfo
 from slimtune.dist.parts import widen_loaded_parts
 from slimtune.errors import SlimtuneError
 from slimtune.quant import Linear4bit
+from slimtune.runtime.heap import release_freed_memory
 
 
 class ShardedLoss(nn.Module):
@@ -92,6 +93,9 @@ def shard_model(
         # Parts of a sharded load (dist/parts.py) get their whole shape back, one unit at a time.
         widen_loaded_parts(unit, info.rank, info.world_size)
         fully_shard(unit, mesh=mesh)
+        # The unit's whole (or widened) tensors are freed now, between the shards just made:
+        # glibc would keep those pages, and RSS creep up unit by unit by most of the 1/N base.
+        release_freed_memory()
         # Per unit, not inherited: sum the gradients (the loss carries the global normaliser).
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
