@@ -336,8 +336,8 @@ def _evaluate_sharded(
     """The eval loss with the model sharded (--fsdp), on every rank. Each forward pass gathers
     layers from all ranks, so all run the same passes, each on its share of every batch of
     `batch_size` x N rows; a rank with no row in the last batch runs one whose tokens all count
-    for nothing. No answers are generated (that decodes the model outside FSDP's units): the
-    exact match is not measured."""
+    for nothing. No answers are generated (generation calls the model, not the root that
+    gathers the output layer): the exact match is not measured."""
     collate = Collator(data.pad_token_id)
     rows_per_pass = config.batch_size * info.world_size
     total, count = 0.0, 0
