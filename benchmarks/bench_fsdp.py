@@ -15,9 +15,9 @@ in every layout.
 Figures per process, from /proc/self/status:
 - `build`: peak RSS while building the 4-bit model (whole, or this process's part of it);
 - `base`: bytes of the 4-bit base (codes and scales) this process holds during training;
-- `to ready`: peak RSS from the start to the moment the model is sharded and the optimizer
-  made (building, the adapter, sharding);
-- `ready`: RSS at that moment (the peak is reset here, by wrapping the loop's
+- `shard peak`: peak RSS from the end of the build (the peak is reset there) to the moment the
+  model is sharded and the optimizer made: what sharding adds;
+- `ready`: RSS at that moment (the peak is reset again, by wrapping the loop's
   `build_optimizer`, which it calls right after sharding);
 - `step peak`: peak RSS from there to the end of training (steps and saving the adapter).
 
@@ -103,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=args.rank, alpha=16, dropout=0.0))
     build_peak = _mib("VmHWM")
+    bench_7b.reset_peak()
 
     ready = {}
     make_optimizer = train_loop.build_optimizer
@@ -138,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
         rank=rank,
         build_peak_mib=build_peak,
         base_mib=_base_bytes(model) / 2**20,
-        to_ready_peak_mib=ready["peak"],
+        shard_peak_mib=ready["peak"],
         ready_mib=ready["rss"],
         step_peak_mib=_mib("VmHWM"),
     )
@@ -221,7 +222,7 @@ def main() -> int:
     heap = f"mmap threshold {args.mmap_threshold}" if args.mmap_threshold else "lean heap"
     steps = f"{args.steps} steps of {args.batch_size} x {args.length} per process"
     print(f"shape {args.shape}, {steps}, {heap}\n")
-    print("| layout | rank | build peak | 4-bit base held | peak to ready | ready | step peak |")
+    print("| layout | rank | build peak | 4-bit base held | shard peak | ready | step peak |")
     print("|---|---|---|---|---|---|---|")
     record = dict(machine=machine_record(), settings=vars(args) | {"json": None}, layouts={})
     chosen = args.layouts.split(",")
@@ -231,7 +232,7 @@ def main() -> int:
         for f in figures:
             print(
                 f"| {name} | {f['rank']} | {f['build_peak_mib']:.0f} MiB | {f['base_mib']:.0f} MiB "
-                f"| {f['to_ready_peak_mib']:.0f} MiB | {f['ready_mib']:.0f} MiB "
+                f"| {f['shard_peak_mib']:.0f} MiB | {f['ready_mib']:.0f} MiB "
                 f"| {f['step_peak_mib']:.0f} MiB |",
                 flush=True,
             )

@@ -115,6 +115,15 @@ def test_the_parts_of_all_ranks_make_the_whole_model(folder):
     assert cut == 3 * len(quantized) + 2 * SHAPE["num_hidden_layers"] + 3
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) as train() sets it, for the test's time."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -124,14 +133,16 @@ def _rss_mib() -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_a_widened_part_costs_its_rows_not_the_whole():
+def test_a_widened_part_costs_its_rows_not_the_whole(deterministic):
     """The whole-shaped tensor fully_shard receives holds only this rank's rows: the pages of
-    the others are never touched, so they take no memory."""
+    the others are never touched, so they take no memory, even under deterministic algorithms
+    (as training runs), which fill new tensors with NaN."""
     whole_shape, mib = torch.Size((256 * 2**20, 1)), 2**20  # 256 MiB of uint8
     part = torch.ones((128 * mib, 1), dtype=torch.uint8)  # rank 1's half
     before = _rss_mib()
     wide = _widen(part, whole_shape, rank=1, world_size=2)
     grown = _rss_mib() - before
+    assert torch.utils.deterministic.fill_uninitialized_memory  # left as it was
     assert torch.equal(wide[128 * mib :], part)
     assert 100 < grown < 160  # its 128 MiB of rows, not 256
     del wide

@@ -21,6 +21,8 @@ maps a page only on its first touch: the wide tensor costs this rank's rows, not
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,21 @@ def _widen(
             f"fsdp: a tensor loaded for sharding holds {tuple(part.shape)}, not rows "
             f"{start}:{stop} of {tuple(whole_shape)} (rank {rank} of {world_size})"
         )
-    wide = torch.empty(whole_shape, dtype=part.dtype, device=part.device)  # pages untouched
+    with _unfilled_memory():
+        wide = torch.empty(whole_shape, dtype=part.dtype, device=part.device)  # pages untouched
     wide[start:stop] = part
     return nn.Parameter(wide, requires_grad=part.requires_grad)
+
+
+@contextlib.contextmanager
+def _unfilled_memory() -> Iterator[None]:
+    """`torch.empty` as it is, even under `torch.use_deterministic_algorithms` (which training
+    turns on): that fills new memory with NaN, writing every page. The rows never written here
+    are never read either, so leaving them unfilled changes no result."""
+    settings = torch.utils.deterministic
+    before = settings.fill_uninitialized_memory
+    settings.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        settings.fill_uninitialized_memory = before
