@@ -12,8 +12,8 @@ base than its part plus the layer being loaded. Every process loads and quantize
 bytes (quantization is deterministic), so the parts fit together without a collective.
 
 `fully_shard` takes whole tensors, though. `widen_loaded_parts` gives each part its whole
-shape back just before a unit is sharded: a tensor of the whole shape in which only this
-rank's rows are written. The other rows are never written nor read (fully_shard copies out
+shape back just before a unit is sharded: a tensor of the whole shape (not filled, even under
+deterministic algorithms) in which only this rank's rows are written. The other rows are never written nor read (fully_shard copies out
 this rank's rows alone), so their memory pages are never touched, and the operating system
 maps a page only on its first touch: the wide tensor costs this rank's rows, not the whole.
 (On a GPU the wide tensors of one unit, one decoder layer, are allocated whole for a moment.)
