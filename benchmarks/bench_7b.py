@@ -68,10 +68,19 @@ def config(layers: int, shape: dict = SHAPE):
 # --------------------------------------------------------------------------- slimtune
 
 
-def build_4bit(layers: int, embed_dtype: torch.dtype, shape: dict = SHAPE) -> torch.nn.Module:
+def build_4bit(
+    layers: int, embed_dtype: torch.dtype, shape: dict = SHAPE, keep_part=None
+) -> torch.nn.Module:
     """The model with every block linear in NF4, never holding more than one float weight;
-    `shape`: LlamaConfig settings (LLaMA-2-7B's by default)."""
+    `shape`: LlamaConfig settings (LLaMA-2-7B's by default). `keep_part` (a
+    slimtune.dist.LoadedPart) is called for every tensor put in place, as the loaders call it."""
     from torch import nn
+
+    def place(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        setattr(module, name, nn.Parameter(tensor))
+        if keep_part is not None:
+            keep_part(module, name)
+
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -91,20 +100,23 @@ def build_4bit(layers: int, embed_dtype: torch.dtype, shape: dict = SHAPE) -> to
                         child.in_features, child.out_features, bias=False, device="meta"
                     )
                     float_layer.weight = nn.Parameter(torch.randn(shape, generator=generator) * STD)
-                    setattr(parent, name, Linear4bit.from_linear(float_layer, quant))
+                    layer = Linear4bit.from_linear(float_layer, quant)
+                    setattr(parent, name, layer)
                     del float_layer  # the float weight goes here
+                    for tensor_name in Linear4bit.SHARDABLE if keep_part else ():
+                        keep_part(layer, tensor_name)
         print(
             f"block {block.self_attn.layer_idx} in 4 bits, rss {status_mib('VmRSS'):.0f} MiB",
             flush=True,
         )
         for norm in (block.input_layernorm, block.post_attention_layernorm):
-            norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
-    model.model.norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+            place(norm, "weight", torch.ones(cfg.hidden_size))
+    place(model.model.norm, "weight", torch.ones(cfg.hidden_size))
     embed = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=generator) * STD
-    model.model.embed_tokens.weight = nn.Parameter(embed.to(embed_dtype))
+    place(model.model.embed_tokens, "weight", embed.to(embed_dtype))
     del embed
     head = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=generator) * STD
-    model.lm_head.weight = nn.Parameter(head.to(embed_dtype))
+    place(model.lm_head, "weight", head.to(embed_dtype))
     del head
     model.model.rotary_emb = LlamaRotaryEmbedding(cfg)  # its buffers were made on meta
     for p in model.parameters():

@@ -5,19 +5,24 @@
 Each process builds the model straight into 4 bits (bench_7b.build_4bit: random weights,
 NF4 with double quantization, one float weight at a time), puts a LoRA adapter on every block
 linear and calls `slimtune.train.train` with the config `slimtune train` would use: under
-`torchrun` for 2 processes, with `fsdp: true` for the sharded run. Every process trains
-`--batch-size` rows a step, so the activations per process are the same in every layout.
+`torchrun` for 2 processes, with `fsdp: true` for the sharded runs. With `--fsdp` the build
+keeps only this process's part of every tensor as it goes (slimtune.dist.LoadedPart, what
+`slimtune train --fsdp` loads with); the layout "2 processes --fsdp (loaded whole)" builds the
+whole model in every process and shards it after, as slimtune did before loading was sharded.
+Every process trains `--batch-size` rows a step, so the activations per process are the same
+in every layout.
 
 Figures per process, from /proc/self/status:
-- `build`: peak RSS while building the whole 4-bit model (every process builds it whole:
-  sharding starts from a loaded model, see docs/fsdp-qlora.md);
+- `build`: peak RSS while building the 4-bit model (whole, or this process's part of it);
 - `base`: bytes of the 4-bit base (codes and scales) this process holds during training;
-- `ready`: RSS once the model is sharded and the optimizer made (the peak is reset here, by
-  wrapping the loop's `build_optimizer`, which it calls right after sharding);
+- `shard peak`: peak RSS from the end of the build (the peak is reset there) to the moment the
+  model is sharded and the optimizer made: what sharding adds;
+- `ready`: RSS at that moment (the peak is reset again, by wrapping the loop's
+  `build_optimizer`, which it calls right after sharding);
 - `step peak`: peak RSS from there to the end of training (steps and saving the adapter).
 
 `--shape 7b` is LLaMA-2-7B (6.7B parameters; the 4-bit base is ~3.6 GiB, the float32
-embeddings and output layer 1 GiB): 2 processes each build that whole first, then keep half.
+embeddings and output layer 1 GiB).
 """
 
 from __future__ import annotations
@@ -48,7 +53,13 @@ SHAPES = {
     ),
     "7b": None,  # bench_7b.SHAPE
 }
-LAYOUTS = (("1 process", 1, False), ("2 processes", 2, False), ("2 processes --fsdp", 2, True))
+# (name, processes, --fsdp, load in parts)
+LAYOUTS = (
+    ("1 process", 1, False, False),
+    ("2 processes", 2, False, False),
+    ("2 processes --fsdp", 2, True, True),
+    ("2 processes --fsdp (loaded whole)", 2, True, False),
+)
 
 
 def _mib(field: str) -> float:
@@ -77,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     """One process of a layout: build, train `--steps` steps, print its figures."""
     import bench_7b
 
+    from slimtune.dist import LoadedPart
     from slimtune.lora import LoraConfig, inject_adapter
     from slimtune.train import TrainConfig, train
     from slimtune.train import loop as train_loop
@@ -84,17 +96,21 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape] or bench_7b.SHAPE
-    model = bench_7b.build_4bit(shape["num_hidden_layers"], torch.float32, shape)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    keep_part = LoadedPart(rank, world_size) if args.parts else None
+    model = bench_7b.build_4bit(shape["num_hidden_layers"], torch.float32, shape, keep_part)
     model.config.use_cache = False
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=args.rank, alpha=16, dropout=0.0))
     build_peak = _mib("VmHWM")
+    bench_7b.reset_peak()
 
     ready = {}
     make_optimizer = train_loop.build_optimizer
 
     def optimizer_then_reset(*a, **k):  # called by the loop right after sharding
         optimizer = make_optimizer(*a, **k)
+        ready["peak"] = _mib("VmHWM")
         bench_7b.reset_peak()
         ready["rss"] = _mib("VmRSS")
         return optimizer
@@ -102,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
     train_loop.build_optimizer = optimizer_then_reset
     generator = torch.Generator().manual_seed(1)
     rows = []
-    for _ in range(args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) * args.steps):
+    for _ in range(args.batch_size * world_size * args.steps):
         ids = torch.randint(3, shape["vocab_size"], (args.length,), generator=generator).tolist()
         rows.append({"input_ids": ids, "labels": ids})
     config = TrainConfig(
@@ -120,16 +136,17 @@ def worker(args: argparse.Namespace) -> None:
     )
     train(config, model=model, data=TrainData(train=rows), progress=False)
     figures = dict(
-        rank=int(os.environ.get("RANK", 0)),
+        rank=rank,
         build_peak_mib=build_peak,
         base_mib=_base_bytes(model) / 2**20,
+        shard_peak_mib=ready["peak"],
         ready_mib=ready["rss"],
         step_peak_mib=_mib("VmHWM"),
     )
     (Path(args.output) / f"figures-{figures['rank']}.json").write_text(json.dumps(figures))
 
 
-def run_layout(args: argparse.Namespace, processes: int, fsdp: bool) -> list[dict]:
+def run_layout(args: argparse.Namespace, processes: int, fsdp: bool, parts: bool) -> list[dict]:
     from slimtune.runtime import lean_heap_environment, numba_prefers_openmp, passive_openmp_waits
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -148,6 +165,7 @@ def run_layout(args: argparse.Namespace, processes: int, fsdp: bool) -> list[dic
     with tempfile.TemporaryDirectory() as output:
         command = [*launcher, __file__, "--worker", f"--output={output}", *_worker_flags(args)]
         command += ["--fsdp"] if fsdp else []
+        command += ["--parts"] if parts else []
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(
@@ -185,12 +203,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--layouts",
-        default=",".join(name for name, _, _ in LAYOUTS),
-        help="comma list of the layouts to run (default: all)",
+        default=",".join(name for name, *_ in LAYOUTS[:3]),
+        help="comma list of the layouts to run (default: the first three)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -203,17 +222,18 @@ def main() -> int:
     heap = f"mmap threshold {args.mmap_threshold}" if args.mmap_threshold else "lean heap"
     steps = f"{args.steps} steps of {args.batch_size} x {args.length} per process"
     print(f"shape {args.shape}, {steps}, {heap}\n")
-    print("| layout | rank | build peak | 4-bit base held | ready | step peak |")
-    print("|---|---|---|---|---|---|")
+    print("| layout | rank | build peak | 4-bit base held | shard peak | ready | step peak |")
+    print("|---|---|---|---|---|---|---|")
     record = dict(machine=machine_record(), settings=vars(args) | {"json": None}, layouts={})
     chosen = args.layouts.split(",")
-    for name, processes, fsdp in [layout for layout in LAYOUTS if layout[0] in chosen]:
-        figures = run_layout(args, processes, fsdp)
+    for name, processes, fsdp, parts in [layout for layout in LAYOUTS if layout[0] in chosen]:
+        figures = run_layout(args, processes, fsdp, parts)
         record["layouts"][name] = figures
         for f in figures:
             print(
                 f"| {name} | {f['rank']} | {f['build_peak_mib']:.0f} MiB | {f['base_mib']:.0f} MiB "
-                f"| {f['ready_mib']:.0f} MiB | {f['step_peak_mib']:.0f} MiB |",
+                f"| {f['shard_peak_mib']:.0f} MiB | {f['ready_mib']:.0f} MiB "
+                f"| {f['step_peak_mib']:.0f} MiB |",
                 flush=True,
             )
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +273,54 @@ def _check_shard_model(info: DistInfo) -> None:
             assert isinstance(mine, DTensor) and torch.equal(mine.to_local(), theirs.to_local())
 
 
+def _loaded_qlora(folder: str, keep_part) -> torch.nn.Module:
+    """The tied-embeddings LLaMA folder loaded into NF4 (in parts with a LoadedPart), with the
+    adapter of _tiny_qlora (B not zero)."""
+    from slimtune.lora import LoraConfig, inject_adapter
+    from slimtune.models import load_model
+    from slimtune.quant import QuantConfig
+
+    model, _ = load_model(folder, quant=QuantConfig(), keep_part=keep_part)
+    torch.manual_seed(1)
+    inject_adapter(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model.train()
+
+
+def _check_sharded_loading(info: DistInfo, folder: str) -> None:
+    """Loaded in parts (each rank its rows of every tensor FSDP shards, the tied embeddings and
+    output layer among them, unevenly cut), then sharded: every rank holds exactly the shards
+    of the model loaded whole and sharded, and computes the same loss."""
+    from torch.distributed.tensor import DTensor
+
+    from slimtune.dist import LoadedPart
+    from slimtune.train.forward import summed_loss
+
+    whole = _loaded_qlora(folder, None)
+    parted = _loaded_qlora(folder, LoadedPart(info.rank, info.world_size))
+    embeddings = parted.get_input_embeddings().weight
+    assert embeddings is parted.get_output_embeddings().weight  # still tied
+    assert embeddings.shape[0] == (51 if info.rank == 0 else 50)  # 101 rows, cut as torch.chunk
+
+    whole_root = shard_model(whole, summed_loss, info)
+    parted_root = shard_model(parted, summed_loss, info)
+    named = dict(parted.named_parameters())
+    assert named.keys() == dict(whole.named_parameters()).keys()
+    for name, param in whole.named_parameters():
+        mine = named[name]
+        assert isinstance(mine, DTensor) and mine.shape == param.shape, name
+        assert torch.equal(mine.to_local(), param.to_local()), name
+    assert parted.get_input_embeddings().weight is parted.get_output_embeddings().weight
+
+    ids = torch.randint(3, 101, (4, 12), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    batch = shard_batch(batch, info)
+    assert torch.equal(parted_root(batch), whole_root(batch))
+
+
 def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     torch.set_num_threads(1)  # two processes share the two cores
     os.environ.update(
@@ -309,6 +358,7 @@ def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
     _check_fsdp2_shards_a_4bit_layer(info, torch.bfloat16, mixed=False)  # + fp32 LoRA
     _check_fsdp2_shards_a_4bit_layer(info, torch.uint8, mixed=True)  # bf16 casts skip uint8
     _check_shard_model(info)
+    _check_sharded_loading(info, os.path.join(scratch, "tied-model"))
 
     marker = os.path.join(scratch, "written-by-main")
     with main_process_first(info):
@@ -322,5 +372,9 @@ def _worker(local_rank: int, world_size: int, port: int, scratch: str) -> None:
 
 @pytest.mark.processes
 def test_two_gloo_processes():
+    from helpers import save_char_model
+
     with tempfile.TemporaryDirectory() as scratch:
+        # A vocabulary of 101: the tied embeddings split 51 / 50 over the 2 ranks.
+        save_char_model(Path(scratch) / "tied-model", vocab_size=101, tie_word_embeddings=True)
         mp.spawn(_worker, args=(2, _free_port(), scratch), nprocs=2, join=True)

@@ -147,7 +147,6 @@ def test_full_fine_tuning_refuses_a_low_precision_compute_dtype(tmp_path):
     [
         ({"method": "full"}, r"--fsdp: needs method lora or qlora"),
         ({"objective": "dpo"}, r"--fsdp: needs objective sft, not dpo"),
-        ({"eval_fraction": 0.1}, r"--fsdp: not with eval_data or eval_fraction"),
         ({"method": "lora", "init": "pissa"}, r"--fsdp: not with init pissa"),
         ({"optimizer": "adamw8bit"}, r"--fsdp: needs optimizer adamw, not adamw8bit"),
     ],
@@ -157,3 +156,4 @@ def test_fsdp_refuses_what_it_does_not_shard(settings, error):
         load_config(None, {**settings, "fsdp": True})
     assert not load_config(None, settings).fsdp  # fine without it
     assert load_config(None, {"method": "lora", "fsdp": True}).fsdp
+    assert load_config(None, {"eval_fraction": 0.1, "fsdp": True}).fsdp  # loss-only evals

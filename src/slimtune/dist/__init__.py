@@ -16,7 +16,8 @@ no-op, so the training loop is the same for 1 and N processes:
 
 With `shard_model` (fsdp.py) the model itself is sharded too (FSDP2): each rank keeps 1/N of
 the 4-bit base and of the adapter, and gradients are summed by FSDP's reduce-scatter instead
-of `all_reduce_gradients`.
+of `all_reduce_gradients`; with `LoadedPart` (parts.py) a process keeps only its part of the base
+while the model loads.
 """
 
 from slimtune.dist.fsdp import (
@@ -36,11 +37,13 @@ from slimtune.dist.info import (
     main_process_first,
     shutdown_distributed,
 )
+from slimtune.dist.parts import LoadedPart, part_rows
 from slimtune.dist.reduce import all_reduce_gradients, all_reduce_sum, broadcast_parameters
 from slimtune.dist.shard import shard_batch, shard_bounds
 
 __all__ = [
     "DistInfo",
+    "LoadedPart",
     "ShardedLoss",
     "all_reduce_gradients",
     "all_reduce_sum",
@@ -52,6 +55,7 @@ __all__ = [
     "full_trainable",
     "init_distributed",
     "main_process_first",
+    "part_rows",
     "shard_model",
     "shard_optimizer_state",
     "shard_batch",

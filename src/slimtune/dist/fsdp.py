@@ -22,6 +22,9 @@ token count (as data parallel training does, see reduce.py), so the sum over ran
 single-process gradient of the whole global batch. gloo has no averaging reduce-scatter
 (PREMUL_SUM / AVG), so the collectives are forced to plain SUM.
 
+Loading can be sharded too (parts.py): each process then loads and quantizes the base layer
+by layer but keeps only the rows FSDP will leave it, and `shard_model` hands those to FSDP.
+
 Saving and loading work on whole tensors: `full_trainable` and `full_optimizer_state` gather
 the adapter and its optimizer state on every rank (small next to the base), so checkpoints
 and adapter files are those of a single process.
@@ -40,8 +43,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from slimtune.dist.info import DistInfo
+from slimtune.dist.parts import widen_loaded_parts
 from slimtune.errors import SlimtuneError
 from slimtune.quant import Linear4bit
+from slimtune.runtime.heap import release_freed_memory
 
 
 class ShardedLoss(nn.Module):
@@ -73,7 +78,8 @@ def shard_model(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], info: DistInfo
 ) -> ShardedLoss:
     """Shard `model` in place across the ranks of `info`; returns the root to call for the
-    loss. Every rank must hold the same model (same weights, same adapter) when it calls."""
+    loss. Every rank must hold the same model (same weights, same adapter) when it calls, or,
+    loaded with `LoadedPart`, its own rows of the same weights (and the same adapter)."""
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.store_as_parameters()
@@ -84,7 +90,12 @@ def shard_model(
     if head is None or embeddings.weight is not head.weight:
         units.insert(0, embeddings)
     for unit in units:  # bottom-up, as fully_shard requires
+        # Parts of a sharded load (dist/parts.py) get their whole shape back, one unit at a time.
+        widen_loaded_parts(unit, info.rank, info.world_size)
         fully_shard(unit, mesh=mesh)
+        # The unit's whole (or widened) tensors are freed now, between the shards just made:
+        # glibc would keep those pages, and RSS creep up unit by unit by most of the 1/N base.
+        release_freed_memory()
         # Per unit, not inherited: sum the gradients (the loss carries the global normaliser).
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)

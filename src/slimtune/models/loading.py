@@ -12,7 +12,7 @@ from slimtune.models.gguf_cache import converted_folder
 from slimtune.models.paths import default_model_file
 from slimtune.models.quantized import load_4bit_folder
 from slimtune.models.source import resolve_model
-from slimtune.models.streaming import load_streaming_4bit
+from slimtune.models.streaming import KeepPart, load_streaming_4bit
 from slimtune.quant import QuantConfig
 
 
@@ -22,13 +22,16 @@ def load_model(
     quant: QuantConfig | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    keep_part: KeepPart | None = None,
 ):
     """Load `(model, tokenizer)` from a folder, a .gguf file, or (None) the default SmolLM2.
 
     With `quant`, the targeted Linear layers are quantized to 4 bits while the weights stream
     in, so the float model never sits whole in memory. A 4-bit folder (written by
     `save_quantized_model`, or by transformers + bitsandbytes) loads back exactly as stored;
-    there `quant` only sets the compute dtype.
+    there `quant` only sets the compute dtype. `keep_part` (slimtune.dist.LoadedPart, for
+    FSDP) is called for each tensor as it is put in place, to keep a part of it; a float
+    model (no `quant`) is loaded whole and does not call it.
     """
     folder = resolve_model(model)
     if not trust_remote_code:
@@ -40,10 +43,11 @@ def load_model(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             compute_dtype=quant.compute_dtype if quant is not None else None,
+            keep_part=keep_part,
         )
     elif quant is not None:
         network = load_streaming_4bit(
-            folder, quant, dtype=dtype, trust_remote_code=trust_remote_code
+            folder, quant, dtype=dtype, trust_remote_code=trust_remote_code, keep_part=keep_part
         )
     else:
         network = load_float(folder, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -8,7 +8,7 @@ copy is dropped, so at most one float layer is alive besides the parts that stay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,14 +23,25 @@ from slimtune.models.source import safetensors_files
 from slimtune.quant import Linear4bit, QuantConfig, select_linear_layers
 from slimtune.runtime.heap import release_freed_memory
 
+# keep_part(module, tensor name): called once a tensor is in place (see load_streaming_4bit).
+KeepPart = Callable[[nn.Module, str], None]
 FUSED_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 TRIM_EVERY = 16  # layers between two release_freed_memory calls (each takes about a millisecond)
 
 
 def load_streaming_4bit(
-    folder: Path, config: QuantConfig, *, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path,
+    config: QuantConfig,
+    *,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    keep_part: KeepPart | None = None,
 ) -> nn.Module:
-    """Build `folder`'s model with its targeted Linear layers quantized to 4 bits."""
+    """Build `folder`'s model with its targeted Linear layers quantized to 4 bits.
+
+    `keep_part(module, name)` is called for every tensor once it is in place (a quantized
+    layer's once it is quantized): a sharded load (slimtune.dist.LoadedPart) keeps only this
+    process's rows of it there, so the whole base is never held by one process."""
     model = build_skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     unfuse_experts(model)  # fused experts as one Linear per expert: quantized like the others
     # The same layers quantize_model picks: every Linear (or Conv1D) but the output layer.
@@ -43,14 +54,18 @@ def load_streaming_4bit(
         module_name, _, attr = name.rpartition(".")
         if module_name not in targets:
             set_tensor(model, name, tensor)
+            if keep_part is not None:
+                keep_part(model.get_submodule(module_name), attr)
             continue
         parts = pending.setdefault(module_name, {})
         parts[attr] = tensor
         if _complete(targets[module_name], parts):
             # pop: this dict must not keep the float layer alive once it is replaced.
             skeleton = targets.pop(module_name)
-            _quantize_in_place(model, module_name, skeleton, parts, config)
-            del pending[module_name], parts, skeleton
+            layer = _quantize_in_place(model, module_name, skeleton, parts, config)
+            for tensor_name in ("bias", *Linear4bit.SHARDABLE) if keep_part else ():
+                keep_part(layer, tensor_name)
+            del pending[module_name], parts, skeleton, layer
             quantized += 1
             if quantized % TRIM_EVERY == 0:
                 release_freed_memory()
@@ -69,13 +84,13 @@ def _model_tensors(
     per-expert and fused expert tensors go to the ExpertList layers."""
     expected = set(model.state_dict().keys())
     for path in safetensors_files(folder):
-        for key in _keys(path):
+        for key in tensor_keys(path):
             name = checkpoint_name(model, renamed(key), expected)
             part = expert_part(key) if name is None else None
             fused = name is None and key.endswith(FUSED_SUFFIXES)
             if name is None and part is None and not fused:
                 continue  # e.g. rotary caches some checkpoints carry
-            tensor = _read(path, key)
+            tensor = read_tensor(path, key)
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             if part is not None:  # one expert's gate, up or down: its layer's weight when whole
@@ -92,12 +107,12 @@ def _model_tensors(
                 yield name, tensor
 
 
-def _keys(path: Path) -> list[str]:
+def tensor_keys(path: Path) -> list[str]:
     with safe_open(path, framework="pt") as handle:
         return list(handle.keys())
 
 
-def _read(path: Path, key: str) -> torch.Tensor:
+def read_tensor(path: Path, key: str) -> torch.Tensor:
     # One open per tensor, on purpose: safe_open memory-maps the file, and every page a
     # tensor touched stays resident until the map is closed, so reading all tensors through
     # one handle would bring the whole float file into RSS after all.
@@ -115,10 +130,12 @@ def _quantize_in_place(
     skeleton: nn.Module,
     parts: dict[str, torch.Tensor],
     config: QuantConfig,
-) -> None:
+) -> Linear4bit:
     # Fill the skeleton layer (nn.Linear or Conv1D: from_linear knows both) for one moment;
     # it is dropped when its 4-bit replacement takes its place.
     for attr, tensor in parts.items():
         skeleton._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, Linear4bit.from_linear(skeleton, config))
+    layer = Linear4bit.from_linear(skeleton, config)
+    setattr(model.get_submodule(parent_name), attr, layer)
+    return layer

@@ -24,8 +24,6 @@ from slimtune.quant.matmul import input_grad_4bit, linear_4bit
 
 # Tensors whose dtype is part of the format: model.half() / .to(bfloat16) must not touch them.
 _STATE_TENSORS = ("weight", "absmax", "nested_absmax", "offset")
-# The ones FSDP can shard (dim 0, as long as the layer is big); `offset` is a 0-dim scalar.
-_SHARDABLE = ("weight", "absmax", "nested_absmax")
 
 
 class _Dequantize4bitLinear(torch.autograd.Function):
@@ -63,6 +61,9 @@ class Linear4bit(nn.Module):
     Build one with `Linear4bit.from_linear(linear, config)`; the constructor alone makes an
     empty (all-zero) layer of the right shape, ready for `load_state_dict`.
     """
+
+    # The tensors FSDP can shard (on dim 0), as parameters: `offset` is a 0-dim scalar.
+    SHARDABLE = ("weight", "absmax", "nested_absmax")
 
     def __init__(
         self,
@@ -131,7 +132,7 @@ class Linear4bit(nn.Module):
         scales) as frozen `nn.Parameter`s instead of buffers. FSDP shards parameters on dim 0 and
         leaves buffers whole on every rank; the tensors, the forward pass and the state dict are
         the same either way."""
-        for name in _SHARDABLE:
+        for name in self.SHARDABLE:
             tensor = self._buffers.get(name)
             if tensor is not None:
                 del self._buffers[name]

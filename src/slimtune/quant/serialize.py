@@ -49,11 +49,15 @@ def _tied_names(model: nn.Module) -> dict[str, list[str]]:
     return {n: [m for m in names if m != n] for names in by_tensor.values() for n in names}
 
 
-def load_quantized_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def load_quantized_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, whole: bool = True
+) -> nn.Module:
     """Load a state dict written by quantized_state_dict (or by bitsandbytes) into `model`.
 
     Linear layers that are still float in `model` but 4-bit in the state dict are replaced by
     Linear4bit first, so a freshly built float model can take a 4-bit checkpoint directly.
+    `whole=False`: the state dict is a part of the model's (e.g. one layer), and the model's
+    tensors it lacks are not missing.
     """
     for name, meta in _quantized_prefixes(state_dict).items():
         try:
@@ -84,6 +88,7 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     result = model.load_state_dict(state_dict, strict=False)
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if not any(t in state_dict for t in tied.get(k, []))]
+    missing = missing if whole else []
     if missing or result.unexpected_keys:
         raise SlimtuneError(
             "state dict does not fit the model: "

@@ -187,11 +187,6 @@ class TrainConfig(BaseModel):
                 f"needs objective sft, not {data['objective']}: preference tuning runs the "
                 "model its own way"
             )
-        if value and (data.get("eval_data") or data.get("eval_fraction")):
-            raise ValueError(
-                "not with eval_data or eval_fraction: evaluation runs on rank 0 alone, and a "
-                "sharded model needs every rank; evaluate the adapter with `slimtune eval`"
-            )
         if value and data.get("init") == "pissa":
             raise ValueError("not with init pissa: it rewrites the base weights when saving")
         if value and data.get("optimizer", "adamw") != "adamw":

@@ -29,6 +29,7 @@ from torch import nn
 from slimtune.data import Collator
 from slimtune.devices import to_device
 from slimtune.dist import (
+    LoadedPart,
     all_reduce_gradients,
     all_reduce_sum,
     full_optimizer_state,
@@ -44,6 +45,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.optim import build_optimizer
+from slimtune.tokens import IGNORE_INDEX
 from slimtune.train.batching import StepPlan
 from slimtune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig
@@ -99,8 +101,12 @@ def train(
 
     if data is None and config.data is None:  # before the (slow) model load
         raise SlimtuneError("no training data: give `data:` in the config or --data FILE")
+    # --fsdp under torchrun: each rank keeps 1/N of the base (from loading on), the adapter, its
+    # gradients and its optimizer state.
+    sharded = config.fsdp and info.is_distributed
     if model is None:
-        model, tokenizer = build_model(config)
+        keep_part = LoadedPart(info.rank, info.world_size) if sharded else None
+        model, tokenizer = build_model(config, keep_part)
     if data is None:
         data = build_data(config, tokenizer, info)
     if not data.train:
@@ -117,9 +123,7 @@ def train(
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # --fsdp under torchrun: each rank keeps 1/N of the base, the adapter, its gradients and
-    # its optimizer state; `step_loss` is then the FSDP root, which gathers layer by layer.
-    sharded = config.fsdp and info.is_distributed
+    # Sharded: `step_loss` is the FSDP root, which gathers layer by layer.
     step_loss = shard_model(model, summed_loss, info) if sharded else partial(summed_loss, model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -234,6 +238,12 @@ def train(
             evals.append(dict(step=step + 1, epoch=record["epoch"], **scores))
             metrics.log(evals[-1])
             bar.write(_describe_eval(evals[-1]))
+        elif eval_due and sharded and data.eval:  # every rank: each forward gathers from all
+            result = _evaluate_sharded(step_loss, model, data, config, info)
+            if info.is_main:
+                evals.append(_eval_record(step + 1, record["epoch"], result))
+                metrics.log(evals[-1])
+                bar.write(_describe_eval(evals[-1]))
         elif eval_due and info.is_main and (data.eval or data.eval_pairs):
             result = _evaluate(model, tokenizer, data, config)
             evals.append(_eval_record(step + 1, record["epoch"], result))
@@ -317,6 +327,34 @@ def _evaluate(model, tokenizer, data: TrainData, config: TrainConfig) -> EvalRes
             max_new_tokens=config.max_new_tokens,
             pad_token_id=data.pad_token_id,
         )
+
+
+@torch.no_grad()
+def _evaluate_sharded(
+    root: nn.Module, model: nn.Module, data: TrainData, config: TrainConfig, info
+) -> EvalResult:
+    """The eval loss with the model sharded (--fsdp), on every rank. Each forward pass gathers
+    layers from all ranks, so all run the same passes, each on its share of every batch of
+    `batch_size` x N rows; a rank with no row in the last batch runs one whose tokens all count
+    for nothing. No answers are generated (generation calls the model, not the root that
+    gathers the output layer): the exact match is not measured."""
+    collate = Collator(data.pad_token_id)
+    rows_per_pass = config.batch_size * info.world_size
+    total, count = 0.0, 0
+    model.eval()  # no dropout
+    with float32_compute(model):  # as the unsharded evaluation scores
+        for start in range(0, len(data.eval), rows_per_pass):
+            rows = shard_batch(data.eval[start : start + rows_per_pass], info)
+            batch = to_device(collate(rows or [_counting_nothing(data.eval[start])]), info.device)
+            total += float(root(batch))
+            count += count_trained_tokens(batch)
+    model.train()
+    loss = all_reduce_sum(total, info) / max(all_reduce_sum(count, info), 1)
+    return EvalResult(loss, math.exp(min(loss, 80.0)), None, len(data.eval))
+
+
+def _counting_nothing(row: dict) -> dict:
+    return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
 
 
 def _eval_record(step: int, epoch: float, result: EvalResult) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.lora import LoraConfig, find_targets, inject_adapter, pissa_to_lora, save_adapter
 from slimtune.models import load_model
 from slimtune.models.chat_templates import set_chat_template
+from slimtune.models.streaming import KeepPart
 from slimtune.quant import QuantConfig, quantize_model, select_linear_layers
 from slimtune.tokens import pad_token_id
 from slimtune.train.config import QUANT_KEYS, TrainConfig
@@ -31,12 +32,18 @@ class TrainData:
     pad_token_id: int = 0
 
 
-def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
-    """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train."""
+def build_model(config: TrainConfig, keep_part: KeepPart | None = None) -> tuple[nn.Module, object]:
+    """Load the base (in 4 bits for QLoRA) and make only the adapter (or, for full, all) train.
+
+    `keep_part` (--fsdp: slimtune.dist.LoadedPart) keeps each process's part of the base as it
+    loads; not with DoRA, whose magnitudes are computed from the whole base weights."""
     quant = quant_config(config) if config.method == "qlora" else None
     # LoftQ quantizes the layers it adapts itself, from their float weights: they load in float.
     load_quant = None if config.init == "loftq" else quant
-    model, tokenizer = load_model(config.model, quant=load_quant, dtype=torch.float32)
+    keep_part = None if config.use_dora else keep_part
+    model, tokenizer = load_model(
+        config.model, quant=load_quant, dtype=torch.float32, keep_part=keep_part
+    )
     if config.chat_template is not None:
         set_chat_template(tokenizer, config.chat_template)  # saved with the adapter (save_final)
     model.config.use_cache = False
