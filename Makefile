@@ -64,7 +64,8 @@ clean:
 LLAMACPP_DIR ?= $(HOME)/.cache/slimtune/llama.cpp
 .PHONY: llamacpp test-gguf
 llamacpp: setup
-	test -x $(LLAMACPP_DIR)/build/bin/llama-completion || scripts/build_llamacpp.sh $(PY) $(LLAMACPP_DIR)
+	test -x $(LLAMACPP_DIR)/build/bin/llama-completion -a -x $(LLAMACPP_DIR)/build/bin/llama-server \
+		|| scripts/build_llamacpp.sh $(PY) $(LLAMACPP_DIR)
 
 # GGUF exports run by llama.cpp itself: its greedy answers must equal slimtune's.
 test-gguf: llamacpp

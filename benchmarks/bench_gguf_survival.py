@@ -7,7 +7,9 @@
 Exact match of greedy answers (the demo's measure) for the base, the fine-tune (base + adapter
 as trained), and every merged GGUF type read back by transformers' GGUF reader; the adapter
 GGUF (f16) is scored as the float base plus the adapter's f16-rounded weights (unless
---no-adapter-gguf). Prints JSON with the machine record.
+--no-adapter-gguf). With --calibration-rows, each 4-bit type asked for (q4_0, q4_k_m) is also
+written with GPTQ rounding on Hessians from that many training rows, beside its plain rounding.
+Prints JSON with the machine record.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 def main() -> int:
     from slimtune.data import demo_data_path, read_rows
     from slimtune.export import gain_kept, write_gguf
+    from slimtune.export.gguf import GPTQ_QTYPES
     from slimtune.export.survival import exact_match
     from slimtune.export.to_gguf import (
         calibration_hessians,
@@ -43,7 +46,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", default=None, help="calibration rows (default: demo train)")
     parser.add_argument("--calibration-rows", type=int, default=0,
-                        help="also score q4_0 rounded by GPTQ on this many training rows")  # fmt: skip
+                        help="also score the 4-bit types rounded by GPTQ on this many training "
+                             "rows")  # fmt: skip
     parser.add_argument("--no-adapter-gguf", action="store_true",
                         help="score the merged exports only (saves three scorings)")  # fmt: skip
     args = parser.parse_args()
@@ -63,14 +67,19 @@ def main() -> int:
         write_seconds[qtype] = round(time.perf_counter() - began, 1)
         scores[f"merged GGUF {qtype}"] = exact_match(load_gguf_model(path), tokenizer, rows)
         path.unlink()
-    if args.calibration_rows:
+    gptq_types = [qtype for qtype in args.types.split(",") if qtype in GPTQ_QTYPES]
+    if args.calibration_rows and gptq_types:
         calibration = read_rows(args.train or demo_data_path("train"))[: args.calibration_rows]
         hessians = calibration_hessians(network, tokenizer, calibration)
-        path = write_gguf(network, tokenizer, work / "merged-q4_0-gptq.gguf", "q4_0",
-                          source_gguf=source_gguf(args.model), hessians=hessians)  # fmt: skip
+        for qtype in gptq_types:
+            began = time.perf_counter()
+            path = write_gguf(network, tokenizer, work / f"merged-{qtype}-gptq.gguf", qtype,
+                              source_gguf=source_gguf(args.model), hessians=hessians)  # fmt: skip
+            write_seconds[f"{qtype}, GPTQ"] = round(time.perf_counter() - began, 1)
+            name = f"merged GGUF {qtype}, GPTQ"
+            scores[name] = exact_match(load_gguf_model(path), tokenizer, rows)
+            path.unlink()
         del hessians
-        scores["merged GGUF q4_0, GPTQ"] = exact_match(load_gguf_model(path), tokenizer, rows)
-        path.unlink()
     del network
     kept = {name: gain_kept(base, tuned, value) for name, value in scores.items()}
     report = {"machine": machine_record(), "adapter": args.adapter, "qlora": args.qlora,

@@ -94,30 +94,79 @@ def test_cli_merge_with_calibration(tmp_path, capsys):
     assert "needs --quantize nf4" in capsys.readouterr().err
 
 
-def test_gptq_q4_0_blocks_decode_with_gguf_and_beat_plain_rounding(one_thread):
+GGUF_TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+# Where each block type keeps its scales (and mins): every byte that is not a code.
+SCALE_BYTES = {"Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q8_0": slice(0, 2),
+               "Q4_K": slice(0, 16), "Q6_K": slice(192, 210)}  # fmt: skip
+
+
+def _gguf_blocks(weight: torch.Tensor, name: str):
+    import gguf
+
+    from slimtune.export.gguf import encode
+
+    return encode(weight.numpy(), gguf.GGMLQuantizationType[name])
+
+
+def _decoded(blocks, name: str, shape) -> torch.Tensor:
     import gguf
     import numpy as np
 
-    from slimtune.export.gptq import gptq_q4_0
+    decoded = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[name])
+    return torch.from_numpy(np.asarray(decoded, np.float32).reshape(shape))
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_codes_written_into_gguf_blocks_decode_on_their_groups_grid(name):
+    """`with_codes` puts each code where the type's decoder reads it: random codes decode to
+    low + step * code of their group, and the quantizer's own codes, read back and written
+    again, give the quantizer's bytes."""
+    import gguf
+    import numpy as np
+
+    from slimtune.export.gguf_codes import LAYOUTS, code_grid, with_codes
+
+    ggml_type = gguf.GGMLQuantizationType[name]
+    layout = LAYOUTS[ggml_type]
+    weight = torch.randn(8, 512, generator=torch.Generator().manual_seed(3)) * 0.05
+    blocks = _gguf_blocks(weight, name)
+    low, step = (np.repeat(a, layout.group, axis=1) for a in code_grid(blocks, ggml_type, (8, 512)))
+    codes = np.random.default_rng(0).integers(0, layout.top + 1, (8, 512)).astype(np.uint8)
+    decoded = _decoded(with_codes(blocks, codes, ggml_type), name, (8, 512)).numpy()
+    np.testing.assert_allclose(decoded, low + step * codes, rtol=1e-6, atol=1e-9)
+    own = np.round((_decoded(blocks, name, (8, 512)).numpy() - low) / step).astype(np.uint8)
+    assert own.max() <= layout.top
+    np.testing.assert_array_equal(with_codes(blocks, own, ggml_type), blocks)
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_gguf_gptq_keeps_the_quantizers_scales_and_beats_plain_rounding(name, one_thread):
+    """GPTQ's blocks keep every scale byte of llama.cpp's quantizer (the `gguf` reference's for
+    Q4_0/Q5_0/Q8_0, slimtune's byte-exact port for Q4_K/Q6_K) and change only codes; decoded by
+    the `gguf` package, their outputs on new inputs are less than half as far from the float
+    layer's as plain rounding's."""
+    import gguf
+
+    from slimtune.export.gptq import gguf_gptq_codes
 
     torch.manual_seed(0)
-    weight = torch.randn(96, 256) * 0.05
-    x = _correlated_inputs(1500, 256, seed=1)
-    data = gptq_q4_0(weight, x.t() @ x)
-    Q4_0 = gguf.GGMLQuantizationType.Q4_0
-    reference = gguf.quants.quantize(weight.numpy(), Q4_0)
-    assert data.shape == reference.shape and data.dtype == np.uint8
-    # The f16 block scales are the reference quantizer's; only the 4-bit codes move.
-    np.testing.assert_array_equal(data.reshape(96, -1, 18)[..., :2],
-                                  reference.reshape(96, -1, 18)[..., :2])  # fmt: skip
-    held_out = _correlated_inputs(500, 256, seed=2)
+    weight = torch.randn(96, 512) * 0.05
+    x = _correlated_inputs(1500, 512, seed=1)
+    plain = _gguf_blocks(weight, name)
+    data = gguf_gptq_codes(weight, x.t() @ x, plain, gguf.GGMLQuantizationType[name])
+    assert data.shape == plain.shape and data.dtype == plain.dtype
+    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][1]
+    ours, theirs = data.reshape(-1, block_bytes), plain.reshape(-1, block_bytes)
+    assert (ours[:, SCALE_BYTES[name]] == theirs[:, SCALE_BYTES[name]]).all()
+    assert (ours != theirs).any()
+    held_out = _correlated_inputs(500, 512, seed=2)
     target = held_out @ weight.t()
 
     def error(blocks) -> float:
-        decoded = torch.from_numpy(np.asarray(gguf.quants.dequantize(blocks, Q4_0), np.float32))
+        decoded = _decoded(blocks, name, weight.shape)
         return float((held_out @ decoded.t() - target).norm() / target.norm())
 
-    assert error(data) < 0.5 * error(reference)
+    assert error(data) < 0.5 * error(plain), (error(data), error(plain))
 
 
 def test_q4_0_gguf_export_with_calibration(tmp_path, one_thread):

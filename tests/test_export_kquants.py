@@ -234,3 +234,56 @@ def test_cli_writes_q4_k_m(wide, tmp_path, capsys, one_thread):
     assert main(adapter_args) == 2  # llama.cpp's adapter files are float or Q8_0
     assert "adapter GGUF type 'q4_k_m'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+CALIBRATION = [{"prompt": f"Add {i} and {i + 1}.", "completion": f"It is {2 * i + 1}."}
+               for i in range(24)]  # fmt: skip
+SCALE_BYTES = {T.Q4_K: slice(0, 16), T.Q6_K: slice(192, 210), T.Q5_0: slice(0, 2),
+               T.Q8_0: slice(0, 2)}  # fmt: skip
+
+
+def test_q4_k_m_export_with_calibration(wide, tmp_path, one_thread):
+    """`--type q4_k_m --calibration`: every block matrix, in each of Q4_K_M's types, keeps the
+    scales llama.cpp's quantizer picks (the plain export's bytes outside the codes) and gets
+    codes chosen by GPTQ; the embedding and output (no Hessian) are the plain export's. The
+    file loads in transformers, and its logits are closer to the merged model's."""
+    folder, adapter, merged = wide
+    plain = export_merged_gguf(folder, adapter, tmp_path / "plain.gguf", "q4_k_m").files["model"]
+    gptq = export_merged_gguf(folder, adapter, tmp_path / "gptq.gguf", "q4_k_m",
+                              calibration=CALIBRATION).files["model"]  # fmt: skip
+    ours = {t.name: t for t in gguf.GGUFReader(str(gptq)).tensors}
+    changed = set()
+    for tensor in gguf.GGUFReader(str(plain)).tensors:
+        mine = ours[tensor.name]
+        assert mine.tensor_type == tensor.tensor_type, tensor.name
+        theirs, data = np.asarray(tensor.data), np.asarray(mine.data)
+        if tensor.tensor_type == T.F32 or not tensor.name.startswith("blk."):
+            np.testing.assert_array_equal(data, theirs)
+            continue
+        block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+        kept = SCALE_BYTES[tensor.tensor_type]
+        assert np.array_equal(data.reshape(-1, block_bytes)[:, kept],
+                              theirs.reshape(-1, block_bytes)[:, kept]), tensor.name  # fmt: skip
+        if not np.array_equal(data, theirs):
+            changed.add(tensor.tensor_type.name)
+    assert changed == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+    ids = torch.tensor([[5, 40, 70, 6, 81, 69, 266, 79, 166, 7, 20, 33]])
+    with torch.no_grad():
+        reference = merged(ids).logits
+        errors = [float((load_gguf_model(path)(ids).logits - reference).norm())
+                  for path in (plain, gptq)]  # fmt: skip
+    assert errors[1] < errors[0], errors
+
+
+def test_cli_q4_k_m_with_calibration(wide, tmp_path, capsys, one_thread):
+    import json
+
+    folder, adapter, _ = wide
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in CALIBRATION))
+    args = ["export", "--model", str(folder), "--adapter", str(adapter), "--calibration",
+            str(data), "--output"]  # fmt: skip
+    assert main([*args, str(tmp_path / "m.gguf"), "--type", "q4_k_m"]) == 0
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 15
+    assert main([*args, str(tmp_path / "f.gguf"), "--type", "f16"]) == 2
+    assert "do not apply to f16" in capsys.readouterr().err

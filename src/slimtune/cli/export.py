@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         default=None,
-        help="with --type q4_0: training rows to round the merged weights with error "
+        help="with --type q4_0 or q4_k_m: training rows to round the merged weights with error "
         "compensation (GPTQ), which keeps more of the fine-tune than plain rounding",
     )
     parser.add_argument(
@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
         calibration = read_rows(args.calibration)[: args.calibration_rows]
     if args.as_adapter:
         if calibration:
-            raise SlimtuneError("--calibration applies to a merged q4_0 export, not --as-adapter")
+            raise SlimtuneError(
+                "--calibration applies to a merged q4_0 or q4_k_m export, not --as-adapter"
+            )
         if args.qlora:
             raise SlimtuneError("--as-adapter with --qlora: llama.cpp applies the adapter to a "
                                 "float base; merge it instead (drop --as-adapter)")  # fmt: skip

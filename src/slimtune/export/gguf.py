@@ -31,9 +31,13 @@ from slimtune.errors import SlimtuneError
 from slimtune.export.folder import unique_state_dict
 from slimtune.export.gguf_archs import gguf_arch, tensor_names, to_gguf_tensor, write_hparams
 from slimtune.export.gguf_tokenizer import add_tokenizer
-from slimtune.export.gptq import gptq_q4_0
+from slimtune.export.gptq import gguf_gptq_codes
 from slimtune.export.kquants import quantize_q4_k, quantize_q6_k
 from slimtune.files import atomic_file
+
+# Types whose codes GPTQ can choose (`gguf_codes`): every quantized type of the 4-bit exports.
+GPTQ_QTYPES = ("q4_0", "q4_k_m")
+GPTQ_TYPES = {"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}
 
 # Matrices kept in Q8_0 under q4_0: they hurt most when rounded (llama.cpp does the same).
 KEEP_Q8 = ("token_embd.weight", "output.weight")
@@ -152,8 +156,9 @@ def write_gguf(
 
     `source_gguf`: the GGUF the base model came from; its tokenizer keys are copied verbatim
     (what llama.cpp already reads for that model) instead of being rebuilt from `tokenizer`.
-    `hessians`: {Linear layer path: input Hessian}; with `qtype="q4_0"` those layers' Q4_0
-    blocks are rounded with error compensation (`slimtune.export.gptq`), same scales.
+    `hessians`: {Linear layer path: input Hessian}; those layers' quantized blocks (under
+    `q4_0` and `q4_k_m`) get codes chosen with error compensation (`slimtune.export.gptq`), the
+    quantizer's scales kept.
     """
     import gguf
 
@@ -174,11 +179,10 @@ def write_gguf(
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         for hf_name, gguf_name, array in model_tensors(model, arch):
             ggml_type = tensor_type(gguf_name, array.shape, qtype, n_layers, tied)
+            data = encode(array, ggml_type)
             hessian = (hessians or {}).get(hf_name.removesuffix(".weight"))
-            if hessian is not None and ggml_type == gguf.GGMLQuantizationType.Q4_0:
-                data = gptq_q4_0(torch.from_numpy(array), hessian)
-            else:
-                data = encode(array, ggml_type)
+            if hessian is not None and ggml_type.name in GPTQ_TYPES:
+                data = gguf_gptq_codes(torch.from_numpy(array), hessian, data, ggml_type)
             writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -1,5 +1,6 @@
 """Error-compensated 4-bit rounding (GPTQ, Frantar et al. 2022) of merged weights, into NF4 in
-bitsandbytes' layout, so a merged fine-tune survives the trip back to 4 bits.
+bitsandbytes' layout and into GGUF's block types, so a merged fine-tune survives the trip back
+to 4 bits.
 
 Plain rounding of a merged weight W + dW to the NF4 grid gives back the base's codes almost
 everywhere: a LoRA update is usually smaller than half a grid step. GPTQ rounds one input column
@@ -8,9 +9,11 @@ the inverse Hessian H = sum x x^T of the layer's inputs on calibration rows, so 
 *outputs* on such inputs stay close to the merged layer's: many sub-step updates that rounding
 erases one by one add up to code changes where the inputs make them count.
 
-The block scales (absmax, double-quantized as bitsandbytes does) are those plain rounding would
-pick, fixed before the column sweep; codes are bitsandbytes' NF4 values, packed first element in
-the high nibble, so `Linear4bit` and transformers + bitsandbytes load the result unchanged.
+The block scales are those plain rounding would pick, fixed before the column sweep; only the
+codes change, so the files load as plain rounding's do. NF4: absmax double-quantized as
+bitsandbytes does, codes packed first element in the high nibble, so `Linear4bit` and
+transformers + bitsandbytes load the result. GGUF (`gguf_gptq_codes`): the scales and mins of
+the blocks llama.cpp's quantizer writes, and codes on the grid they give.
 """
 
 from __future__ import annotations
@@ -116,29 +119,26 @@ def gptq_codes(
     return gptq_round(weight, hessian, round_column, damp)
 
 
-Q4_0_BLOCK = 32
+def gguf_gptq_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, blocks: np.ndarray, ggml_type, damp: float = 0.01
+) -> np.ndarray:
+    """`blocks`, a GGUF quantizer's rounding of `weight` (Q4_0, Q5_0, Q8_0, Q4_K or Q6_K), with
+    their codes chosen again by GPTQ: every scale and min the quantizer picked is kept, so the
+    bytes outside the codes are the quantizer's, and each group's codes stay on the grid those
+    scales give (`gguf_codes`)."""
+    from slimtune.export.gguf_codes import LAYOUTS, code_grid, with_codes
 
-
-def gptq_q4_0(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> np.ndarray:
-    """GGUF Q4_0 blocks (uint8, rows x columns / 32 * 18) of `weight`, GPTQ-rounded. The block
-    scales are those of the `gguf` reference quantizer (d = the block's largest-magnitude value
-    / -8, stored as f16); codes are trunc(w / d + 8.5) clipped to 0..15, decoded (q - 8) * d."""
-    rows, columns = weight.shape
-    blocks = weight.detach().float().reshape(rows, columns // Q4_0_BLOCK, Q4_0_BLOCK)
-    pick = blocks.abs().argmax(dim=-1, keepdim=True)
-    d = (blocks.gather(-1, pick).squeeze(-1) / -8).half()
-    scale = d.float()
-    inverse = torch.where(scale == 0, 0.0, 1.0 / scale)
+    layout = LAYOUTS[ggml_type]
+    low, step = (torch.from_numpy(a) for a in code_grid(blocks, ggml_type, tuple(weight.shape)))
+    divisor = torch.where(step == 0, 1.0, step)  # a zero step: every code decodes to low
 
     def round_column(w: torch.Tensor, j: int):
-        block = j // Q4_0_BLOCK
-        q = torch.trunc(w * inverse[:, block] + 8.5).clamp_(0, 15)
-        return q.to(torch.uint8), (q - 8) * scale[:, block]
+        group = j // layout.group
+        q = torch.round((w - low[:, group]) / divisor[:, group]).clamp_(0, layout.top)
+        return q.to(torch.uint8), low[:, group] + q * step[:, group]
 
-    codes = gptq_round(weight, hessian, round_column, damp).reshape(rows, -1, Q4_0_BLOCK)
-    packed = codes[..., :16] | (codes[..., 16:] << 4)  # element j low, j + 16 high nibble
-    scale_bytes = d.numpy().view(np.uint8).reshape(rows, -1, 2)
-    return np.concatenate([scale_bytes, packed.numpy()], axis=-1).reshape(rows, -1)
+    codes = gptq_round(weight, hessian, round_column, damp)
+    return with_codes(blocks, codes.numpy(), ggml_type)
 
 
 def gptq_linear4bit(linear: nn.Linear, hessian: torch.Tensor, config=None):

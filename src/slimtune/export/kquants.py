@@ -100,11 +100,22 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     requantized = np.clip(nearest_int((x.reshape(-1, 8, 32) + offset) / step), 0, 15)
     codes = np.where(step != 0, requantized, codes.reshape(-1, 8, 32)).astype(np.uint8)
 
-    # 64 values per 32 bytes: the first 32 in the low nibbles, the next 32 in the high ones.
-    pairs = codes.reshape(-1, 4, 2, 32)
-    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
     packed = _pack_scales_k4(scale_codes, min_codes)
-    return np.concatenate([fp16_bytes(d_half), fp16_bytes(dmin_half), packed, qs], axis=1)
+    header = np.concatenate([fp16_bytes(d_half), fp16_bytes(dmin_half), packed], axis=1)
+    return np.concatenate([header, _q4_k_code_bytes(codes)], axis=1)
+
+
+def _q4_k_code_bytes(codes: np.ndarray) -> np.ndarray:
+    """A super-block's 256 codes (0..15) in 128 bytes: per 64 values, the first 32 in the low
+    nibbles of 32 bytes, the next 32 in the high ones."""
+    pairs = codes.reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def with_q4_k_codes(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Q4_K `blocks` (n, 144) with their codes replaced by `codes` (n, 256; 0..15), their scales
+    and mins kept."""
+    return np.concatenate([blocks[:, :16], _q4_k_code_bytes(codes.astype(np.uint8))], axis=1)
 
 
 def _six_bits(inverse: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -192,8 +203,16 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     requantized = np.clip(nearest_int(x.reshape(-1, 16, 16) / step), -32, 31) + 32
     codes = np.where(step != 0, requantized, codes).astype(np.uint8)
 
-    # Per 128 values, four runs of 32 (q0..q3): low nibbles of q0/q2 and q1/q3 share bytes, the
-    # four high 2-bit parts share one byte.
+    blocks = np.concatenate(
+        [_q6_k_code_bytes(codes), scale_codes.view(np.uint8), fp16_bytes(d_half)], axis=1
+    )
+    blocks[zero] = 0  # an all-zero super-block is stored as zeros, d included
+    return blocks
+
+
+def _q6_k_code_bytes(codes: np.ndarray) -> np.ndarray:
+    """A super-block's 256 codes (0..63) in 192 bytes. Per 128 values, four runs of 32 (q0..q3):
+    low nibbles of q0/q2 and q1/q3 share bytes, the four high 2-bit parts share one byte."""
     q = codes.reshape(-1, 2, 4, 32)
     low_bits = np.concatenate(
         [
@@ -208,11 +227,13 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
         | ((q[:, :, 2] >> 4) << 4)
         | ((q[:, :, 3] >> 4) << 6)
     ).reshape(-1, 64)
-    blocks = np.concatenate(
-        [low_bits, high_bits, scale_codes.view(np.uint8), fp16_bytes(d_half)], axis=1
-    )
-    blocks[zero] = 0  # an all-zero super-block is stored as zeros, d included
-    return blocks
+    return np.concatenate([low_bits, high_bits], axis=1)
+
+
+def with_q6_k_codes(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Q6_K `blocks` (n, 210) with their codes replaced by `codes` (n, 256; 0..63), their scales
+    and d kept."""
+    return np.concatenate([_q6_k_code_bytes(codes.astype(np.uint8)), blocks[:, 192:]], axis=1)
 
 
 def _first_largest(values: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
-from slimtune.export.gguf import encode, tensor_type, write_gguf
+from slimtune.export.gguf import GPTQ_QTYPES, encode, tensor_type, write_gguf
 from slimtune.export.gguf_adapter import check_adapter_type, write_adapter_gguf
 from slimtune.export.gptq import input_hessians
 from slimtune.export.merge import (
@@ -102,10 +102,12 @@ def export_merged_gguf(
 ) -> GGUFExport:
     """Merge `adapter` into `model` and write one GGUF file `output` of type `qtype`; with
     `eval_rows`, measure how much of the fine-tune's gain the written file keeps; with
-    `calibration` rows (training data) and `qtype="q4_0"`, round with error compensation."""
+    `calibration` rows (training data) and `qtype` "q4_0" or "q4_k_m", round with error
+    compensation (GPTQ)."""
     output = _check_output(output)
-    if calibration and qtype != "q4_0":
-        raise SlimtuneError(f"calibration rows round to Q4_0: they do not apply to {qtype}")
+    if calibration and qtype not in GPTQ_QTYPES:
+        raise SlimtuneError(f"calibration rows round to {' or '.join(GPTQ_QTYPES)}: they do not "
+                            f"apply to {qtype}")  # fmt: skip
     network, tokenizer, layers, scores = merged_model(
         model, adapter, qlora=qlora, eval_rows=eval_rows
     )
