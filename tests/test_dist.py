@@ -205,10 +205,15 @@ def _tiny_qlora() -> torch.nn.Module:
     and a rank-4 adapter whose B is not zero (so that the adapter counts in the loss)."""
     from helpers import make_tiny_llama
 
-    from slimtune.lora import LoraConfig, inject_adapter
     from slimtune.quant import QuantConfig, quantize_model
 
-    model = quantize_model(make_tiny_llama(tie_word_embeddings=True), QuantConfig())
+    return _with_adapter(quantize_model(make_tiny_llama(tie_word_embeddings=True), QuantConfig()))
+
+
+def _with_adapter(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with a rank-4 adapter whose B is not zero, in training mode."""
+    from slimtune.lora import LoraConfig, inject_adapter
+
     torch.manual_seed(1)
     inject_adapter(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
@@ -276,18 +281,10 @@ def _check_shard_model(info: DistInfo) -> None:
 def _loaded_qlora(folder: str, keep_part) -> torch.nn.Module:
     """The tied-embeddings LLaMA folder loaded into NF4 (in parts with a LoadedPart), with the
     adapter of _tiny_qlora (B not zero)."""
-    from slimtune.lora import LoraConfig, inject_adapter
     from slimtune.models import load_model
     from slimtune.quant import QuantConfig
 
-    model, _ = load_model(folder, quant=QuantConfig(), keep_part=keep_part)
-    torch.manual_seed(1)
-    inject_adapter(model, LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    return model.train()
+    return _with_adapter(load_model(folder, quant=QuantConfig(), keep_part=keep_part)[0])
 
 
 def _check_sharded_loading(info: DistInfo, folder: str) -> None:
