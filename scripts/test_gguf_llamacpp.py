@@ -188,6 +188,8 @@ def main() -> int:
     parser.add_argument("--adapter", default=None, help="adapter folder (default: a random one)")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--gptq-rows", type=int, default=0,
+                        help="also run Q4_K_M rounded by GPTQ on this many demo training rows")  # fmt: skip
     parser.add_argument("--src", type=Path, default=None,
                         help="llama.cpp source (convert_hf_to_gguf.py): compare with its output")  # fmt: skip
     args = parser.parse_args()
@@ -233,7 +235,12 @@ def main() -> int:
         failed |= not compare(name, answers, expected, "slimtune's")
     else:
         print(f"no {server}: the llama-server check was skipped")
-    for qtype in ("q8_0", "q4_0", "q4_k_m"):  # reported only
+    if args.gptq_rows:
+        calibration = read_rows(demo_data_path("train"))[: args.gptq_rows]
+        merged["q4_k_m, GPTQ"] = export_merged_gguf(
+            None, adapter, work / "merged-q4_k_m-gptq.gguf", "q4_k_m", calibration=calibration
+        ).files["model"]
+    for qtype in [name for name in merged if name != "f32"]:  # reported only
         own = slimtune_answers(load_gguf_model(merged[qtype]), tokenizer, prompts, args.tokens)
         answers = llamacpp_answers(binary, merged[qtype], prompts, args.tokens)
         compare(f"merged {qtype}", answers, own, "those of the same file read by transformers")
