@@ -95,10 +95,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def norm_eps(module: nn.Module) -> float:
+    """The epsilon of an RMSNorm module, under either of the names transformers gives it."""
+    return getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+
+
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), module.weight, norm_eps(module))
     return module(x)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.infer.llama import KVCache, Rotary, _head_dim, supports
+from slimtune.infer.llama import KVCache, Rotary, _head_dim, norm_eps, supports
 from slimtune.lora.layer import LoraLinear
 from slimtune.quant import Linear4bit, native
 from slimtune.quant.gemv import NATIVE_ROWS, native_layout, native_weight
@@ -82,6 +82,11 @@ def _float32(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
 
 
+def _readable(tensors: list[torch.Tensor]) -> bool:
+    """Whether C reads these in place: float32 on the CPU, contiguous."""
+    return all(_float32(t) and t.is_contiguous() for t in tensors)
+
+
 class NativeDecoder:
     """The model described to `slim_llama_step` once: pointers to its tensors (kept alive here)
     and, per projection, one adapter per slot. `step` runs a batch's decode step."""
@@ -100,7 +105,7 @@ class NativeDecoder:
             hidden=self.hidden, heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads, head_dim=_head_dim(config),
             intermediate=config.intermediate_size, blocks=len(blocks), max_rank=max([1, *ranks]),
-            slots=slots, eps=_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
+            slots=slots, eps=norm_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
             block=self._blocks, final_norm=inner.norm.weight.data_ptr(),
             embedding=inner.embed_tokens.weight.data_ptr(),
         )  # fmt: skip
@@ -185,10 +190,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _eps(norm: nn.Module) -> float:
-    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-
-
 def _plain(model: nn.Module) -> bool:
     """Float32 embeddings and norms, SiLU MLP, one norm epsilon."""
     inner, config = model.model, model.config
@@ -198,22 +199,21 @@ def _plain(model: nn.Module) -> bool:
     return (
         type(inner.embed_tokens) is nn.Embedding
         and getattr(config, "hidden_act", None) == "silu"
-        and all(_float32(t) and t.is_contiguous() for t in tensors)
-        and len({_eps(n) for n in norms}) == 1
+        and _readable(tensors)
+        and len({norm_eps(n) for n in norms}) == 1
         and config.num_attention_heads % config.num_key_value_heads == 0
     )
 
 
 def usable(cache: KVCache, rotary: Rotary) -> bool:
     """Whether the C step can write into `cache` with `rotary`'s tables: float32, contiguous."""
-    tensors = [rotary.cos, rotary.signed_sin, *cache.keys, *cache.values]
-    return all(_float32(t) and t.is_contiguous() for t in tensors)
+    return _readable([rotary.cos, rotary.signed_sin, *cache.keys, *cache.values])
 
 
 def _projection(module: nn.Module, compute_dtype: torch.dtype | None, names: list[str] | None):
     """(4-bit layer, float32 bias, [(A, B.T, scaling) or None per slot], bf16 output) of a block
     projection the C step computes, or None."""
-    adapters: list = [None]
+    adapters: list = []  # slots past the end have no adapter here
     if isinstance(module, LoraLinear):
         if names is None:  # one slot: the layer as it stands
             if module.sample_groups is not None:
@@ -223,9 +223,7 @@ def _projection(module: nn.Module, compute_dtype: torch.dtype | None, names: lis
                 return None
         else:
             live = [] if module.disabled else names
-        adapters = (
-            [_adapter(module, name) for name in live] if names is not None or live else [None]
-        )
+        adapters = [_adapter(module, name) for name in live]
         if any(a is False for a in adapters):
             return None
         module = module.base_layer

@@ -106,13 +106,13 @@ class LeanBatch:
         if self.cache.length == self.cache.capacity:
             self._resize(2 * self.cache.capacity)
         native = self._native_decoder(adapters)
-        if native is not None and len(last) <= MAX_ROWS and usable(self.cache, self.rotary):
-            # Rows are left-padded: each sees its cache from its first real column on.
-            start = self.mask.int().argmax(-1).tolist()
-            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
-            self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
-            return native.step(last.view(-1).tolist(), self.cache, self.rotary, start, slots)
+        in_c = native is not None and len(last) <= MAX_ROWS and usable(self.cache, self.rotary)
+        # Rows are left-padded: each sees its cache from its first real column on.
+        start = self.mask.int().argmax(-1).tolist() if in_c else None
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
+        if in_c:
+            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
+            return native.step(last.view(-1).tolist(), self.cache, self.rotary, start, slots)
         positions = self.mask.sum(-1, keepdim=True) - 1
         mask = attention_mask(self.mask, self.cache.length, 1)
         with per_sample(adapters):
