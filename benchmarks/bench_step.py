@@ -1,6 +1,7 @@
 """Decode steps of SmolLM2-135M in NF4, side by side in one run: the lean forward (Python over
 the model's modules, 4-bit kernels) against the C decode step (slimtune.infer.native_step).
 
+- float32 and bfloat16 compute (the 4-bit products in bfloat16 where the CPU has it);
 - 1 row with one adapter (a `generate` step) and 16 rows over 3 adapters (a `serve --qlora`
   step; the lean forward runs them as per-sample adapters, the C step as slots);
 - each adapter r=16 on every linear layer of the blocks, random (speed does not depend on what
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTERS = ["a", "b", "c"]
 CONTEXT = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the layers' compute dtype
 
 
 def model_with_adapters():
@@ -56,7 +58,7 @@ def timed(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def paths(model, rows: int, steps: int):
+def paths(model, rows: int, steps: int, dtype: torch.dtype):
     """(lean step, C step) closures for `rows` rows, each over its own cache with CONTEXT
     columns filled, room for the steps of every repeat."""
     from slimtune.infer.llama import KVCache, Rotary, lean_forward
@@ -75,7 +77,7 @@ def paths(model, rows: int, steps: int):
             lean_forward(model, ids, torch.arange(CONTEXT).expand(rows, -1), cache, rotary, None)
         caches.append(cache)
     token = ids[:, -1:]
-    native = NativeDecoder.build(model, None, ADAPTERS)
+    native = NativeDecoder.build(model, dtype, ADAPTERS)
     slots = [ADAPTERS.index(n) for n in names]
 
     def lean():
@@ -90,11 +92,11 @@ def paths(model, rows: int, steps: int):
     return lean, c_step
 
 
-def measure(model, rows: int, repeats: int, steps: int) -> dict:
+def measure(model, rows: int, repeats: int, steps: int, dtype: torch.dtype) -> dict:
     from slimtune.quant.inference import inference_4bit
 
-    with inference_4bit(model), torch.inference_mode():
-        lean, c_step = paths(model, rows, steps * (repeats + 1))
+    with inference_4bit(model, dtype), torch.inference_mode():
+        lean, c_step = paths(model, rows, steps * (repeats + 1), dtype)
         best = {"lean forward": float("inf"), "C step": float("inf")}
         for _ in range(repeats + 1):  # the first round warms up
             for name, step in (("lean forward", lean), ("C step", c_step)):
@@ -121,7 +123,11 @@ def main() -> int:
     record = {
         "machine": machine_record(),
         "load_average_before": load,
-        "ms": {rows: measure(model, rows, args.repeats, args.steps) for rows in (1, 16)},
+        "ms": {
+            f"{rows} {name}": measure(model, rows, args.repeats, args.steps, DTYPES[name])
+            for name in DTYPES
+            for rows in (1, 16)
+        },
     }
     args.json.write_text(json.dumps(record, indent=1) + "\n")
     lines = [
@@ -135,14 +141,15 @@ def main() -> int:
         f"of the blocks, {CONTEXT} tokens in the KV cache; milliseconds a step, best of "
         f"{args.repeats} means over {args.steps} steps.",
         "",
-        "| rows | adapters | lean forward ms | C step ms | speed-up | tokens/s (C) "
+        "| rows | adapters | compute | lean forward ms | C step ms | speed-up | tokens/s (C) "
         "| output layer ms (in both) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for rows, ms in record["ms"].items():
+    for key, ms in record["ms"].items():
+        rows, dtype = int(key.split()[0]), key.split()[1]
         adapters = "1" if rows == 1 else "3, mixed"
         lines.append(
-            f"| {rows} | {adapters} | {ms['lean forward']:.2f} | {ms['C step']:.2f} | "
+            f"| {rows} | {adapters} | {dtype} | {ms['lean forward']:.2f} | {ms['C step']:.2f} | "
             f"{ms['lean forward'] / ms['C step']:.2f}x | {rows * 1e3 / ms['C step']:.0f} | "
             f"{ms['output layer']:.2f} |"
         )

@@ -179,6 +179,42 @@ def test_dense_kernel_equals_matmul(rows):
     _close(native.dense_matmul(x, w, threads=2), x @ w.t())
 
 
+@pytest.mark.skipif(not native.bf16_dot(), reason="the CPU has no bfloat16 dot products")
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_bf16_dense_kernel_is_the_bfloat16_matmul(rows):
+    """A bfloat16 weight: the products of bfloat16 operands, summed in float32."""
+    w = torch.randn(70, 100).bfloat16()  # 100: a masked tail after three whole steps of 32
+    x = torch.randn(rows, 100)
+    y = native.dense_matmul(x, w, threads=2)
+    ref = x.bfloat16().float() @ w.float().t()
+    assert (y - ref).abs().max() <= 2e-6 * ref.abs().max()
+    assert (x @ w.float().t() - ref).abs().max() > 1e-4 * ref.abs().max()  # x was rounded
+
+
+def test_bf16_compute_reads_a_bfloat16_copy_of_the_big_float_layer(monkeypatch):
+    """In bfloat16 compute the output layer multiplies a bfloat16 copy where the CPU has
+    bfloat16 dot products, its own float32 weight elsewhere; the model's weight is untouched."""
+    monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
+    seen = []
+    real = native.dense_matmul
+    monkeypatch.setattr(native, "dense_matmul", lambda x, w: seen.append(w.dtype) or real(x, w))
+    model = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 128))  # the second one is big
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with inference_4bit(model, torch.bfloat16):
+        y = model(x)
+        model(x)
+    if native.library() is None:
+        assert seen == []
+    else:
+        expected = torch.bfloat16 if native.bf16_dot() else torch.float32
+        assert seen == [expected, expected]
+        assert model[1].weight.dtype == torch.float32
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert "forward" not in model[1].__dict__
+
+
 def test_inference_4bit_sends_the_big_float_layer_to_the_c_kernel(monkeypatch):
     monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
     calls = []

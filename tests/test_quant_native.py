@@ -70,6 +70,26 @@ def test_matmul_equals_decode_then_matmul(lib, rows, double_quant):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(("quant_type", "blocksize"), [("nf4", 64), ("fp4", 128), ("nf4", 32)])
+def test_bf16_matmul_is_the_bfloat16_decode_then_matmul(
+    lib, rows, double_quant, quant_type, blocksize
+):
+    """Where the CPU multiplies bfloat16 (and blocks hold whole 64-weight steps), bf16 products
+    are a bfloat16 decode-then-matmul's: weights and input rounded to bfloat16, sums in
+    float32. Elsewhere they are the float32 products."""
+    w = torch.randn(37, 384)
+    packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
+    x = torch.randn(rows, 384)
+    y = native.matmul(x, gemv.native_weight(packed, state), threads=2, lib=lib, bf16=True)
+    if native.bf16_dot(lib) and blocksize % 64 == 0:
+        ref = x.bfloat16().float() @ dequantize_4bit(packed, state, torch.bfloat16).float().t()
+    else:
+        ref = x @ dequantize_4bit(packed, state, torch.float32).t()
+    assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
 def test_dequantize_uses_the_c_decode(monkeypatch):
     """`dequantize_4bit` on a CPU goes through the C decode where it is built."""
     calls = []

@@ -155,7 +155,7 @@ static int project(const Decoder *d, const Batch *b, const Projection *const *p,
                    const float *x, float *const *y, float *lora, int threads) {
     const Weight4 *w[3];
     for (int i = 0; i < n; i++) w[i] = p[i]->weight;
-    if (slim_q4_matmul_many(w, n, x, b->rows, y, threads) != 0) return -1;
+    if (slim_q4_matmul_many(w, n, x, b->rows, y, threads, p[0]->bf16) != 0) return -1;
     const int64_t in = p[0]->weight->in;
 #pragma omp parallel for num_threads(threads) if (b->rows > 1 && threads > 1)
     for (int64_t r = 0; r < b->rows; r++)

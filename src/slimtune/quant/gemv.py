@@ -259,7 +259,8 @@ def linear_4bit_inference(
     out_features, in_features = state.shape
     x2d = x.reshape(-1, in_features)
     if native_usable(x2d, state):
-        y = native.matmul(x2d, weight or native_weight(packed, state)).to(dtype)
+        bf16 = dtype == torch.bfloat16
+        y = native.matmul(x2d, weight or native_weight(packed, state), bf16=bf16).to(dtype)
     elif fused_usable(x2d, state):
         if table is None:
             table = input_table(x2d, state.quant_type)

@@ -49,10 +49,12 @@ class Weight4(ctypes.Structure):
 
 
 _SIGNATURES = {
-    "slim_q4_matmul": [ctypes.POINTER(Weight4), _p, _i64, _p, _int],
+    "slim_q4_matmul": [ctypes.POINTER(Weight4), _p, _i64, _p, _int, _int],
     "slim_f32_matmul": [_p, _i64, _i64, _p, _i64, _p, _int],
+    "slim_bf16_matmul": [_p, _i64, _i64, _p, _i64, _p, _int],
     "slim_q4_decode": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _int, _int],
     "slim_q4_lanes": [],
+    "slim_q4_bf16_dot": [],
 }
 
 
@@ -163,15 +165,29 @@ class Weight:
         self.struct = Weight4(**fields)
 
 
+@cache
+def bf16_dot(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the kernels multiply in bfloat16 here (AVX512_BF16)."""
+    lib = lib or library()
+    return lib is not None and bool(lib.slim_q4_bf16_dot())
+
+
 def matmul(
-    x2d: torch.Tensor, weight: Weight, threads: int | None = None, lib: ctypes.CDLL | None = None
+    x2d: torch.Tensor,
+    weight: Weight,
+    threads: int | None = None,
+    lib: ctypes.CDLL | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
-    """x2d @ W.T as float32 (rows, out_features), x2d (rows, in_features) any float dtype."""
+    """x2d @ W.T as float32 (rows, out_features), x2d (rows, in_features) any float dtype.
+    `bf16`: the products a bfloat16 decode-then-matmul makes (weights and input rounded to
+    bfloat16, sums in float32), where `bf16_dot()`; float32 products elsewhere."""
     x = x2d.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     status = (lib or library()).slim_q4_matmul(
-        ctypes.byref(weight.struct), x.data_ptr(), x.shape[0], y.data_ptr(), _threads(threads)
-    )
+        ctypes.byref(weight.struct), x.data_ptr(), x.shape[0], y.data_ptr(), _threads(threads),
+        int(bf16),
+    )  # fmt: skip
     if status != 0:
         raise ValueError(f"the 4-bit kernel cannot read a {tuple(x.shape)} x {weight.in_features}")
     return y
@@ -180,15 +196,19 @@ def matmul(
 def dense_matmul(
     x2d: torch.Tensor, weight: torch.Tensor, threads: int | None = None
 ) -> torch.Tensor:
-    """x2d @ weight.T as float32 for a float32 `weight` (out, in), x2d (rows, in): a few rows
-    against a big weight (the output layer), where BLAS's matrix-vector product uses one core."""
+    """x2d @ weight.T as float32 for a float32 or bfloat16 `weight` (out, in), x2d (rows, in):
+    a few rows against a big weight (the output layer), where BLAS's matrix-vector product
+    uses one core. A bfloat16 weight needs `bf16_dot()`; x2d is then rounded to bfloat16."""
     x = x2d.to(torch.float32).contiguous()
     w = weight.contiguous()
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    library().slim_f32_matmul(
+    kernel = library().slim_bf16_matmul if w.dtype == torch.bfloat16 else library().slim_f32_matmul
+    status = kernel(
         w.data_ptr(), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
         _threads(threads),
     )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"the dense kernel cannot take a {w.dtype} weight here")
     return y
 
 

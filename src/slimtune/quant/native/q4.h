@@ -16,9 +16,10 @@ typedef struct {
     int64_t nested_blocksize;
 } Weight4;
 
-int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads);
+int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads,
+                   int bf16);
 int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t batch,
-                        float *const *y, int threads);
+                        float *const *y, int threads, int bf16);
 int slim_f32_matmul(const float *w, int64_t out, int64_t in, const float *x, int64_t batch,
                     float *y, int threads);
 #endif

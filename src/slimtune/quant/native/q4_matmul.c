@@ -38,6 +38,7 @@
 #define LANES 1
 #endif
 #define CHUNK (2 * LANES) /* weights decoded per step: LANES bytes */
+#define BF16_CHUNK 64    /* weights a step of the bfloat16 products: 32 bytes */
 #define MAX_TILE 16      /* input rows multiplied per decoded vector */
 #define MAX_WEIGHTS 8    /* weights sharing an input in one call */
 
@@ -48,10 +49,20 @@ typedef struct {
     float *y;                /* (batch, out) */
 } Job;
 
-static inline float block_scale(const Weight4 *w, int64_t block) {
-    if (w->absmax) return w->absmax[block];
-    return w->nested_code[w->absmax_codes[block]] * w->nested[block / w->nested_blocksize] +
-           w->offset;
+/* The absmax of each of the `blocks` blocks of row `row`: the stored floats, or, double
+ * quantized, decoded into `scratch`. One division a row: a division a block costs as much as
+ * the block's products. */
+static inline const float *row_scales(const Weight4 *w, int64_t row, int64_t blocks,
+                                      float *scratch) {
+    const int64_t first = row * blocks;
+    if (w->absmax) return w->absmax + first;
+    int64_t group = first / w->nested_blocksize;
+    int64_t left = (group + 1) * w->nested_blocksize - first; /* blocks left in the group */
+    for (int64_t k = 0; k < blocks; k++, left--) {
+        if (left == 0) group++, left = w->nested_blocksize;
+        scratch[k] = w->nested_code[w->absmax_codes[first + k]] * w->nested[group] + w->offset;
+    }
+    return scratch;
 }
 
 #if LANES == 16
@@ -217,8 +228,10 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
         const uint8_t *row = w->packed + r * bytes;
         vec acc_hi[MAX_TILE], acc_lo[MAX_TILE];
         for (int t = 0; t < TILE; t++) acc_hi[t] = acc_lo[t] = vzero();
+        float scratch[blocks];
+        const float *scale = row_scales(w, r, blocks, scratch);
         for (int64_t k = 0; k < blocks; k++) {
-            Table table = scaled_table(w->lut, block_scale(w, r * blocks + k));
+            Table table = scaled_table(w->lut, scale[k]);
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t col = (k * chunks + c) * CHUNK;
                 vec hi, lo;
@@ -255,9 +268,12 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
         vec acc0[MAX_TILE], acc1[MAX_TILE], lo_acc0[2], lo_acc1[2]; /* lo_: small tiles */
         for (int t = 0; t < TILE; t++) acc0[t] = acc1[t] = vzero();
         lo_acc0[0] = lo_acc0[1] = lo_acc1[0] = lo_acc1[1] = vzero();
+        float scratch0[blocks], scratch1[blocks];
+        const float *scale0 = row_scales(w, r, blocks, scratch0);
+        const float *scale1 = row_scales(w, r + 1, blocks, scratch1);
         for (int64_t k = 0; k < blocks; k++) {
-            Table table0 = scaled_table(w->lut, block_scale(w, r * blocks + k));
-            Table table1 = scaled_table(w->lut, block_scale(w, (r + 1) * blocks + k));
+            Table table0 = scaled_table(w->lut, scale0[k]);
+            Table table1 = scaled_table(w->lut, scale1[k]);
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t col = (k * chunks + c) * CHUNK;
                 vec hi0, lo0, hi1, lo1;
@@ -284,6 +300,101 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
             j->y[(b0 + t) * w->out + r] = vsum(acc0[t]) + lo0;
             j->y[(b0 + t) * w->out + r + 1] = vsum(acc1[t]) + lo1;
         }
+    }
+}
+#endif
+
+#if LANES == 16 && defined(__AVX512BF16__)
+/* ---- Bfloat16 products (AVX512_BF16), for layers that compute in bfloat16. ----
+ *
+ * The weights a decode-then-matmul in bfloat16 multiplies: each code value times the block's
+ * absmax, rounded to bfloat16; the input rounded to bfloat16; sums in float32. vdpbf16ps does
+ * 32 multiply-adds an instruction (twice vfmadd231ps) and vpermw looks up 32 weights (twice
+ * vpermps), so a step takes 64 weights: 32 bytes of codes. Its input is arranged per 64
+ * columns as the 32 even columns, then the 32 odd ones (bfloat16 pairs), so that the
+ * high-nibble weights (even columns) meet the even half, the low-nibble ones the odd half. */
+#define HAVE_BF16_DOT 1
+
+typedef struct {
+    const Weight4 *w;
+    const uint16_t *x;       /* (batch, in) bfloat16 bits, arranged as above */
+    int64_t batch;
+    float *y;                /* (batch, out) */
+} Bf16Job;
+
+/* The block's 16 scaled code values in bfloat16, twice over: vpermw reads an index's low 5
+ * bits, and a byte's low 5 bits are its low nibble plus one bit of the high one. */
+static inline __m512i bf16_table(const float *lut, float s) {
+    const __m256bh t = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(lut), _mm512_set1_ps(s)));
+    return _mm512_broadcast_i64x4((__m256i)t);
+}
+
+/* NW (1 or 2) rows of W at a time against TILE input rows. One or two input rows keep two
+ * accumulators a pair (high and low nibbles): more independent chains of dot products. */
+static inline __attribute__((always_inline)) void bf16_tile(const Bf16Job *j, int64_t r0,
+                                                            int64_t r1, int64_t b0,
+                                                            const int NW, const int TILE) {
+    const Weight4 *w = j->w;
+    const int64_t in = w->in, bytes = in / 2, blocks = in / w->blocksize;
+    const int64_t steps = w->blocksize / BF16_CHUNK;
+    for (int64_t r = r0; r + NW <= r1; r += NW) {
+        __m512 acc[2][MAX_TILE], lo_acc[2][2];
+        for (int n = 0; n < NW; n++) {
+            for (int t = 0; t < TILE; t++) acc[n][t] = _mm512_setzero_ps();
+            lo_acc[n][0] = lo_acc[n][1] = _mm512_setzero_ps();
+        }
+        float scratch[2][blocks];
+        const float *scale[2];
+        for (int n = 0; n < NW; n++) scale[n] = row_scales(w, r + n, blocks, scratch[n]);
+        for (int64_t k = 0; k < blocks; k++) {
+            __m512i table[2];
+            for (int n = 0; n < NW; n++) table[n] = bf16_table(w->lut, scale[n][k]);
+            for (int64_t c = 0; c < steps; c++) {
+                const int64_t col = (k * steps + c) * BF16_CHUNK;
+                __m512bh hi[2], lo[2];
+                for (int n = 0; n < NW; n++) {
+                    const uint8_t *p = w->packed + (r + n) * bytes + col / 2;
+                    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+                    hi[n] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table[n]);
+                    lo[n] = (__m512bh)_mm512_permutexvar_epi16(v, table[n]);
+                }
+                for (int t = 0; t < TILE; t++) {
+                    const uint16_t *x = j->x + (b0 + t) * in + col;
+                    const __m512bh even = (__m512bh)_mm512_loadu_si512(x);
+                    const __m512bh odd = (__m512bh)_mm512_loadu_si512(x + 32);
+                    for (int n = 0; n < NW; n++) {
+                        if (TILE <= 2) {
+                            acc[n][t] = _mm512_dpbf16_ps(acc[n][t], hi[n], even);
+                            lo_acc[n][t] = _mm512_dpbf16_ps(lo_acc[n][t], lo[n], odd);
+                        } else {
+                            acc[n][t] = _mm512_dpbf16_ps(
+                                _mm512_dpbf16_ps(acc[n][t], hi[n], even), lo[n], odd);
+                        }
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < TILE; t++)
+            for (int n = 0; n < NW; n++)
+                j->y[(b0 + t) * w->out + r + n] =
+                    vsum(TILE <= 2 ? _mm512_add_ps(acc[n][t], lo_acc[n][t]) : acc[n][t]);
+    }
+}
+
+static void bf16_rows(const void *job, int64_t r0, int64_t r1) {
+    const Bf16Job *j = job;
+    const int64_t even = r0 + (r1 - r0) / 2 * 2;
+    int64_t b = 0;
+    while (b < j->batch) {
+        const int64_t left = j->batch - b;
+        const int tile = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        switch (tile) {
+        case 8: bf16_tile(j, r0, even, b, 2, 8); bf16_tile(j, even, r1, b, 1, 8); break;
+        case 4: bf16_tile(j, r0, even, b, 2, 4); bf16_tile(j, even, r1, b, 1, 4); break;
+        case 2: bf16_tile(j, r0, even, b, 2, 2); bf16_tile(j, even, r1, b, 1, 2); break;
+        default: bf16_tile(j, r0, even, b, 2, 1); bf16_tile(j, even, r1, b, 1, 1);
+        }
+        b += tile;
     }
 }
 #endif
@@ -368,6 +479,60 @@ static void dense_rows(const void *job, int64_t r0, int64_t r1) {
     }
 }
 
+#ifdef HAVE_BF16_DOT
+/* ---- Bfloat16 weights (the output layer in bfloat16 compute): pairs of columns per lane. ---- */
+
+typedef struct {
+    const uint16_t *w;       /* (out, in) bfloat16 bits */
+    int64_t out, in;
+    const uint16_t *x;       /* (batch, in) bfloat16 bits */
+    int64_t batch;
+    float *y;                /* (batch, out) */
+} Bf16DenseJob;
+
+static inline __m512bh load_pairs(const uint16_t *p, int64_t left) {
+    if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
+}
+
+/* One row of W at a time against TILE input rows; small tiles alternate two accumulators. */
+static inline __attribute__((always_inline)) void bf16_dense_tile(const Bf16DenseJob *j,
+                                                                  int64_t r0, int64_t r1,
+                                                                  int64_t b0, const int TILE) {
+    const int64_t in = j->in;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *row = j->w + r * in;
+        __m512 acc[MAX_TILE], other[2];
+        for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
+        other[0] = other[1] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < in; c += 32) {
+            const __m512bh w = load_pairs(row + c, in - c);
+            for (int t = 0; t < TILE; t++) {
+                const __m512bh x = load_pairs(j->x + (b0 + t) * in + c, in - c);
+                if (TILE <= 2 && (c / 32) % 2) other[t] = _mm512_dpbf16_ps(other[t], w, x);
+                else acc[t] = _mm512_dpbf16_ps(acc[t], w, x);
+            }
+        }
+        for (int t = 0; t < TILE; t++)
+            j->y[(b0 + t) * j->out + r] =
+                vsum(TILE <= 2 ? _mm512_add_ps(acc[t], other[t]) : acc[t]);
+    }
+}
+
+static void bf16_dense_rows(const void *job, int64_t r0, int64_t r1) {
+    const Bf16DenseJob *j = job;
+    int64_t b = 0;
+    while (b < j->batch) {
+        const int64_t left = j->batch - b;
+        if (left >= 16) { bf16_dense_tile(j, r0, r1, b, 16); b += 16; }
+        else if (left >= 8) { bf16_dense_tile(j, r0, r1, b, 8); b += 8; }
+        else if (left >= 4) { bf16_dense_tile(j, r0, r1, b, 4); b += 4; }
+        else if (left >= 2) { bf16_dense_tile(j, r0, r1, b, 2); b += 2; }
+        else { bf16_dense_tile(j, r0, r1, b, 1); b += 1; }
+    }
+}
+#endif
+
 /* Rows of W split evenly between the threads of one OpenMP region. The kernel is linked
  * against libgomp.so.1, the soname of the OpenMP runtime torch ships and loads first, so these
  * are torch's own threads: no second pool competing for the cores. */
@@ -393,7 +558,8 @@ int slim_q4_lanes(void) { return LANES; }
 typedef struct {
     const Weight4 *const *w;
     int n;
-    const float *x;          /* arranged as in Job */
+    const void *x;           /* arranged as in Job, or as in Bf16Job (bf16) */
+    int bf16;
     int64_t batch;
     float *const *y;
     int64_t start[MAX_WEIGHTS + 1]; /* first row of each weight in the stack */
@@ -405,45 +571,85 @@ static void stack_rows(const void *job, int64_t r0, int64_t r1) {
         const int64_t a = r0 > s->start[i] ? r0 : s->start[i];
         const int64_t b = r1 < s->start[i + 1] ? r1 : s->start[i + 1];
         if (a >= b) continue;
+#ifdef HAVE_BF16_DOT
+        if (s->bf16) {
+            const Bf16Job j = {s->w[i], s->x, s->batch, s->y[i]};
+            bf16_rows(&j, a - s->start[i], b - s->start[i]);
+            continue;
+        }
+#endif
         const Job j = {s->w[i], s->x, s->batch, s->y[i]};
         q4_rows(&j, a - s->start[i], b - s->start[i]);
     }
 }
 
+/* Nearest even bfloat16 bits of a float32, as torch rounds. */
+static inline uint16_t bf16_bits(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* The input rows split per chunk of `chunk` columns into their even then odd columns. */
+static void *arrange(const float *x, int64_t batch, int64_t in, int64_t chunk, int bf16) {
+    void *out = malloc((size_t)(batch * in) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+    if (!out) return NULL;
+    const int64_t half = chunk / 2;
+    for (int64_t i = 0; i < batch * in; i += chunk)
+        for (int64_t l = 0; l < half; l++) {
+            if (bf16) {
+                ((uint16_t *)out)[i + l] = bf16_bits(x[i + 2 * l]);
+                ((uint16_t *)out)[i + half + l] = bf16_bits(x[i + 2 * l + 1]);
+            } else {
+                ((float *)out)[i + l] = x[i + 2 * l];
+                ((float *)out)[i + half + l] = x[i + 2 * l + 1];
+            }
+        }
+    return out;
+}
+
 /* y[i] (batch, out_i) = x (batch, in) @ W_i.T for n <= MAX_WEIGHTS weights of one `in`,
- * float32, contiguous. Returns 0, or -1 when the shapes do not fit the kernel (the caller
- * falls back). */
+ * float32, contiguous. bf16: the products of a bfloat16 decode-then-matmul (weights and input
+ * rounded to bfloat16, sums in float32) where the CPU multiplies bfloat16 (slim_q4_bf16_dot),
+ * float32 products elsewhere. Returns 0, or -1 when the shapes do not fit the kernel (the
+ * caller falls back). */
 int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t batch,
-                        float *const *y, int threads) {
+                        float *const *y, int threads, int bf16) {
     if (n < 1 || n > MAX_WEIGHTS || batch < 1) return -1;
     const int64_t in = w[0]->in;
-    StackJob s = {w, n, NULL, batch, y, {0}};
+    StackJob s = {w, n, NULL, 0, batch, y, {0}};
+#ifdef HAVE_BF16_DOT
+    s.bf16 = bf16;
+#endif
     for (int i = 0; i < n; i++) {
         if (w[i]->in != in || w[i]->blocksize % CHUNK != 0 || in % w[i]->blocksize != 0)
             return -1;
+        if (w[i]->blocksize % BF16_CHUNK != 0) s.bf16 = 0;
         s.start[i + 1] = s.start[i] + w[i]->out;
     }
-    float *arranged = malloc((size_t)(batch * in) * sizeof(float));
+    void *arranged = arrange(x, batch, in, s.bf16 ? BF16_CHUNK : CHUNK, s.bf16);
     if (!arranged) return -1;
-    for (int64_t b = 0; b < batch; b++) {
-        const float *src = x + b * in;
-        float *dst = arranged + b * in;
-        for (int64_t c = 0; c < in; c += CHUNK)
-            for (int l = 0; l < LANES; l++) {
-                dst[c + l] = src[c + 2 * l];
-                dst[c + LANES + l] = src[c + 2 * l + 1];
-            }
-    }
     s.x = arranged;
     run(stack_rows, &s, s.start[n], threads);
     free(arranged);
     return 0;
 }
 
+/* Whether bf16 products run in bfloat16 here (AVX512_BF16). */
+int slim_q4_bf16_dot(void) {
+#ifdef HAVE_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y (batch, out) = x (batch, in) @ W.T, float32, contiguous. Returns 0, or -1 when the shapes
  * do not fit the kernel (the caller falls back). */
-int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads) {
-    return slim_q4_matmul_many(&w, 1, x, batch, &y, threads);
+int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads,
+                   int bf16) {
+    return slim_q4_matmul_many(&w, 1, x, batch, &y, threads, bf16);
 }
 
 /* y (batch, out) = x (batch, in) @ W.T for a float32 W (out, in), all contiguous. */
@@ -453,6 +659,26 @@ int slim_f32_matmul(const float *w, int64_t out, int64_t in, const float *x, int
     DenseJob j = {w, out, in, x, batch, y};
     run(dense_rows, &j, out, threads);
     return 0;
+}
+
+/* y (batch, out) = x (batch, in) @ W.T for a bfloat16 W (out, in), x float32 rounded to
+ * bfloat16, sums in float32; all contiguous. Returns -1 where the CPU does not multiply
+ * bfloat16 (slim_q4_bf16_dot). */
+int slim_bf16_matmul(const uint16_t *w, int64_t out, int64_t in, const float *x, int64_t batch,
+                     float *y, int threads) {
+#ifdef HAVE_BF16_DOT
+    if (batch < 1) return -1;
+    uint16_t *rounded = malloc((size_t)(batch * in) * sizeof(uint16_t));
+    if (!rounded) return -1;
+    for (int64_t i = 0; i < batch * in; i++) rounded[i] = bf16_bits(x[i]);
+    Bf16DenseJob j = {w, out, in, rounded, batch, y};
+    run(bf16_dense_rows, &j, out, threads);
+    free(rounded);
+    return 0;
+#else
+    (void)w, (void)out, (void)in, (void)x, (void)batch, (void)y, (void)threads;
+    return -1;
+#endif
 }
 
 /* Decode `rows` rows of codes into float32 (bf16 = 0) or bfloat16 bits (bf16 = 1), each
