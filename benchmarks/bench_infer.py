@@ -6,7 +6,9 @@ engine makes exactly 128), each engine run --repeats times, alternating, best ru
   computing from their packed codes (`slimtune.quant.gemv`);
 - transformers + bitsandbytes NF4 (double quantization, float32 compute): `generate`;
 - transformers fp32: `generate`;
-- slimtune fp32: the decode loop on the float model (what the loop alone gains).
+- slimtune fp32: the decode loop on the float model (what the loop alone gains);
+- slimtune nf4 bf16 (on CPUs with AVX512_BF16): the NF4 model computing in bfloat16 (4-bit
+  products as a bfloat16 decode-then-matmul, a bfloat16 copy of the output layer).
 The memory bound: bytes one new token must read (the 4-bit layers' codes and absmax, the float
 head, norms) divided by the bytes/s this process streams from a 512 MiB buffer, measured in the
 same run. Peak RSS of `slimtune generate --quant nf4` is read from a child process (ru_maxrss).
@@ -71,6 +73,11 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def head_bytes(model) -> int:
+    head = model.get_output_embeddings().weight
+    return head.numel() * head.element_size()
+
+
 def prompt_ids(tokenizer) -> torch.Tensor:
     from slimtune.infer import format_prompt
 
@@ -78,10 +85,11 @@ def prompt_ids(tokenizer) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
-def run_slimtune(model, ids) -> dict:
+def run_slimtune(model, ids, compute_dtype: torch.dtype | None = None) -> dict:
     from slimtune.infer import decode
 
-    out = decode(model, ids, max_new_tokens=NEW_TOKENS)  # no end token: exactly 128
+    # No end token: exactly NEW_TOKENS.
+    out = decode(model, ids, max_new_tokens=NEW_TOKENS, compute_dtype=compute_dtype)
     assert len(out.tokens[0]) == NEW_TOKENS
     steps = NEW_TOKENS - 1
     return {
@@ -111,6 +119,12 @@ def run_transformers(model, ids) -> dict:
             "tokens": out[0, ids.shape[1]:].tolist()}  # fmt: skip
 
 
+def runner(name: str):
+    if name == "slimtune nf4 bf16":
+        return lambda model, ids: run_slimtune(model, ids, torch.bfloat16)
+    return run_slimtune if name.startswith("slimtune") else run_transformers
+
+
 def load_engines(engines: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -120,8 +134,8 @@ def load_engines(engines: list[str]) -> dict:
 
     folder = resolve_model(None)
     loaded = {}
-    if "slimtune nf4" in engines:
-        loaded["slimtune nf4"] = load_model(quant=QuantConfig())[0]
+    if "slimtune nf4" in engines or "slimtune nf4 bf16" in engines:
+        loaded["slimtune nf4"] = loaded["slimtune nf4 bf16"] = load_model(quant=QuantConfig())[0]
     if "transformers+bnb nf4" in engines:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -203,8 +217,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--engines",
-        default="slimtune nf4,transformers+bnb nf4,transformers fp32,slimtune fp32",
-        help="comma-separated subset",
+        default="slimtune nf4,transformers+bnb nf4,transformers fp32,slimtune fp32,"
+        "slimtune nf4 bf16",
+        help="comma-separated subset (slimtune nf4 bf16 only runs where the CPU has AVX512_BF16)",
     )
     parser.add_argument("--no-rss", action="store_true", help="skip the generate child")
     parser.add_argument(
@@ -234,9 +249,11 @@ def main() -> int:
     from slimtune.models import load_model
     from slimtune.models.loading import load_tokenizer
     from slimtune.models.source import resolve_model
-    from slimtune.quant import QuantConfig, storage_report
+    from slimtune.quant import QuantConfig, native, storage_report
 
     engines = [e.strip() for e in args.engines.split(",")]
+    if not native.bf16_dot():
+        engines = [e for e in engines if e != "slimtune nf4 bf16"]
     models = load_engines(engines)
     ids = prompt_ids(load_tokenizer(resolve_model(None)))
     slim = models.get("slimtune nf4") or load_model(quant=QuantConfig())[0]
@@ -245,13 +262,11 @@ def main() -> int:
     results: dict[str, list[dict]] = {name: [] for name in engines}
     bandwidths = []
     for name in engines:  # warm-up: compile kernels, fault pages in
-        runner = run_slimtune if name.startswith("slimtune") else run_transformers
-        runner(models[name], ids[:, :8])
+        runner(name)(models[name], ids[:, :8])
     for repeat in range(args.repeats):
         bandwidths.append(stream_bandwidth())
         for name in engines:
-            runner = run_slimtune if name.startswith("slimtune") else run_transformers
-            result = runner(models[name], ids)
+            result = runner(name)(models[name], ids)
             results[name].append(result)
             print(f"{repeat + 1} {name}: {result['tok_per_s']:.1f} tokens/s", flush=True)
     bandwidth = max(bandwidths)
@@ -266,6 +281,8 @@ def main() -> int:
         "stream_bandwidth_bytes_per_s": bandwidth,
         "bytes_per_token_nf4": need,
         "bandwidth_bound_tok_per_s": bound,
+        # bfloat16 compute reads a bfloat16 copy of the output layer instead
+        "bytes_per_token_nf4_bf16": need - head_bytes(slim) // 2,
         "four_bit_model_bytes": model_bytes,  # every parameter and buffer of the NF4 model
         "engines": {
             name: {k: v for k, v in r.items() if k != "tokens"}
@@ -311,12 +328,21 @@ def write_report(args, record: dict, machine: str) -> None:
         f"{record['stream_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, so at most "
         f"**{bound:.0f} tokens/s**.",
     ]
+    peer = engines.get("transformers+bnb nf4", {}).get("tok_per_s")
     if "slimtune nf4" in engines:
         mine = engines["slimtune nf4"]["tok_per_s"]
         lines.append(f"slimtune nf4 reaches **{100 * mine / bound:.0f}%** of the bound.")
-        if "transformers+bnb nf4" in engines:
-            peer = engines["transformers+bnb nf4"]["tok_per_s"]
+        if peer:
             lines.append(f"slimtune nf4 / transformers+bnb nf4: **{mine / peer:.2f}x**.")
+    if "slimtune nf4 bf16" in engines:
+        mine = engines["slimtune nf4 bf16"]["tok_per_s"]
+        need = record["bytes_per_token_nf4_bf16"]
+        bound16 = record["stream_bandwidth_bytes_per_s"] / need
+        lines.append(
+            f"slimtune nf4 bf16 reads {need / 2**20:.1f} MiB a token (the output layer in "
+            f"bfloat16): at most {bound16:.0f} tokens/s, reached to **{100 * mine / bound16:.0f}%**"
+            + (f"; / transformers+bnb nf4: **{mine / peer:.2f}x**." if peer else ".")
+        )
     if "generate" in record:
         rss = record["generate"]["peak_rss_bytes"] / 2**20
         base = record["generate"]["runtime_peak_rss_bytes"] / 2**20

@@ -14,16 +14,23 @@ decode, the LoRA path) runs as it does natively. The report says which was used.
 match after training is measured as the demo measures it (evaluation computes in float32).
 
     .venv/bin/python benchmarks/bf16_fidelity.py --max-steps 30 --eval-every 10
+
+`--probes` then runs the demo again with one part of the step changed at a time, to see where the
+gap comes from and how big a perturbation moves it: bfloat16 with the output layer in float32,
+with the 4-bit base's forward in float32, with its input gradient in float32; and float32 with
+every matmul computed in float64 (more exact than float32).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,7 +57,63 @@ class EmulatedBf16Matmul(TorchDispatchMode):
         return result
 
 
-def run(dtype: str, args, output: Path) -> dict:
+class Float64Matmul(TorchDispatchMode):
+    """float32 matmuls computed in float64 and rounded once to float32."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if (
+            func.overloadpacket not in MATMULS
+            or "out" in kwargs
+            or not tensors
+            or any(t.dtype != torch.float32 for t in tensors)
+        ):
+            return func(*args, **kwargs)
+        wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+        return func.overloadpacket.default(*wide, **kwargs).float()
+
+
+def _float32_forward(linear_4bit):
+    def forward(x, packed, state, bias, dtype):
+        bias = None if bias is None else bias.float()
+        return linear_4bit(x.float(), packed, state, bias, torch.float32).to(x.dtype)
+
+    return forward
+
+
+def _float32_input_grad(input_grad_4bit):
+    def backward(grad_out, packed, state, dtype):
+        return input_grad_4bit(grad_out.float(), packed, state, torch.float32).to(grad_out.dtype)
+
+    return backward
+
+
+def probes() -> dict:
+    """name -> (compute dtype, a context that changes one part of the step)."""
+    from slimtune.quant import linear
+    from slimtune.train import precision
+
+    return {
+        "bfloat16, output layer in float32": (
+            "bfloat16",
+            lambda: mock.patch.object(precision, "_frozen_output_layer", lambda m: None),
+        ),
+        "bfloat16, 4-bit base forward in float32": (
+            "bfloat16",
+            lambda: mock.patch.object(linear, "linear_4bit", _float32_forward(linear.linear_4bit)),
+        ),
+        "bfloat16, 4-bit base input gradient in float32": (
+            "bfloat16",
+            lambda: mock.patch.object(
+                linear, "input_grad_4bit", _float32_input_grad(linear.input_grad_4bit)
+            ),
+        ),
+        "float32, every matmul in float64": ("float32", Float64Matmul),
+    }
+
+
+def run(dtype: str, args, output: Path, change=contextlib.nullcontext) -> dict:
     from slimtune.train.demo import demo_config, run_demo
 
     torch.set_num_threads(args.threads)
@@ -64,10 +127,7 @@ def run(dtype: str, args, output: Path) -> dict:
     lines: list[str] = []
     start = time.perf_counter()
     emulate = dtype == "bfloat16" and args.emulate
-    if emulate:
-        with EmulatedBf16Matmul():
-            result = run_demo(config, show=0, progress=False, echo=lines.append)
-    else:
+    with EmulatedBf16Matmul() if emulate else contextlib.nullcontext(), change():
         result = run_demo(config, show=0, progress=False, echo=lines.append)
     records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     return dict(
@@ -96,6 +156,7 @@ def main() -> None:
         default=not cpu_has_native_bf16(),
         help="bf16 matmuls as float32 with rounded products (default: on CPUs without bf16)",
     )
+    parser.add_argument("--probes", action="store_true", help="also the runs that locate the gap")
     parser.add_argument("--out", default="", help="write the results JSON here")
     parser.add_argument(
         "--fp32-from", default="", help="take the float32 run from this earlier --out JSON"
@@ -109,11 +170,15 @@ def main() -> None:
         else:
             fp32 = run("float32", args, Path(tmp) / "float32")
         bf16 = run("bfloat16", args, Path(tmp) / "bfloat16")
+        probed = {}
+        for i, (name, (dtype, change)) in enumerate(probes().items() if args.probes else []):
+            probed[name] = run(dtype, args, Path(tmp) / f"probe{i}", change)
     runs = [fp32, bf16]
     steps = sorted(fp32["eval_loss"])
     worst = max(abs(bf16["eval_loss"][s] / fp32["eval_loss"][s] - 1) for s in steps)
     points = 100 * abs(bf16["exact_match_after"] - fp32["exact_match_after"])
-    report = dict(machine=machine_record(), runs=runs, worst_eval_loss_gap=worst, em_gap=points)
+    report = dict(machine=machine_record(), runs=runs, worst_eval_loss_gap=worst, em_gap=points,
+                  probes=probed)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(machine_summary())
@@ -132,6 +197,15 @@ def main() -> None:
         f"points (target <= 2); bf16 matmuls {'emulated' if bf16['emulated_matmuls'] else 'native'}"
     )
     print(f"seconds: float32 {fp32['seconds']}, bfloat16 {bf16['seconds']}")
+    if probed:
+        print("\n| run | " + " | ".join(f"step {s}" for s in steps) + " | exact match | s |")
+        print("|---|" + "---|" * (len(steps) + 2))
+        for name, r in {"bfloat16": bf16, **probed}.items():
+            gaps = [100 * (r["eval_loss"][s] / fp32["eval_loss"][s] - 1) for s in steps]
+            cells = " | ".join(
+                f"{r['eval_loss'][s]:.6f} ({g:+.2f}%)" for s, g in zip(steps, gaps, strict=True)
+            )
+            print(f"| {name} | {cells} | {100 * r['exact_match_after']:.1f}% | {r['seconds']} |")
 
 
 if __name__ == "__main__":

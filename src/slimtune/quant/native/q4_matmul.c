@@ -4,6 +4,10 @@
  *   slim_q4_matmul_many  the same for weights sharing the input, in one parallel region
  *   slim_q4_decode   the float32 or bfloat16 values of rows of codes (training's bands)
  *   slim_f32_matmul  y = x @ W.T for a few rows against a big float32 W (the output layer)
+ *   slim_bf16_matmul the same against a bfloat16 W (the output layer in bfloat16 compute)
+ *
+ * The matmuls from codes compute in float32, or, asked for bfloat16 on a CPU with AVX512_BF16,
+ * as a bfloat16 decode-then-matmul does (see "Bfloat16 products" below).
  *
  * A weight is code_value[nibble] * absmax[block]. For every block the 16 code values are scaled
  * by the block's absmax once, kept in registers, and the nibbles index them with a vector
