@@ -184,10 +184,15 @@ def main() -> int:
                     for mixed in [m == "mixed" for m in args.modes.split(",")]:
                         engine.mixed_batches = mixed
                         steps = engine.steps
+                        counts, seconds = dict(engine.pass_counts), dict(engine.pass_seconds)
                         result = load_in_child(server.url, args.requests, args.concurrency,
                                                args.max_tokens, args.time_limit)  # fmt: skip
                         result.update(mode="mixed" if mixed else "one adapter at a time",
                                       repeat=repeat + 1, steps=engine.steps - steps)  # fmt: skip
+                        for kind in counts:  # mean ms a pass of each kind, and how many
+                            n = engine.pass_counts[kind] - counts[kind]
+                            ms = (engine.pass_seconds[kind] - seconds[kind]) / max(n, 1) * 1e3
+                            result[f"{kind}_passes"], result[f"{kind}_ms"] = n, ms
                         rows.append(result)
                         print(result, flush=True)
         finally:
@@ -218,14 +223,15 @@ def write_report(args, rows: list[dict]) -> None:
         f"{args.max_batch_size}; the clients in a child process, over 127.0.0.1.",
         "",
         "| run | mode | requests | failures | seconds | req/s | tokens/s | p50 latency s "
-        "| p99 latency s | forward passes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 latency s | forward passes | prefills: n, ms each | decode steps: n, ms each |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['repeat']} | {r['mode']} | {r['done']} | {r['failures']} | {r['seconds']:.1f} "
             f"| {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} "
-            f"| {r['steps']} |"
+            f"| {r['steps']} | {r['prefill_passes']}, {r['prefill_ms']:.0f} "
+            f"| {r['decode_passes']}, {r['decode_ms']:.1f} |"
         )
     mixed = [r["req_per_s"] for r in rows if r["mode"] == "mixed"]
     single = [r["req_per_s"] for r in rows if r["mode"] != "mixed"]

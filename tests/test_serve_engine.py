@@ -73,12 +73,15 @@ def _run_together(engine, tokenizer, **kwargs) -> list[list[int]]:
 
 def test_mixed_adapter_batch_gives_the_tokens_of_each_request_alone(engine, tokenizer):
     alone = _run_alone(engine, tokenizer)
-    steps = engine.steps
+    steps, counts = engine.steps, dict(engine.pass_counts)
     together = _run_together(engine, tokenizer)
     assert together == alone
     assert all(len(ids) == 8 for ids in alone)
     # One prefill and 7 decode steps when all six requests share the batch (8 x 6 alone).
     assert engine.steps - steps <= 12
+    passes = {kind: engine.pass_counts[kind] - counts[kind] for kind in counts}
+    assert passes["prefill"] >= 1 and sum(passes.values()) == engine.steps - steps
+    assert engine.pass_seconds["prefill"] > 0
     # The adapters matter: the same prompt gives different tokens on base, a and b.
     outs = [
         engine.submit(generation_request(tokenizer, "Hello", n)).result(120).token_ids

@@ -122,6 +122,9 @@ class Engine:
         self.adapters: set[str] = set()  # loaded into the model (touched on the engine thread)
         self._lora_layers = self._find_lora_layers()
         self.steps = 0  # forward passes run, for tests and benchmarks
+        # passes by kind, and their seconds (the forward, sampling and text)
+        self.pass_counts = {"prefill": 0, "decode": 0}
+        self.pass_seconds = {"prefill": 0.0, "decode": 0.0}
         self._pending: list[GenerationRequest] = []
         self._controls: list[Callable[[], None]] = []
         self._unloading: set[str] = set()
@@ -291,6 +294,7 @@ class Engine:
             return taken
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
+        start = time.perf_counter()
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -300,18 +304,25 @@ class Engine:
             mask[i, width - n :] = 1
         with self._adapters([r.adapter for r in requests]), torch.inference_mode():
             logits = self._batch.prefill(ids, mask)
-        self.steps += 1
+        self._count("prefill")
         first = len(self._rows)
         self._rows += [_Row(r, self._stream(r.stop)) for r in requests]
         self._advance(logits, range(first, len(self._rows)))
+        self.pass_seconds["prefill"] += time.perf_counter() - start
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
         names = [row.request.adapter for row in self._rows]
         with torch.inference_mode():
             logits = self._batch.decode(last, names, self._adapters)
-        self.steps += 1
+        self._count("decode")
         self._advance(logits, range(len(self._rows)))
+        self.pass_seconds["decode"] += time.perf_counter() - start
+
+    def _count(self, kind: str) -> None:
+        self.steps += 1
+        self.pass_counts[kind] += 1
 
     def _advance(self, logits: torch.Tensor, indices: range) -> None:
         """Sample one token for each row in `indices` (logits row j is rows[indices[j]]), emit
