@@ -146,7 +146,8 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, ms in record["ms"].items():
-        rows, dtype = int(key.split()[0]), key.split()[1]
+        rows, dtype = key.split()
+        rows = int(rows)
         adapters = "1" if rows == 1 else "3, mixed"
         lines.append(
             f"| {rows} | {adapters} | {dtype} | {ms['lean forward']:.2f} | {ms['C step']:.2f} | "

@@ -39,39 +39,45 @@ aten = torch.ops.aten
 MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 
 
-class EmulatedBf16Matmul(TorchDispatchMode):
+class WidenedMatmul(TorchDispatchMode):
+    """Matmuls whose tensors `applies` to, computed on operands cast to `wide` and rounded once
+    to `narrow` (written into `out` when the call gives one)."""
+
+    wide: torch.dtype
+    narrow: torch.dtype
+
+    def applies(self, tensors: list[torch.Tensor], kwargs: dict) -> bool:
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func.overloadpacket not in MATMULS or not self.applies(tensors, kwargs):
+            return func(*args, **kwargs)
+        wide = [a.to(self.wide) if isinstance(a, torch.Tensor) else a for a in args]
+        out = kwargs.pop("out", None)
+        result = func.overloadpacket.default(*wide, **kwargs).to(self.narrow)
+        return result if out is None else out.copy_(result)
+
+
+class EmulatedBf16Matmul(WidenedMatmul):
     """bfloat16 matmuls as float32 on the bfloat16 operands, the product rounded to bfloat16."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if func.overloadpacket not in MATMULS or not any(
-            t.dtype == torch.bfloat16 for t in tensors
-        ):
-            return func(*args, **kwargs)
-        wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-        out = kwargs.pop("out", None)
-        result = func.overloadpacket.default(*wide, **kwargs).to(torch.bfloat16)
-        if out is not None:
-            return out.copy_(result)
-        return result
+    wide, narrow = torch.float32, torch.bfloat16
+
+    def applies(self, tensors, kwargs):
+        return any(t.dtype == torch.bfloat16 for t in tensors)
 
 
-class Float64Matmul(TorchDispatchMode):
+class Float64Matmul(WidenedMatmul):
     """float32 matmuls computed in float64 and rounded once to float32."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if (
-            func.overloadpacket not in MATMULS
-            or "out" in kwargs
-            or not tensors
-            or any(t.dtype != torch.float32 for t in tensors)
-        ):
-            return func(*args, **kwargs)
-        wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
-        return func.overloadpacket.default(*wide, **kwargs).float()
+    wide, narrow = torch.float64, torch.float32
+
+    def applies(self, tensors, kwargs):
+        return (
+            "out" not in kwargs and bool(tensors) and all(t.dtype == torch.float32 for t in tensors)
+        )
 
 
 def _float32_forward(linear_4bit):

@@ -33,7 +33,8 @@ typedef struct {
     const Weight4 *weight;
     const float *bias;        /* (out), or NULL */
     const Adapter *adapters;  /* one per slot of the Decoder */
-    int bf16;                 /* the layer computes in bfloat16: its output rounded to it */
+    int bf16;                 /* the layer computes in bfloat16: bfloat16 products where the
+                                 CPU has them (q4_matmul.c), its output rounded to bfloat16 */
 } Projection;
 
 typedef struct {
@@ -60,10 +61,7 @@ typedef struct {
 
 /* Nearest even bfloat16, as torch rounds a float32 tensor to bfloat16. */
 static inline float round_bf16(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
-    bits &= 0xffff0000u;
+    const uint32_t bits = (uint32_t)bf16_bits(v) << 16;
     memcpy(&v, &bits, sizeof v);
     return v;
 }

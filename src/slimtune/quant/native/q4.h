@@ -3,6 +3,7 @@
 #ifndef SLIMTUNE_Q4_H
 #define SLIMTUNE_Q4_H
 #include <stdint.h>
+#include <string.h>
 
 /* A packed 4-bit weight, described once per layer (mirrored by slimtune.quant.native). */
 typedef struct {
@@ -15,6 +16,14 @@ typedef struct {
     float offset;
     int64_t nested_blocksize;
 } Weight4;
+
+/* Nearest even bfloat16 bits of a float32, as torch rounds (infinities and NaN kept). */
+static inline uint16_t bf16_bits(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
 
 int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads,
                    int bf16);

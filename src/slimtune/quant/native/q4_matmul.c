@@ -175,11 +175,7 @@ static inline void store_bf16(uint16_t *out, vec v) {
 #else
 static inline vec decode_natural(const uint8_t *p, const Table *t) { return t->t[*p >> 4]; }
 static inline void store(float *out, vec v) { *out = v; }
-static inline void store_bf16(uint16_t *out, vec v) {
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    *out = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
+static inline void store_bf16(uint16_t *out, vec v) { *out = bf16_bits(v); }
 #endif
 
 typedef struct {
@@ -585,14 +581,6 @@ static void stack_rows(const void *job, int64_t r0, int64_t r1) {
         const Job j = {s->w[i], s->x, s->batch, s->y[i]};
         q4_rows(&j, a - s->start[i], b - s->start[i]);
     }
-}
-
-/* Nearest even bfloat16 bits of a float32, as torch rounds. */
-static inline uint16_t bf16_bits(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
 }
 
 /* The input rows split per chunk of `chunk` columns into their even then odd columns. */
