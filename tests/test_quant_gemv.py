@@ -141,6 +141,20 @@ def test_inference_4bit_blocks_nest(one_thread):
     assert "forward" not in layer.__dict__
 
 
+def test_the_kernel_weight_holds_decoded_scales_and_is_made_once_a_block(one_thread):
+    """Double-quantized scales are decoded once into the kernel's weight, and inside
+    `inference_4bit` the layer's forward and the C decode step read the same one."""
+    layer = Linear4bit.from_linear(nn.Linear(128, 32), QuantConfig(double_quant=True))
+    state = layer.quant_state
+    weight = gemv.native_weight(layer.weight, state)
+    scales = weight._keep[2]
+    assert scales.dtype == torch.float32 and torch.equal(scales, state.block_absmax())
+    assert inference.kernel_weight(layer) is not inference.kernel_weight(layer)  # made anew
+    with inference_4bit(layer):
+        assert inference.kernel_weight(layer) is inference.kernel_weight(layer)
+        assert inference.kernel_weight(layer) is layer.forward.kernel_weight
+
+
 def test_parallel_kernel_equals_serial(kernel):
     """Two threads take the parallel entry point; each row's sums are the same either way."""
     w = torch.randn(200, 256)

@@ -23,7 +23,8 @@ from torch import nn
 from slimtune.infer.llama import KVCache, Rotary, _head_dim, norm_eps, supports
 from slimtune.lora.layer import LoraLinear
 from slimtune.quant import Linear4bit, native
-from slimtune.quant.gemv import NATIVE_ROWS, native_layout, native_weight
+from slimtune.quant.gemv import NATIVE_ROWS, native_layout
+from slimtune.quant.inference import kernel_weight
 
 SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
@@ -140,7 +141,7 @@ class NativeDecoder:
                       post_norm=layer.post_attention_layernorm.weight.data_ptr())  # fmt: skip
 
     def _projection(self, layer: Linear4bit, bias, adapters: list, bf16: bool, slots: int):
-        weight = native_weight(layer.weight, layer.quant_state)
+        weight = kernel_weight(layer)
         table = (_Adapter * slots)()
         for slot, adapter in enumerate(adapters):
             if adapter is not None:

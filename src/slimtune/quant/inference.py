@@ -68,7 +68,15 @@ def _inference_forward(layer: Linear4bit, dtype: torch.dtype | None, tables: Tab
             )
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    forward.kernel_weight = weight
     return forward
+
+
+def kernel_weight(layer: Linear4bit) -> native.Weight:
+    """What the C kernel reads of `layer`: the weight its inference forward holds inside
+    `inference_4bit` (made once for both), else a new one."""
+    weight = getattr(layer.__dict__.get("forward"), "kernel_weight", None)
+    return weight if weight is not None else native_weight(layer.weight, layer.quant_state)
 
 
 # Float layers at least this big (the output layer) take the C kernel for a few input rows:

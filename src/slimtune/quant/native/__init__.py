@@ -44,8 +44,7 @@ class Weight4(ctypes.Structure):
     """`Weight4` of q4_matmul.c, field for field."""
 
     _fields_ = [("packed", _p), ("out", _i64), ("in_", _i64), ("blocksize", _i64), ("lut", _p),
-                ("absmax", _p), ("absmax_codes", _p), ("nested", _p), ("nested_code", _p),
-                ("offset", ctypes.c_float), ("nested_blocksize", _i64)]  # fmt: skip
+                ("absmax", _p)]  # fmt: skip
 
 
 _SIGNATURES = {
@@ -139,30 +138,18 @@ def _threads(threads: int | None) -> int:
 
 class Weight:
     """What the matmul kernel reads of one packed weight, made once per layer. The tensors are
-    kept alive here: the kernel holds their addresses.
-
-    `absmax`: float32 per block; or, double quantized, `absmax` the uint8 codes and `nested`,
-    `nested_code`, `offset`, `nested_blocksize` as in `QuantState`."""
+    kept alive here: the kernel holds their addresses. `absmax`: the float32 scale of every
+    block (a double-quantized weight's decoded once, `QuantState.block_absmax()`)."""
 
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int], blocksize: int,
-                 lut: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None = None,
-                 nested_code: torch.Tensor | None = None, offset: float = 0.0,
-                 nested_blocksize: int = 1):  # fmt: skip
+                 lut: torch.Tensor, absmax: torch.Tensor):  # fmt: skip
         self.out_features, self.in_features = shape
         lut = lut.to(torch.float32).contiguous()
-        fields = dict(packed=packed.data_ptr(), out=self.out_features, in_=self.in_features,
-                      blocksize=blocksize, lut=lut.data_ptr())  # fmt: skip
-        if nested is None:
-            absmax = absmax.to(torch.float32).contiguous()
-            self._keep = [packed, lut, absmax]
-            fields.update(absmax=absmax.data_ptr())
-        else:
-            nested_code = nested_code.to(torch.float32).contiguous()
-            self._keep = [packed, lut, absmax, nested, nested_code]
-            fields.update(absmax_codes=absmax.data_ptr(), nested=nested.data_ptr(),
-                          nested_code=nested_code.data_ptr(), offset=offset,
-                          nested_blocksize=nested_blocksize)  # fmt: skip
-        self.struct = Weight4(**fields)
+        absmax = absmax.to(torch.float32).contiguous()
+        self._keep = [packed, lut, absmax]
+        self.struct = Weight4(packed=packed.data_ptr(), out=self.out_features,
+                              in_=self.in_features, blocksize=blocksize, lut=lut.data_ptr(),
+                              absmax=absmax.data_ptr())  # fmt: skip
 
 
 @cache

@@ -10,11 +10,8 @@ typedef struct {
     const uint8_t *packed;   /* (out, in / 2) */
     int64_t out, in, blocksize;
     const float *lut;        /* the 16 code values */
-    const float *absmax;     /* float per block, or NULL when double quantized */
-    const uint8_t *absmax_codes;
-    const float *nested, *nested_code;
-    float offset;
-    int64_t nested_blocksize;
+    const float *absmax;     /* (out, in / blocksize): double-quantized scales decoded once, as
+                                a decode at every product costs as much as the block's products */
 } Weight4;
 
 /* Nearest even bfloat16 bits of a float32, as torch rounds (infinities and NaN kept). */

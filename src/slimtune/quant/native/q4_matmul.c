@@ -53,22 +53,6 @@ typedef struct {
     float *y;                /* (batch, out) */
 } Job;
 
-/* The absmax of each of the `blocks` blocks of row `row`: the stored floats, or, double
- * quantized, decoded into `scratch`. One division a row: a division a block costs as much as
- * the block's products. */
-static inline const float *row_scales(const Weight4 *w, int64_t row, int64_t blocks,
-                                      float *scratch) {
-    const int64_t first = row * blocks;
-    if (w->absmax) return w->absmax + first;
-    int64_t group = first / w->nested_blocksize;
-    int64_t left = (group + 1) * w->nested_blocksize - first; /* blocks left in the group */
-    for (int64_t k = 0; k < blocks; k++, left--) {
-        if (left == 0) group++, left = w->nested_blocksize;
-        scratch[k] = w->nested_code[w->absmax_codes[first + k]] * w->nested[group] + w->offset;
-    }
-    return scratch;
-}
-
 #if LANES == 16
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
@@ -228,8 +212,7 @@ static inline __attribute__((always_inline)) void tile_rows(const Job *j, int64_
         const uint8_t *row = w->packed + r * bytes;
         vec acc_hi[MAX_TILE], acc_lo[MAX_TILE];
         for (int t = 0; t < TILE; t++) acc_hi[t] = acc_lo[t] = vzero();
-        float scratch[blocks];
-        const float *scale = row_scales(w, r, blocks, scratch);
+        const float *scale = w->absmax + r * blocks;
         for (int64_t k = 0; k < blocks; k++) {
             Table table = scaled_table(w->lut, scale[k]);
             for (int64_t c = 0; c < chunks; c++) {
@@ -268,9 +251,7 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
         vec acc0[MAX_TILE], acc1[MAX_TILE], lo_acc0[2], lo_acc1[2]; /* lo_: small tiles */
         for (int t = 0; t < TILE; t++) acc0[t] = acc1[t] = vzero();
         lo_acc0[0] = lo_acc0[1] = lo_acc1[0] = lo_acc1[1] = vzero();
-        float scratch0[blocks], scratch1[blocks];
-        const float *scale0 = row_scales(w, r, blocks, scratch0);
-        const float *scale1 = row_scales(w, r + 1, blocks, scratch1);
+        const float *scale0 = w->absmax + r * blocks, *scale1 = scale0 + blocks;
         for (int64_t k = 0; k < blocks; k++) {
             Table table0 = scaled_table(w->lut, scale0[k]);
             Table table1 = scaled_table(w->lut, scale1[k]);
@@ -343,9 +324,7 @@ static inline __attribute__((always_inline)) void bf16_tile(const Bf16Job *j, in
             for (int t = 0; t < TILE; t++) acc[n][t] = _mm512_setzero_ps();
             lo_acc[n][0] = lo_acc[n][1] = _mm512_setzero_ps();
         }
-        float scratch[2][blocks];
-        const float *scale[2];
-        for (int n = 0; n < NW; n++) scale[n] = row_scales(w, r + n, blocks, scratch[n]);
+        const float *scale[2] = {w->absmax + r * blocks, w->absmax + (r + 1) * blocks};
         for (int64_t k = 0; k < blocks; k++) {
             __m512i table[2];
             for (int n = 0; n < NW; n++) table[n] = bf16_table(w->lut, scale[n][k]);
