@@ -117,6 +117,36 @@ static inline void decode(const uint8_t *p, const Table *t, vec *hi, vec *lo) {
 }
 #endif
 
+/* out[i] = the sum of v[i]'s lanes, for i < count <= 16 (v holds 16; its tail is overwritten).
+ * With AVX-512 and 8 or more, a tree of 15 additions and 31 shuffles that transposes as it
+ * adds, where 16 separate sums take about 8 operations each. */
+static inline void lane_sums(vec *v, int count, float *out) {
+#if LANES == 16
+    if (count >= 8) {
+        for (int i = count; i < 16; i++) v[i] = vzero();
+        __m512 pairs[8], quads[4], halves[2];
+        for (int i = 0; i < 8; i++) /* 256-bit halves: v[2i]'s 8 partial sums, then v[2i+1]'s */
+            pairs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                                     _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+        for (int i = 0; i < 4; i++) /* 128-bit quarters: 4 partial sums each of 4 vectors */
+            quads[i] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0x88),
+                                     _mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0xDD));
+        for (int i = 0; i < 2; i++) /* within each quarter: 2 partial sums each */
+            halves[i] = _mm512_add_ps(_mm512_shuffle_ps(quads[2 * i], quads[2 * i + 1], 0x44),
+                                      _mm512_shuffle_ps(quads[2 * i], quads[2 * i + 1], 0xEE));
+        const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(halves[0], halves[1], 0x88),
+                                          _mm512_shuffle_ps(halves[0], halves[1], 0xDD));
+        /* lane l holds the sum of v[4 (l % 4) + l / 4] */
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        float all[16];
+        _mm512_storeu_ps(all, _mm512_permutexvar_ps(order, sums));
+        for (int i = 0; i < count; i++) out[i] = all[i];
+        return;
+    }
+#endif
+    for (int i = 0; i < count; i++) out[i] = vsum(v[i]);
+}
+
 /* ---- Decoding into memory (training's bands): LANES weights in their natural order. ---- */
 
 #if LANES == 16
@@ -292,11 +322,16 @@ static inline __attribute__((always_inline)) void tile_row_pairs(const Job *j, i
                 }
             }
         }
+        vec all[16];
+        float sums[16];
         for (int t = 0; t < TILE; t++) {
-            const float lo0 = TILE <= 2 ? vsum(lo_acc0[t]) : 0.0f;
-            const float lo1 = TILE <= 2 ? vsum(lo_acc1[t]) : 0.0f;
-            j->y[(b0 + t) * w->out + r] = vsum(acc0[t]) + lo0;
-            j->y[(b0 + t) * w->out + r + 1] = vsum(acc1[t]) + lo1;
+            all[t] = TILE <= 2 ? _mm512_add_ps(acc0[t], lo_acc0[t]) : acc0[t];
+            all[TILE + t] = TILE <= 2 ? _mm512_add_ps(acc1[t], lo_acc1[t]) : acc1[t];
+        }
+        lane_sums(all, 2 * TILE, sums);
+        for (int t = 0; t < TILE; t++) {
+            j->y[(b0 + t) * w->out + r] = sums[t];
+            j->y[(b0 + t) * w->out + r + 1] = sums[TILE + t];
         }
     }
 }
@@ -371,10 +406,14 @@ static inline __attribute__((always_inline)) void bf16_tile(const Bf16Job *j, in
                 }
             }
         }
+        vec all[16];
+        float sums[16];
+        for (int n = 0; n < NW; n++)
+            for (int t = 0; t < TILE; t++)
+                all[n * TILE + t] = TILE <= 2 ? _mm512_add_ps(acc[n][t], lo_acc[n][t]) : acc[n][t];
+        lane_sums(all, NW * TILE, sums);
         for (int t = 0; t < TILE; t++)
-            for (int n = 0; n < NW; n++)
-                j->y[(b0 + t) * w->out + r + n] =
-                    vsum(TILE <= 2 ? _mm512_add_ps(acc[n][t], lo_acc[n][t]) : acc[n][t]);
+            for (int n = 0; n < NW; n++) j->y[(b0 + t) * w->out + r + n] = sums[n * TILE + t];
     }
 }
 
@@ -455,8 +494,10 @@ static inline __attribute__((always_inline)) void dense_tile(const DenseJob *j, 
             vec w = vload(row + c);
             for (int t = 0; t < TILE; t++) acc[t] = vfma(w, vload(j->x + (b0 + t) * in + c), acc[t]);
         }
+        float sums[16];
+        lane_sums(acc, TILE, sums);
         for (int t = 0; t < TILE; t++) {
-            float sum = vsum(acc[t]);
+            float sum = sums[t];
             for (int64_t c = body; c < in; c++) sum += row[c] * j->x[(b0 + t) * in + c];
             j->y[(b0 + t) * j->out + r] = sum;
         }
@@ -510,9 +551,11 @@ static inline __attribute__((always_inline)) void bf16_dense_tile(const Bf16Dens
                 else acc[t] = _mm512_dpbf16_ps(acc[t], w, x);
             }
         }
-        for (int t = 0; t < TILE; t++)
-            j->y[(b0 + t) * j->out + r] =
-                vsum(TILE <= 2 ? _mm512_add_ps(acc[t], other[t]) : acc[t]);
+        float sums[16];
+        if (TILE <= 2)
+            for (int t = 0; t < TILE; t++) acc[t] = _mm512_add_ps(acc[t], other[t]);
+        lane_sums(acc, TILE, sums);
+        for (int t = 0; t < TILE; t++) j->y[(b0 + t) * j->out + r] = sums[t];
     }
 }
 
