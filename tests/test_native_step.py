@@ -71,12 +71,15 @@ def test_c_steps_give_the_lean_forwards_tokens(arch, dtype, monkeypatch, one_thr
     assert len(set(native.tokens[0])) > 3  # not one token repeated: the steps see the cache
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_step_logits_equal_the_lean_forwards(dtype, one_thread):
+# float32 up to 40 cached positions (attention's scores in blocks of 16 keys, and the keys left
+# over); bfloat16 up to 12: over longer runs the two sum orders come to round some output to a
+# different bfloat16 neighbour, and the logits part by more than the sums' differences.
+@pytest.mark.parametrize(("dtype", "length"), [(torch.float32, 40), (torch.bfloat16, 12)])
+def test_c_step_logits_equal_the_lean_forwards(dtype, length, one_thread):
     """Step by step from the same prompt and cache contents; bfloat16 layers round their outputs
     as torch does, so both paths differ only in the order of float sums."""
     model = _model("qwen2", seed=4, compute_dtype=dtype)
-    tokens = _prompt(seed=2, length=12)[0].tolist()
+    tokens = _prompt(seed=2, length=length)[0].tolist()
     capacity = 5 + len(tokens)
     caches = [KVCache.empty(model, 1, capacity, torch.float32) for _ in range(2)]
     rotary = Rotary(model, capacity, torch.float32)
@@ -96,7 +99,7 @@ def test_c_step_logits_equal_the_lean_forwards(dtype, one_thread):
         assert caches[0].length == length == len(tokens)
         for keys, reference in zip(caches[0].keys, caches[1].keys, strict=True):
             torch.testing.assert_close(
-                keys[:, :, :length], reference[:, :, :length], rtol=0, atol=1e-5
+                keys[:, :, :length], reference[:, :, :length], rtol=0, atol=2e-5
             )
 
 
