@@ -186,9 +186,11 @@ def test_c_kernel_refuses_blocks_it_cannot_read():
     assert gemv.native_layout(quantize_4bit(torch.randn(8, 64), "nf4", 64)[1])
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 21])
 def test_dense_kernel_equals_matmul(rows):
-    w = torch.randn(70, 100)  # 100: a tail after the last whole vector
+    """Every tile of input rows (eights by pairs of W's rows, the rest alone); 71 rows of W: a
+    thread's share ends on a row without its pair."""
+    w = torch.randn(71, 100)  # 100: a tail after the last whole vector
     x = torch.randn(rows, 100)
     _close(native.dense_matmul(x, w, threads=2), x @ w.t())
 

@@ -504,9 +504,52 @@ static inline __attribute__((always_inline)) void dense_tile(const DenseJob *j, 
     }
 }
 
+#if LANES == 16
+/* Two rows of W against 8 input rows, for every 8 of the batch before the next pair: each
+ * vector of x loaded feeds two multiply-adds (one a row of W per input row bounds the kernel
+ * by loads), and the pair, read from memory once, stays in the cache for every 8. */
+static void dense_pairs(const DenseJob *j, int64_t r0, int64_t r1, int64_t batch) {
+    const int64_t in = j->in, body = in / LANES * LANES;
+    for (int64_t r = r0; r + 2 <= r1; r += 2) {
+        const float *row0 = j->w + r * in, *row1 = row0 + in;
+        for (int64_t b0 = 0; b0 + 8 <= batch; b0 += 8) {
+            vec acc[16];
+            for (int t = 0; t < 16; t++) acc[t] = vzero();
+            for (int64_t c = 0; c < body; c += LANES) {
+                const vec w0 = vload(row0 + c), w1 = vload(row1 + c);
+                for (int t = 0; t < 8; t++) {
+                    const vec x = vload(j->x + (b0 + t) * in + c);
+                    acc[t] = vfma(w0, x, acc[t]);
+                    acc[8 + t] = vfma(w1, x, acc[8 + t]);
+                }
+            }
+            float sums[16];
+            lane_sums(acc, 16, sums);
+            for (int t = 0; t < 8; t++) {
+                float s0 = sums[t], s1 = sums[8 + t];
+                const float *x = j->x + (b0 + t) * in;
+                for (int64_t c = body; c < in; c++) s0 += row0[c] * x[c], s1 += row1[c] * x[c];
+                j->y[(b0 + t) * j->out + r] = s0;
+                j->y[(b0 + t) * j->out + r + 1] = s1;
+            }
+        }
+    }
+}
+#endif
+
 static void dense_rows(const void *job, int64_t r0, int64_t r1) {
     const DenseJob *j = job;
     int64_t b = 0;
+#if LANES == 16
+    if (j->batch >= 8) { /* whole eights of the batch by pairs of W's rows, the rest below */
+        const int64_t even = r0 + (r1 - r0) / 2 * 2, eights = j->batch / 8 * 8;
+        dense_pairs(j, r0, even, eights);
+        if (even < r1) {
+            for (int64_t e = 0; e < eights; e += 8) dense_tile(j, even, r1, e, 8);
+        }
+        b = eights;
+    }
+#endif
     while (b < j->batch) {
         int64_t left = j->batch - b;
         if (left >= 16) { dense_tile(j, r0, r1, b, 16); b += 16; }
