@@ -196,10 +196,11 @@ def test_dense_kernel_equals_matmul(rows):
 
 
 @pytest.mark.skipif(not native.bf16_dot(), reason="the CPU has no bfloat16 dot products")
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 21])
 def test_bf16_dense_kernel_is_the_bfloat16_matmul(rows):
-    """A bfloat16 weight: the products of bfloat16 operands, summed in float32."""
-    w = torch.randn(70, 100).bfloat16()  # 100: a masked tail after three whole steps of 32
+    """A bfloat16 weight: the products of bfloat16 operands, summed in float32 (from 16 input
+    rows by pairs of W's rows; 71 of them: a thread's share ends on a row without its pair)."""
+    w = torch.randn(71, 100).bfloat16()  # 100: a masked tail after three whole steps of 32
     x = torch.randn(rows, 100)
     y = native.dense_matmul(x, w, threads=2)
     ref = x.bfloat16().float() @ w.float().t()
