@@ -70,7 +70,7 @@ def test_matmul_equals_decode_then_matmul(lib, rows, double_quant):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16, 21])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(("quant_type", "blocksize"), [("nf4", 64), ("fp4", 128), ("nf4", 32)])
 def test_bf16_matmul_is_the_bfloat16_decode_then_matmul(

@@ -423,6 +423,17 @@ static void bf16_rows(const void *job, int64_t r0, int64_t r1) {
     int64_t b = 0;
     while (b < j->batch) {
         const int64_t left = j->batch - b;
+        if (left >= 16) { /* two tiles of 8 a pair of rows: the pair's codes stay in L1 for the
+                             second (a tile over all the rows, then the next, took 11% longer) */
+            for (int64_t r = r0; r < even; r += 2) {
+                bf16_tile(j, r, r + 2, b, 2, 8);
+                bf16_tile(j, r, r + 2, b + 8, 2, 8);
+            }
+            bf16_tile(j, even, r1, b, 1, 8);
+            bf16_tile(j, even, r1, b + 8, 1, 8);
+            b += 16;
+            continue;
+        }
         const int tile = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
         switch (tile) {
         case 8: bf16_tile(j, r0, even, b, 2, 8); bf16_tile(j, even, r1, b, 1, 8); break;
