@@ -232,6 +232,21 @@ def test_bf16_compute_reads_a_bfloat16_copy_of_the_big_float_layer(monkeypatch):
     assert "forward" not in model[1].__dict__
 
 
+@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+def test_the_output_layer_computes_as_the_4bit_layers_when_no_dtype_is_given(monkeypatch):
+    """A model quantized to compute in bfloat16, switched without a dtype: the output layer
+    follows its 4-bit layers (a bfloat16 copy where the CPU multiplies bfloat16)."""
+    monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
+    seen = []
+    real = native.dense_matmul
+    monkeypatch.setattr(native, "dense_matmul", lambda x, w: seen.append(w.dtype) or real(x, w))
+    config = QuantConfig(compute_dtype=torch.bfloat16)
+    model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64), config), nn.Linear(64, 32))
+    with inference_4bit(model), torch.no_grad():
+        model(torch.randn(1, 64))
+    assert seen == [torch.bfloat16 if native.bf16_dot() else torch.float32]
+
+
 def test_inference_4bit_sends_the_big_float_layer_to_the_c_kernel(monkeypatch):
     monkeypatch.setattr(inference, "DENSE_MIN_VALUES", 64 * 32)
     calls = []

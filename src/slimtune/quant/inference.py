@@ -123,9 +123,10 @@ def _dense_forward(layer: nn.Linear, dtype: torch.dtype | None):
 def inference_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None) -> Iterator[int]:
     """Inside the block every Linear4bit of `model` computes with the inference kernels, in
     `compute_dtype` (default: each layer's own), and big float32 layers (the output layer) take
-    the C kernel for a few rows. Yields how many layers were switched (blocks
-    nest: an inner block leaves the layers an outer one switched as they are). No
-    gradients flow through the switched layers: use it for generation and evaluation only."""
+    the C kernel for a few rows, in `compute_dtype` or the one all 4-bit layers share. Yields
+    how many layers were switched (blocks nest: an inner block leaves the layers an outer one
+    switched as they are). No gradients flow through the switched layers: use it for
+    generation and evaluation only."""
     tables = TableCache()
     # Layers an enclosing block already switched stay as that block set them.
     free = [m for m in model.modules() if "forward" not in m.__dict__]
@@ -134,12 +135,18 @@ def inference_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None) -
     for layer in layers:
         layer.forward = _inference_forward(layer, compute_dtype, tables)
     for layer in dense:
-        layer.forward = _dense_forward(layer, compute_dtype)
+        layer.forward = _dense_forward(layer, compute_dtype or _common_dtype(layers))
     try:
         yield len(layers)
     finally:
         for layer in layers + dense:
             del layer.forward
+
+
+def _common_dtype(layers: list[Linear4bit]) -> torch.dtype | None:
+    # With no compute dtype given, the output layer computes as the 4-bit layers do.
+    dtypes = {layer.compute_dtype for layer in layers}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def has_4bit_layers(model: nn.Module) -> bool:

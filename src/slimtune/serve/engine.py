@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -222,6 +223,9 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # The model, tokenizer and server live as long as the process: out of the collector's
+        # reach, full collections stop walking them every few hundred steps.
+        gc.freeze()
         with self._cond:
             self._running = True
         try:
