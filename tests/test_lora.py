@@ -39,6 +39,7 @@ from slimtune.lora import (
     save_adapter,
     set_active_adapters,
     set_sparse_dropout,
+    stacked,
     trainable_summary,
     unmerge_adapter,
 )
@@ -302,6 +303,39 @@ def test_per_sample_adapters_equal_each_sample_alone(dora_a):
         peft_names = [n or "__base__" for n in names]
         theirs.eval()
         torch.testing.assert_close(mixed, theirs(x, adapter_names=peft_names).logits)
+
+
+@pytest.mark.parametrize("dora_a", [False, True], ids=["lora", "dora"])
+def test_mixed_batches_in_inference_equal_each_sample_alone(dora_a, monkeypatch):
+    """Without gradients a mixed batch runs every adapter's rows through one stacked pair of
+    products (lora/stacked.py): equal to each row alone, with different ranks and scalings, rows
+    of the base alone among them, and the 3-D (batch, time, features) inputs of a prompt."""
+    base = make_tiny_llama()
+    ours = inject_adapter(copy.deepcopy(base), LoraConfig(r=4, alpha=8, use_dora=dora_a), "a")
+    inject_adapter(ours, LoraConfig(r=2, alpha=8, target_modules=["q_proj", "up_proj"]), "b")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, param in ours.named_parameters():
+            if "lora_B" in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    ours.eval()
+    stacked_calls = []
+    real = stacked.add_stacked
+    monkeypatch.setattr(stacked, "add_stacked", lambda *a: stacked_calls.append(1) or real(*a))
+    x = ids(batch=5)
+    names = ["a", None, "b", "a", "b"]
+    with torch.inference_mode(), per_sample_adapters(ours, names):
+        mixed = ours(x).logits
+    for i, name in enumerate(names):
+        with torch.inference_mode():
+            if name is None:
+                alone = base(x[i : i + 1]).logits
+            else:
+                set_active_adapters(ours, [name])
+                alone = ours(x[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    # Stacked in every layer (7 a block) with plain LoRA; a DoRA adapter takes the loop.
+    assert len(stacked_calls) == (0 if dora_a else 7 * len(ours.model.layers))
 
 
 def test_delete_adapter_restores_the_plain_model():

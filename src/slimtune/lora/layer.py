@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from slimtune.devices import device_of
 from slimtune.errors import SlimtuneError
-from slimtune.lora import fused
+from slimtune.lora import fused, stacked
 from slimtune.lora import init as inits
 from slimtune.lora.bases import dense_weight, features
 from slimtune.lora.dora import Magnitude, dora_delta, row_norm
@@ -191,7 +191,8 @@ class LoraLinear(nn.Module):
     #   matmul, one pass over the wide output instead of three.
     # - shared-input products (lora/fused.py, `self.shared`): q/k/v (gate/up) adapters read one
     #   input; their A matrices are stacked into one matmul.
-    # - per-sample adapters (_forward_per_sample): each batch row its own adapter (serving).
+    # - per-sample adapters (_forward_per_sample): each batch row its own adapter (serving);
+    #   in inference all of a batch's adapters run as one stacked pair (lora/stacked.py).
     # - DoRA (_add_dora): reuses the base output instead of a second matmul by the weight.
     # - low-precision base (_add_low_precision): a bfloat16/float16 base, the adapter in float32.
     # - sparse dropout (_add_sparse_dropout): drops positions drawn sparsely, keeps no dropped
@@ -262,9 +263,10 @@ class LoraLinear(nn.Module):
                 f"per_sample_adapters was given {self.sample_batch} adapter names but the batch "
                 f"has {x.shape[0]} rows"
             )
-        for name, rows in self.sample_groups:
-            if name not in self.lora_A:
-                continue
+        groups = [(name, rows) for name, rows in self.sample_groups if name in self.lora_A]
+        if stacked.stackable(self, groups):
+            return stacked.add_stacked(self, groups, x, result)
+        for name, rows in groups:
             if rows is None:  # the whole batch uses this adapter: no gather/scatter
                 result = result + self._delta(name, x, result)
             else:
