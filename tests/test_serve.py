@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -214,3 +215,19 @@ def test_full_queue_answers_503():
     response = TestClient(app).post("/v1/completions", json={"model": BASE, "prompt": "hi"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_full"
+
+
+def test_a_whole_answer_wakes_the_event_loop_once_a_stream_every_token():
+    from slimtune.serve.app import _forward
+    from slimtune.serve.engine import Delta, Finish
+
+    async def queued(stream: bool) -> list[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        on_event = _forward(asyncio.get_running_loop(), queue, stream)
+        for event in [Delta("a", 1), Delta("b", 2), Finish("length", "ab", 1, 2)]:
+            on_event(event)  # as the engine thread calls it
+        await asyncio.sleep(0)
+        return [type(queue.get_nowait()).__name__ for _ in range(queue.qsize())]
+
+    assert asyncio.run(queued(False)) == ["Finish"]
+    assert asyncio.run(queued(True)) == ["Delta", "Delta", "Finish"]

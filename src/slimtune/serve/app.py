@@ -88,7 +88,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, *, api_key: str | None
         encoded = [_encode(engine, text, special=True) for text in prompts]
         requests = [_request(engine, body, ids, body.max_tokens, adapter) for ids in encoded]
         if body.stream:
-            _submit(engine, requests)  # before the 200 goes out, so a full queue is a 503
+            _submit(engine, requests, stream=True)  # before the 200: a full queue is a 503
             return _sse(_stream_completion(body, requests[0]))
         finishes = await asyncio.gather(*(_run(engine, r) for r in _submit(engine, requests)))
         choices = [
@@ -113,7 +113,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, *, api_key: str | None
         request = _request(engine, body, ids, body.max_completion_tokens or body.max_tokens,
                            adapter)  # fmt: skip
         if body.stream:
-            _submit(engine, [request])
+            _submit(engine, [request], stream=True)
             return _sse(_stream_chat(body, request))
         (finish,) = [await _run(engine, r) for r in _submit(engine, [request])]
         return {
@@ -205,12 +205,15 @@ def _request(engine: Engine, body, ids: list[int], max_tokens: int | None, adapt
     )  # fmt: skip
 
 
-def _submit(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationRequest]:
-    """Queue all requests or none; each gets an asyncio queue of its events."""
+def _submit(
+    engine: Engine, requests: list[GenerationRequest], stream: bool = False
+) -> list[GenerationRequest]:
+    """Queue all requests or none; each gets an asyncio queue of its events (of its finish
+    alone unless `stream`: a new token need not wake the event loop of a whole answer)."""
     loop = asyncio.get_running_loop()
     for request in requests:
         events: asyncio.Queue = asyncio.Queue()
-        request.on_event = lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e)
+        request.on_event = _forward(loop, events, stream)
         request.events = events
     for i, request in enumerate(requests):
         try:
@@ -221,6 +224,14 @@ def _submit(engine: Engine, requests: list[GenerationRequest]) -> list[Generatio
             raise ApiError(503, f"the server is busy: {error}", "server_busy",
                            code="queue_full") from None  # fmt: skip
     return requests
+
+
+def _forward(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stream: bool):
+    def on_event(event: Delta | Finish) -> None:
+        if stream or isinstance(event, Finish):
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    return on_event
 
 
 async def _events(request: GenerationRequest) -> AsyncIterator[Delta | Finish]:
