@@ -34,6 +34,24 @@ def test_auto_follows_the_hardware(monkeypatch):
         training_dtype("bf16", "qlora")
 
 
+def test_a_onednn_limit_below_bfloat16_turns_auto_to_float32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (the AVX2 paths measured on an AVX-512 machine): torch's bfloat16
+    matmuls are not native any more, so `auto` picks float32; the report names the limit."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    for name in hardware.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert hardware.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert hardware.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not hardware.cpu_has_native_bf16()
+    assert hardware.resolve_compute_dtype("auto") == torch.float32
+    assert hardware.machine_record()["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert hardware.machine_summary().endswith(
+        "instruction sets limited by ONEDNN_MAX_CPU_ISA=AVX2"
+    )
+
+
 @pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
 def test_decoding_straight_into_bfloat16_is_the_rounded_float32(quant_type, double_quant):
     w = torch.randn(96, 320) * 0.05

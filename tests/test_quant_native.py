@@ -98,3 +98,13 @@ def test_dequantize_uses_the_c_decode(monkeypatch):
     packed, state = quantize_4bit(torch.randn(8, 128), "nf4", 64)
     dequantize_4bit(packed, state, torch.bfloat16)
     assert calls == ([1] if native.library() is not None else [])
+
+
+@pytest.mark.skipif("x86-64-v3" not in _targets(), reason="needs an x86-64 CPU with AVX2")
+def test_the_environment_can_hold_the_kernels_to_avx2(monkeypatch):
+    """SLIMTUNE_NATIVE_ARCH builds for an older CPU than the host: the AVX2 kernels, measured
+    on an AVX-512 machine."""
+    monkeypatch.setenv(native.ARCH_SWITCH, "x86-64-v3")
+    assert native.lanes(native.load()) == 8
+    monkeypatch.delenv(native.ARCH_SWITCH)
+    assert native.lanes(native.load()) == (16 if "avx512f" in cpu_flags() else 8)

@@ -53,10 +53,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Variables that keep torch's kernels (and slimtune's C kernels) below what the CPU has: set
+# together they run the AVX2 code paths on an AVX-512 machine, and every report names them.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+              "SLIMTUNE_NATIVE_ARCH")  # fmt: skip
+
+
+def isa_limits() -> dict[str, str]:
+    """The instruction-set limits set in this process's environment."""
+    return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+
+
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX)."""
+    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX) and oneDNN, which
+    runs torch's bfloat16 matmuls, is not held below it (ONEDNN_MAX_CPU_ISA=AVX2, say)."""
     flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    allowed = limit in ("", "ALL", "DEFAULT") or any(k in limit for k in ("BF16", "AMX", "AVX10"))
+    return allowed and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def device_has_native_bf16(device: torch.device | str = "cpu") -> bool:
@@ -99,6 +113,7 @@ def machine_record() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "blas": blas_name(),
+        "isa_limits": isa_limits(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
@@ -108,7 +123,9 @@ def machine_summary() -> str:
     """One line for the top of a report: model, the notable flags it has, threads, BLAS."""
     record = machine_record()
     have = [flag for flag, present in record["cpu_flags"].items() if present]
+    limits = " ".join(f"{name}={value}" for name, value in record["isa_limits"].items())
     return (
         f"{record['cpu']} ({', '.join(have) or 'no notable flags'}; torch capability "
         f"{record['cpu_capability']}), {record['torch_threads']} threads, BLAS {record['blas']}"
+        + (f"; instruction sets limited by {limits}" if limits else "")
     )

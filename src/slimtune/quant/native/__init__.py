@@ -10,6 +10,8 @@ for the host CPU (`-march=native`: AVX2 or AVX-512 is whatever the machine has) 
 cache folder, under a name keyed by the source, the compiler and the CPU's flags, and loaded
 with ctypes. It runs on torch's own OpenMP threads (see q4_matmul.c). Where there is no
 compiler, or `SLIMTUNE_NATIVE=0`, `library()` is None and callers use the numba kernels.
+`SLIMTUNE_NATIVE_ARCH` (a `-march` value, e.g. `haswell`) builds for an older CPU than the host:
+the AVX2 kernels measured on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from slimtune.hardware import cpu_flags
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 HEADER = SOURCE.with_name("q4.h")  # what other C files built with the kernels include
 ENV_SWITCH = "SLIMTUNE_NATIVE"
+ARCH_SWITCH = "SLIMTUNE_NATIVE_ARCH"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 
 _p = ctypes.c_void_p
@@ -90,14 +93,15 @@ def build(
 
 
 def load(
-    arch: str = "native",
+    arch: str | None = None,
     sources: tuple[Path, ...] = (SOURCE,),
     name: str = "q4_matmul",
     signatures: dict[str, list] | None = None,
 ) -> ctypes.CDLL:
-    """The kernels compiled for `arch` (built first if needed), with the C files in `sources`
-    beside them (their `signatures`: argument types of functions returning int). Raises where
-    they cannot be built."""
+    """The kernels compiled for `arch` (default: $SLIMTUNE_NATIVE_ARCH, else the host CPU; built
+    first if needed), with the C files in `sources` beside them (their `signatures`: argument
+    types of functions returning int). Raises where they cannot be built."""
+    arch = arch or os.environ.get(ARCH_SWITCH) or "native"
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC)")
