@@ -279,6 +279,18 @@ def test_many_adapters_active_disabled_and_summed():
         set_active_adapters(ours, ["c"])
 
 
+def assert_each_row_alone(mixed, base, ours, x, names) -> None:
+    """Row i of a mixed batch's logits equals row i run alone with adapter names[i] (None: the
+    base model)."""
+    for i, name in enumerate(names):
+        if name is None:
+            alone = base(x[i : i + 1]).logits
+        else:
+            set_active_adapters(ours, [name])
+            alone = ours(x[i : i + 1]).logits
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dora_a", [False, True], ids=["lora", "dora"])
 def test_per_sample_adapters_equal_each_sample_alone(dora_a):
     base, theirs, ours = two_adapter_twins(dora_a)
@@ -288,13 +300,7 @@ def test_per_sample_adapters_equal_each_sample_alone(dora_a):
         mixed = ours(x).logits
         with pytest.raises(SlimtuneError, match="5 adapter names but the batch has 2 rows"):
             ours(x[:2])
-    for i, name in enumerate(names):
-        if name is None:
-            alone = base(x[i : i + 1]).logits
-        else:
-            set_active_adapters(ours, [name])
-            alone = ours(x[i : i + 1]).logits
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_each_row_alone(mixed, base, ours, x, names)
     with per_sample_adapters(ours, ["b"] * 5):  # one adapter for the whole batch: no gather
         same = ours(x).logits
     set_active_adapters(ours, ["b"])
@@ -326,14 +332,8 @@ def test_mixed_batches_in_inference_equal_each_sample_alone(dora_a, monkeypatch)
     names = ["a", None, "b", "a", "b"]
     with torch.inference_mode(), per_sample_adapters(ours, names):
         mixed = ours(x).logits
-    for i, name in enumerate(names):
-        with torch.inference_mode():
-            if name is None:
-                alone = base(x[i : i + 1]).logits
-            else:
-                set_active_adapters(ours, [name])
-                alone = ours(x[i : i + 1]).logits
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert_each_row_alone(mixed, base, ours, x, names)
     # Stacked in every layer (7 a block) with plain LoRA; a DoRA adapter takes the loop.
     assert len(stacked_calls) == (0 if dora_a else 7 * len(ours.model.layers))
 
