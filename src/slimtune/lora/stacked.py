@@ -28,11 +28,8 @@ def add_stacked(layer, groups: Groups, x: torch.Tensor, h: torch.Tensor) -> torc
     low = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)
     low *= _gate(layer, groups, x.shape[0], low).view(x.shape[0], *[1] * (x.dim() - 2), -1)
     delta = F.linear(low, B)
-    if delta.dtype != h.dtype:
-        delta = delta.to(h.dtype)
-    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
-        return h.add_(delta)  # the base's fresh output, which nothing else holds
-    return h + delta
+    # In place: h is the base layer's fresh output, and no gradient is recorded (stackable).
+    return h.add_(delta if delta.dtype == h.dtype else delta.to(h.dtype))
 
 
 def _gate(layer, groups: Groups, rows: int, like: torch.Tensor) -> torch.Tensor:
