@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import (
@@ -207,3 +209,13 @@ def test_eos_ends_a_request_unless_ignore_eos(tokenizer, adapters):
         assert engine.submit(kept).result(120).token_ids == greedy.token_ids
     finally:
         engine.stop()
+
+
+def test_the_loop_keeps_its_objects_from_the_collector_while_it_runs(tokenizer):
+    """Full collections skip what exists when the loop starts (the model, the server), and the
+    objects are handed back when it stops: a process that starts engines again can free them."""
+    engine = Engine(make_tiny_llama(), tokenizer).start()
+    engine.call(lambda: None).result(60)  # the loop runs
+    assert gc.get_freeze_count() > 0
+    engine.stop()
+    assert gc.get_freeze_count() == 0

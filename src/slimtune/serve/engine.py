@@ -223,8 +223,9 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # The model, tokenizer and server live as long as the process: out of the collector's
-        # reach, full collections stop walking them every few hundred steps.
+        # The model, tokenizer and server live as long as the loop runs: out of the collector's
+        # reach, full collections stop walking them every few hundred steps. Given back after,
+        # so that a process starting engines again (tests, the web UI) can still free them.
         gc.freeze()
         with self._cond:
             self._running = True
@@ -233,6 +234,7 @@ class Engine:
         finally:
             with self._cond:
                 self._running = False
+            gc.unfreeze()
 
     def _steps(self) -> None:
         while True:
