@@ -311,11 +311,13 @@ def test_per_sample_adapters_equal_each_sample_alone(dora_a):
         torch.testing.assert_close(mixed, theirs(x, adapter_names=peft_names).logits)
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["mixed", "by-adapter"])
 @pytest.mark.parametrize("dora_a", [False, True], ids=["lora", "dora"])
-def test_mixed_batches_in_inference_equal_each_sample_alone(dora_a, monkeypatch):
+def test_mixed_batches_in_inference_equal_each_sample_alone(dora_a, ordered, monkeypatch):
     """Without gradients a mixed batch runs every adapter's rows through one stacked pair of
-    products (lora/stacked.py): equal to each row alone, with different ranks and scalings, rows
-    of the base alone among them, and the 3-D (batch, time, features) inputs of a prompt."""
+    products, or each adapter on its slice where the rows are ordered by adapter
+    (lora/stacked.py): equal to each row alone, with different ranks and scalings, rows of the
+    base alone among them, and the 3-D (batch, time, features) inputs of a prompt."""
     base = make_tiny_llama()
     ours = inject_adapter(copy.deepcopy(base), LoraConfig(r=4, alpha=8, use_dora=dora_a), "a")
     inject_adapter(ours, LoraConfig(r=2, alpha=8, target_modules=["q_proj", "up_proj"]), "b")
@@ -325,17 +327,19 @@ def test_mixed_batches_in_inference_equal_each_sample_alone(dora_a, monkeypatch)
             if "lora_B" in key:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     ours.eval()
-    stacked_calls = []
-    real = stacked.add_stacked
-    monkeypatch.setattr(stacked, "add_stacked", lambda *a: stacked_calls.append(1) or real(*a))
+    calls = []
+    for way in ("add_stacked", "add_by_slices"):
+        real = getattr(stacked, way)
+        monkeypatch.setattr(stacked, way, lambda *a, w=way, f=real: calls.append(w) or f(*a))
     x = ids(batch=5)
-    names = ["a", None, "b", "a", "b"]
+    names = [None, "a", "a", "b", "b"] if ordered else ["a", None, "b", "a", "b"]
     with torch.inference_mode(), per_sample_adapters(ours, names):
         mixed = ours(x).logits
     with torch.inference_mode():
         assert_each_row_alone(mixed, base, ours, x, names)
-    # Stacked in every layer (7 a block) with plain LoRA; a DoRA adapter takes the loop.
-    assert len(stacked_calls) == (0 if dora_a else 7 * len(ours.model.layers))
+    # Every layer (7 a block) one way with plain LoRA; a DoRA adapter takes the loop.
+    way = "add_by_slices" if ordered else "add_stacked"
+    assert calls == ([] if dora_a else [way] * 7 * len(ours.model.layers))
 
 
 def test_delete_adapter_restores_the_plain_model():

@@ -19,6 +19,7 @@ from slimtune.lora import (
     per_sample_adapters,
     save_adapter,
     set_active_adapters,
+    stacked,
 )
 from slimtune.models.experts import ExpertList, fuse_experts, unfuse_experts
 from slimtune.quant import Linear4bit, QuantConfig, quantize_model
@@ -121,9 +122,14 @@ def _decoded(quantized, reference):
     return model
 
 
-def test_per_sample_adapters_reach_the_experts():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_per_sample_adapters_reach_the_experts(mode, monkeypatch):
     """Rows of one batch with different adapters (the serving engine's batches) equal each row
-    alone, experts included."""
+    alone, experts included; in eval mode each adapter runs on its slice of the rows (ordered
+    by adapter, as the engine's prefills are), the experts on their tokens' groups."""
+    slices = []
+    real = stacked.add_by_slices
+    monkeypatch.setattr(stacked, "add_by_slices", lambda *a: slices.append(1) or real(*a))
     base = make_tiny("mixtral")
     config = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS)
     model = inject_adapter(copy.deepcopy(base), config, "a")
@@ -133,16 +139,22 @@ def test_per_sample_adapters_reach_the_experts():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.train(mode == "train")
     x = ids(batch=3)
     names = ["a", None, "b"]
     with torch.no_grad(), per_sample_adapters(model, names):
         together = model(x).logits
-        alone = []
+    alone = []
+    with torch.no_grad():
         for i, name in enumerate(names):
-            with per_sample_adapters(model, [name]):
+            if name is None:
+                alone.append(base(x[i : i + 1]).logits)
+            else:
+                set_active_adapters(model, [name])
                 alone.append(model(x[i : i + 1]).logits)
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(alone[0], alone[2])  # the adapters differ, experts included
+    assert bool(slices) == (mode == "eval")
 
 
 def test_merge_then_fuse_gives_peft_merged_model(tmp_path):

@@ -109,13 +109,15 @@ def per_sample_adapters(
     if any(layer.merged_adapters for layer in layers):
         raise SlimtuneError("adapters are merged into the base: unmerge them first")
     groups = _group_rows(names, device_of(model))
+    spans = _spans(names, groups)
     for layer in layers:
         layer.sample_groups, layer.sample_batch = groups, len(names)
+        layer.sample_spans = spans
     try:
         yield
     finally:
         for layer in layers:
-            layer.sample_groups, layer.sample_batch = None, 0
+            layer.sample_groups, layer.sample_batch, layer.sample_spans = None, 0, None
 
 
 def _group_rows(
@@ -127,3 +129,15 @@ def _group_rows(
         whole = len(rows) == len(names)
         groups.append((name, None if whole else torch.tensor(rows, device=device)))
     return groups
+
+
+def _spans(names: list[str | None], groups: list) -> list[slice] | None:
+    """Each group's rows as one slice, where every group's rows are consecutive (a batch
+    ordered by adapter): slices are views, with no gather and no scatter. Else None."""
+    spans = []
+    for name, _ in groups:
+        rows = [i for i, n in enumerate(names) if n == name]
+        if rows[-1] - rows[0] + 1 != len(rows):
+            return None
+        spans.append(slice(rows[0], rows[-1] + 1))
+    return spans

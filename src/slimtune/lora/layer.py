@@ -50,6 +50,8 @@ class LoraLinear(nn.Module):
         # per_sample_adapters: [(name, row indices or None for the whole batch)], and the batch size
         self.sample_groups: list[tuple[str, torch.Tensor | None]] | None = None
         self.sample_batch = 0
+        # ... and each group's rows as a slice, where all of them are consecutive (else None)
+        self.sample_spans: list[slice] | None = None
         self._live: list[str] = []  # active, present here, not merged: what forward adds
         self._merge_state: dict[str, tuple[nn.Module | None, torch.Tensor | None]] = {}
         # PiSSA adapters: their starting (A, B), which the base gives back in pissa_to_lora
@@ -192,7 +194,8 @@ class LoraLinear(nn.Module):
     # - shared-input products (lora/fused.py, `self.shared`): q/k/v (gate/up) adapters read one
     #   input; their A matrices are stacked into one matmul.
     # - per-sample adapters (_forward_per_sample): each batch row its own adapter (serving);
-    #   in inference all of a batch's adapters run as one stacked pair (lora/stacked.py).
+    #   in inference each adapter on its slice of a batch ordered by adapter, else all of a
+    #   batch's adapters as one stacked pair (lora/stacked.py).
     # - DoRA (_add_dora): reuses the base output instead of a second matmul by the weight.
     # - low-precision base (_add_low_precision): a bfloat16/float16 base, the adapter in float32.
     # - sparse dropout (_add_sparse_dropout): drops positions drawn sparsely, keeps no dropped
@@ -264,8 +267,11 @@ class LoraLinear(nn.Module):
                 f"has {x.shape[0]} rows"
             )
         groups = [(name, rows) for name, rows in self.sample_groups if name in self.lora_A]
-        if stacked.stackable(self, groups):
-            return stacked.add_stacked(self, groups, x, result)
+        if stacked.inference_only(self, groups):
+            if self.sample_spans is not None:  # rows ordered by adapter: each on its own slice
+                return stacked.add_by_slices(self, self.sample_groups, self.sample_spans, x, result)
+            if stacked.stackable(self, groups):
+                return stacked.add_stacked(self, groups, x, result)
         for name, rows in groups:
             if rows is None:  # the whole batch uses this adapter: no gather/scatter
                 result = result + self._delta(name, x, result)

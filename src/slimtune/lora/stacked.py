@@ -1,11 +1,16 @@
-"""Many adapters in one batch, in two matmuls a layer.
+"""Many adapters in one batch, in inference (serving).
 
 A serving batch mixes rows for several adapters. Gathering each adapter's rows, running its two
 small products and scattering them back costs a copy of the layer's whole output per adapter.
-Instead, the adapters' A matrices are stacked into one (sum of ranks, in) matrix and their B
-matrices into one (out, sum of ranks): every row runs through all the A's, a gate keeps only
-its own adapter's columns (scaled), and one product by the stacked B adds the result. With a
-few adapters the extra products are rank-sized, far cheaper than the copies they replace.
+Two ways around it:
+
+- By slices: where the batch is ordered by adapter (the engine orders its prefills so), each
+  adapter's rows are one slice; its two products run on a view of them and add in place.
+- Stacked, for any order: the adapters' A matrices are stacked into one (sum of ranks, in)
+  matrix and their B matrices into one (out, sum of ranks). Every row runs through all the A's,
+  a gate keeps only its own adapter's columns (scaled), and one product by the stacked B adds
+  the result. With a few adapters the extra products are rank-sized, far cheaper than the
+  copies they replace.
 
     h += ((x @ A_all.T) * gate) @ B_all.T,   gate[row, columns of adapter a] = scaling_a
                                              where row uses a, else 0
@@ -46,14 +51,31 @@ def _gate(layer, groups: Groups, rows: int, like: torch.Tensor) -> torch.Tensor:
     return gate
 
 
-def stackable(layer, groups: Groups) -> bool:
-    """Inference (no dropout, no gradients), plain LoRA adapters of one dtype, and more than
-    one adapter or a part of the rows (one adapter on every row needs no gate)."""
+def add_by_slices(
+    layer, groups: Groups, spans: list[slice], x: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
+    """The same sum where each adapter's rows are one slice (a batch ordered by adapter): each
+    adapter's two products on its own rows, added in place. `groups` and `spans` as
+    per_sample_adapters set them (adapters the layer lacks are skipped)."""
+    for (name, _), rows in zip(groups, spans, strict=True):
+        if name in layer.lora_A:
+            part = h[rows]
+            part.add_(layer._delta(name, x[rows], part))
+    return h
+
+
+def inference_only(layer, groups: Groups) -> bool:
+    """No dropout, no gradients, some adapter, plain LoRA (no DoRA) of one dtype: the sum may
+    land in the base output in place."""
     if layer.training or torch.is_grad_enabled() or not groups:
-        return False
-    if len(groups) == 1 and groups[0][1] is None:
         return False
     names = [name for name, _ in groups]
     if any(name in layer.lora_magnitude_vector for name in names):  # DoRA
         return False
     return len({layer.lora_A[name].weight.dtype for name in names}) == 1
+
+
+def stackable(layer, groups: Groups) -> bool:
+    """More than one adapter, or one on a part of the rows (one on every row needs no gate);
+    with `inference_only` already true."""
+    return not (len(groups) == 1 and groups[0][1] is None)

@@ -119,11 +119,12 @@ def _per_sample(layer: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, toke
         positions = torch.isin(token_rows, rows).nonzero().squeeze(1)
         if len(positions):
             local.append((name, positions))
-    layer.sample_groups, layer.sample_batch = local, x.shape[0]
+    spans = layer.sample_spans  # the batch's rows, not these tokens: not for the local groups
+    layer.sample_groups, layer.sample_batch, layer.sample_spans = local, x.shape[0], None
     try:
         return layer(x)
     finally:
-        layer.sample_groups, layer.sample_batch = groups, batch
+        layer.sample_groups, layer.sample_batch, layer.sample_spans = groups, batch, spans
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:

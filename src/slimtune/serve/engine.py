@@ -301,6 +301,8 @@ class Engine:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         start = time.perf_counter()
+        # Ordered by adapter, each adapter's rows are one slice of the batch (lora/stacked.py).
+        requests = sorted(requests, key=lambda r: (r.adapter is not None, r.adapter or ""))
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
