@@ -33,7 +33,7 @@ def add_stacked(layer, groups: Groups, x: torch.Tensor, h: torch.Tensor) -> torc
     low = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)
     low *= _gate(layer, groups, x.shape[0], low).view(x.shape[0], *[1] * (x.dim() - 2), -1)
     delta = F.linear(low, B)
-    # In place: h is the base layer's fresh output, and no gradient is recorded (stackable).
+    # In place: h is the base layer's fresh output, and no gradient is recorded (inference_only).
     return h.add_(delta if delta.dtype == h.dtype else delta.to(h.dtype))
 
 
