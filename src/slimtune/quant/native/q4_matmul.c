@@ -475,8 +475,9 @@ static void q4_rows(const void *job, int64_t r0, int64_t r1) {
             continue;
         }
 #endif
-        if (left >= 16) { tile_rows(j, r0, r1, b, 16); b += 16; }
-        else if (left >= 8) { tile_rows(j, r0, r1, b, 8); b += 8; }
+        /* At most 8: AVX2's 16 registers cannot hold 16 accumulators beside the table and the
+         * decoded weights (16 rows spilled, and took 1.5x as long as two tiles of 8). */
+        if (left >= 8) { tile_rows(j, r0, r1, b, 8); b += 8; }
         else if (left >= 4) { tile_rows(j, r0, r1, b, 4); b += 4; }
         else if (left >= 2) { tile_rows(j, r0, r1, b, 2); b += 2; }
         else { tile_rows(j, r0, r1, b, 1); b += 1; }
