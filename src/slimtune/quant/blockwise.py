@@ -56,13 +56,15 @@ class QuantState:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def block_absmax(self) -> torch.Tensor:
-        """The float32 absmax of every block (decodes the 8-bit codes when double-quantized)."""
+    def block_absmax(self, compiled: bool = True) -> torch.Tensor:
+        """The float32 absmax of every block (decodes the 8-bit codes when double-quantized;
+        `compiled=False`: in torch's ops, without loading numba's kernels)."""
         if not self.double_quant:
             return self.absmax
         return dequantize_absmax(
-            self.absmax, self.nested_absmax, self.offset, self.nested_blocksize, self.nested_code
-        )
+            self.absmax, self.nested_absmax, self.offset, self.nested_blocksize, self.nested_code,
+            compiled,
+        )  # fmt: skip
 
     def to(self, device: torch.device | str) -> QuantState:
         move = {

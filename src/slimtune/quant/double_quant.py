@@ -67,24 +67,14 @@ def dequantize_absmax(
     offset: torch.Tensor,
     blocksize: int = NESTED_BLOCKSIZE,
     code: torch.Tensor | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """uint8 codes -> float32 absmax, as bitsandbytes computes it (map[c] * nested, then + offset)."""
+    """uint8 codes -> float32 absmax, as bitsandbytes computes it (map[c] * nested, then + offset).
+    `compiled=False`: torch's ops only, for callers that decode once and should not load numba's
+    compiled kernels (their memory) for it."""
     code = dynamic_map() if code is None else code
-    if kernels.usable(codes):
+    if compiled and kernels.usable(codes):
         return kernels.decode_absmax(codes, code, nested_absmax, blocksize, offset)
-    return dequantize_absmax_torch(codes, nested_absmax, offset, blocksize, code)
-
-
-def dequantize_absmax_torch(
-    codes: torch.Tensor,
-    nested_absmax: torch.Tensor,
-    offset: torch.Tensor,
-    blocksize: int = NESTED_BLOCKSIZE,
-    code: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`dequantize_absmax` in torch's ops only: for callers that decode once and should not
-    load numba's compiled kernels (their memory) for it."""
-    code = dynamic_map() if code is None else code
     values = torch.index_select(code.to(codes.device), 0, codes.to(torch.int32))
     full = values.numel() - values.numel() % blocksize
     values[:full].view(-1, blocksize).mul_(nested_absmax[: full // blocksize, None])

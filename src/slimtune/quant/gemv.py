@@ -26,7 +26,6 @@ import torch
 from slimtune.quant import kernels, native
 from slimtune.quant.blockwise import QuantState, decode_blocks
 from slimtune.quant.codebook import codebook, pair_table
-from slimtune.quant.double_quant import dequantize_absmax_torch
 
 # Values decoded per band on a CPU: 256K float32 values (1 MiB, the size of a core's L2 cache).
 # Smaller bands were slower at SmolLM2's shapes (16 rows): more calls per layer.
@@ -139,10 +138,7 @@ def native_weight(packed: torch.Tensor, state: QuantState) -> native.Weight:
     """What the C kernel reads of this weight (make it once per layer). Double-quantized scales
     are decoded here, once (4 bytes a block, half a bit a weight at blocks of 64, held while
     the weight is): decoding a block's scale at every product cost a tenth of a decode step."""
-    scales = state.absmax
-    if state.double_quant:
-        scales = dequantize_absmax_torch(state.absmax, state.nested_absmax, state.offset,
-                                         state.nested_blocksize, state.nested_code)  # fmt: skip
+    scales = state.block_absmax(compiled=False)
     return native.Weight(packed, tuple(state.shape), state.blocksize, codebook(state.quant_type),
                          scales)  # fmt: skip
 
