@@ -108,8 +108,7 @@ def per_sample_adapters(
     layers = [layer for _, layer in lora_layers(model)] if layers is None else layers
     if any(layer.merged_adapters for layer in layers):
         raise SlimtuneError("adapters are merged into the base: unmerge them first")
-    groups = _group_rows(names, device_of(model))
-    spans = _spans(names, groups)
+    groups, spans = _group_rows(names, device_of(model))
     for layer in layers:
         layer.sample_groups, layer.sample_batch = groups, len(names)
         layer.sample_spans = spans
@@ -122,22 +121,18 @@ def per_sample_adapters(
 
 def _group_rows(
     names: list[str | None], device: torch.device
-) -> list[tuple[str, torch.Tensor | None]]:
+) -> tuple[list[tuple[str, torch.Tensor | None]], list[slice] | None]:
+    """(adapter, its rows or None for every row) for each adapter named, and each adapter's rows
+    as one slice where all of them are consecutive (a batch ordered by adapter: views, with no
+    gather and no scatter), else None."""
     groups: list[tuple[str, torch.Tensor | None]] = []
+    spans: list[slice] | None = []
     for name in dict.fromkeys(n for n in names if n is not None):
         rows = [i for i, n in enumerate(names) if n == name]
         whole = len(rows) == len(names)
         groups.append((name, None if whole else torch.tensor(rows, device=device)))
-    return groups
-
-
-def _spans(names: list[str | None], groups: list) -> list[slice] | None:
-    """Each group's rows as one slice, where every group's rows are consecutive (a batch
-    ordered by adapter): slices are views, with no gather and no scatter. Else None."""
-    spans = []
-    for name, _ in groups:
-        rows = [i for i, n in enumerate(names) if n == name]
-        if rows[-1] - rows[0] + 1 != len(rows):
-            return None
-        spans.append(slice(rows[0], rows[-1] + 1))
-    return spans
+        if spans is not None and rows[-1] - rows[0] + 1 == len(rows):
+            spans.append(slice(rows[0], rows[-1] + 1))
+        else:
+            spans = None
+    return groups, spans

@@ -270,7 +270,7 @@ class LoraLinear(nn.Module):
         if stacked.inference_only(self, groups):
             if self.sample_spans is not None:  # rows ordered by adapter: each on its own slice
                 return stacked.add_by_slices(self, self.sample_groups, self.sample_spans, x, result)
-            if stacked.stackable(self, groups):
+            if stacked.stackable(groups):
                 return stacked.add_stacked(self, groups, x, result)
         for name, rows in groups:
             if rows is None:  # the whole batch uses this adapter: no gather/scatter

@@ -75,7 +75,7 @@ def inference_only(layer, groups: Groups) -> bool:
     return len({layer.lora_A[name].weight.dtype for name in names}) == 1
 
 
-def stackable(layer, groups: Groups) -> bool:
+def stackable(groups: Groups) -> bool:
     """More than one adapter, or one on a part of the rows (one on every row needs no gate);
     with `inference_only` already true."""
     return not (len(groups) == 1 and groups[0][1] is None)
