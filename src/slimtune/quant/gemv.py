@@ -33,9 +33,10 @@ BAND_VALUES = 1 << 18
 # Bands on a GPU: decoding is cheap there, launches are not.
 GPU_BAND_VALUES = 1 << 24
 # Input rows up to which the C kernel takes the product. It multiplies every decoded vector
-# into 16 rows at most and decodes the weight again for the next 16; towards 512 rows decoding
+# into 8 rows at most and decodes the weight again for the next 8; towards 512 rows decoding
 # bands for BLAS catches up (benchmarks/reports/rows.md, SmolLM2's shapes, AVX-512: the kernel
-# 1.2-1.6x the bands at 256 rows, 3-4x at 48). Prompts of a serving batch stay here too.
+# 1.2-1.6x the bands at 256 rows, 3-4x at 48; with AVX2 the two are even from about 96 rows).
+# Prompts of a serving batch stay here too.
 NATIVE_ROWS = 256
 # Rows of a thread's chunk in the fused kernel (the chunk's partial sums stay in registers/L1).
 _CHUNK_ROWS = 64
