@@ -8,6 +8,8 @@ loaded whole is in test_dist.py; `torchrun ... train --fsdp` loads in parts (tes
 
 from __future__ import annotations
 
+import array
+import os
 from pathlib import Path
 
 import pytest
@@ -124,29 +126,31 @@ def deterministic():
     torch.use_deterministic_algorithms(before)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+def _resident_mib(tensor: torch.Tensor) -> float:
+    """How much of `tensor`'s memory is backed by pages, from the present bit of each of its
+    pages in /proc/self/pagemap. Unlike the process's RSS, no other allocation, free or garbage
+    collection running meanwhile moves this count."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    stop = start + tensor.numel() * tensor.element_size()
+    first, last = start // page, (stop - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = array.array("Q", pagemap.read((last - first + 1) * 8))
+    present = sum(entry >> 63 for entry in entries)
+    return present * page / 2**20
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc")
 def test_a_widened_part_costs_its_rows_not_the_whole(deterministic):
     """The whole-shaped tensor fully_shard receives holds only this rank's rows: the pages of
     the others are never touched, so they take no memory, even under deterministic algorithms
     (as training runs), which fill new tensors with NaN."""
     whole_shape, mib = torch.Size((256 * 2**20, 1)), 2**20  # 256 MiB of uint8
     part = torch.ones((128 * mib, 1), dtype=torch.uint8)  # rank 1's half
-    before = _rss_mib()
     wide = _widen(part, whole_shape, rank=1, world_size=2)
-    grown = _rss_mib() - before
     assert torch.utils.deterministic.fill_uninitialized_memory  # left as it was
     assert torch.equal(wide[128 * mib :], part)
-    assert 100 < grown < 160  # its 128 MiB of rows, not 256
-    del wide
-    before = _rss_mib()
+    assert 127 < _resident_mib(wide) < 132  # its 128 MiB of rows, not 256
     written = torch.ones(whole_shape, dtype=torch.uint8)
-    assert _rss_mib() - before > 240  # the measure does see a tensor written whole
-    del written
+    assert _resident_mib(written) > 255  # the measure does see a tensor written whole
