@@ -17,8 +17,10 @@ match after training is measured as the demo measures it (evaluation computes in
 
 `--probes` then runs the demo again with one part of the step changed at a time, to see where the
 gap comes from and how big a perturbation moves it: bfloat16 with the output layer in float32,
-with the 4-bit base's forward in float32, with its input gradient in float32; and float32 with
-every matmul computed in float64 (more exact than float32).
+with the 4-bit base's forward in float32, with its input gradient in float32; float32 with
+every matmul computed in float64 (more exact than float32); and float32 with the adapters'
+initial A rounded to bfloat16 (one bfloat16-sized change, made once, to a float32 run).
+`--probe NAME` runs only the probes named.
 """
 
 from __future__ import annotations
@@ -95,8 +97,18 @@ def _float32_input_grad(input_grad_4bit):
     return backward
 
 
+def _bf16_rounded_init(kaiming_):
+    def init(A):
+        kaiming_(A)
+        with torch.no_grad():
+            A.copy_(A.bfloat16().float())
+
+    return init
+
+
 def probes() -> dict:
     """name -> (compute dtype, a context that changes one part of the step)."""
+    from slimtune.lora import init
     from slimtune.quant import linear
     from slimtune.train import precision
 
@@ -116,6 +128,10 @@ def probes() -> dict:
             ),
         ),
         "float32, every matmul in float64": ("float32", Float64Matmul),
+        "float32, initial A rounded to bfloat16": (
+            "float32",
+            lambda: mock.patch.object(init, "kaiming_", _bf16_rounded_init(init.kaiming_)),
+        ),
     }
 
 
@@ -163,6 +179,9 @@ def main() -> None:
         help="bf16 matmuls as float32 with rounded products (default: on CPUs without bf16)",
     )
     parser.add_argument("--probes", action="store_true", help="also the runs that locate the gap")
+    parser.add_argument(
+        "--probe", action="append", default=[], help="only this probe (repeatable; with --probes)"
+    )
     parser.add_argument("--out", default="", help="write the results JSON here")
     parser.add_argument(
         "--fp32-from", default="", help="take the float32 run from this earlier --out JSON"
@@ -177,7 +196,9 @@ def main() -> None:
             fp32 = run("float32", args, Path(tmp) / "float32")
         bf16 = run("bfloat16", args, Path(tmp) / "bfloat16")
         probed = {}
-        for i, (name, (dtype, change)) in enumerate(probes().items() if args.probes else []):
+        chosen = {name: probe for name, probe in probes().items()
+                  if args.probes and (not args.probe or name in args.probe)}  # fmt: skip
+        for i, (name, (dtype, change)) in enumerate(chosen.items()):
             probed[name] = run(dtype, args, Path(tmp) / f"probe{i}", change)
     runs = [fp32, bf16]
     steps = sorted(fp32["eval_loss"])

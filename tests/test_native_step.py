@@ -103,6 +103,52 @@ def test_c_step_logits_equal_the_lean_forwards(dtype, length, one_thread):
             )
 
 
+def test_rows_of_mixed_adapters_in_one_c_step_equal_the_lean_forward():
+    """19 rows in mixed order over adapters of ranks 4, 16 and 20 (padded to 16 and 32 in C) and
+    rows with none, one adapter on 10 rows (a tile of 8 and one of 2), k/v 24 wide (16-wide
+    sums and a tail), on 2 threads: the logits and cache of one C step equal the lean forward's
+    with per-sample adapters."""
+    ranks = {"a": 4, "b": 16, "c": 20}
+    tiny = make_tiny_llama(seed=9, num_attention_heads=8, num_key_value_heads=1, head_dim=24)
+    model = quantize_model(tiny, QuantConfig(double_quant=True))
+    generator = torch.Generator().manual_seed(9)
+    for name, rank in ranks.items():
+        inject_adapter(model, LoraConfig(r=rank, alpha=2 * rank), name)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if f"lora_B.{name}." in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.eval()
+    order = torch.randperm(19, generator=generator).tolist()
+    names = [(["a"] * 10 + ["b"] * 4 + ["c"] * 3 + [None] * 2)[i] for i in order]
+    slots = [-1 if name is None else list(ranks).index(name) for name in names]
+    ids = torch.randint(1, 128, (19, 7), generator=generator)
+    capacity = 8
+    caches = [KVCache.empty(model, 19, capacity, torch.float32) for _ in range(3)]
+    rotary = Rotary(model, capacity, torch.float32)
+    positions, at = torch.arange(6).expand(19, -1), torch.full((19, 1), 6)
+    threads = torch.get_num_threads()
+    with inference_4bit(model), torch.no_grad():
+        with per_sample_adapters(model, names):
+            for cache in caches:
+                lean_forward(model, ids[:, :6], positions, cache, rotary, None)
+            slow = lean_forward(model, ids[:, 6:], at, caches[1], rotary, None)
+        with per_sample_adapters(model, [None] * 19):  # the last step with no adapter
+            plain = lean_forward(model, ids[:, 6:], at, caches[2], rotary, None)
+        step = native_step.NativeDecoder.build(model, None, list(ranks))
+        torch.set_num_threads(2)
+        try:
+            fast = step.step(ids[:, 6].tolist(), caches[0], rotary, slots=slots)
+        finally:
+            torch.set_num_threads(threads)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+    for keys, reference in zip(caches[0].keys, caches[1].keys, strict=True):
+        torch.testing.assert_close(keys[:, :, :7], reference[:, :, :7], rtol=0, atol=2e-5)
+    adapted = torch.tensor([name is not None for name in names])
+    assert (fast - plain)[adapted].abs().amax(-1).min() > 1e-2  # every adapter moves its rows
+    torch.testing.assert_close(fast[~adapted], plain[~adapted], rtol=0, atol=1e-4)
+
+
 def test_left_padded_rows_in_c_give_the_lean_forwards_tokens(monkeypatch, one_thread):
     """Rows of different lengths, left-padded, leaving the batch at their end token."""
     model = _model("llama", seed=7)

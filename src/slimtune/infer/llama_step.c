@@ -13,18 +13,22 @@
  * Built into one library with q4_matmul.c by slimtune.infer.native_step.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "q4.h"
 
-/* A LoRA adapter of one projection: y += scaling * B (A x). Rank 0: none there. B is kept
- * transposed, so that its product is `rank` contiguous multiply-adds into y. */
+/* A LoRA adapter of one projection: y += scaling * B (A x). Rank 0: none there. Both factors
+ * are kept transposed and their rank padded with zeros to a multiple of RANKS: A's product is
+ * then, per input column, one vector of RANKS multiply-adds (no sums across lanes), and B's,
+ * per rank, a row of contiguous multiply-adds into y. */
+#define RANKS 16
 typedef struct {
-    const float *a;   /* (rank, in) */
+    const float *a_t; /* (in, rank) */
     const float *b_t; /* (rank, out) */
-    int64_t rank;
+    int64_t rank;     /* a multiple of RANKS */
     float scaling;
 } Adapter;
 
@@ -43,7 +47,7 @@ typedef struct {
 } Block;
 
 typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, intermediate, blocks, max_rank, slots;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, blocks, slots;
     float eps, attention_scale;
     const Block *block;
     const float *final_norm;
@@ -127,39 +131,109 @@ static float sum(const float *x, int64_t n) {
     return total;
 }
 
-/* What rides on a product y = W x for one row: bias, and the row's adapter. `lora` holds
- * max_rank floats of scratch. */
-static void finish(const Projection *p, int64_t slot, const float *x, float *y, float *lora) {
-    const int64_t out = p->weight->out, in = p->weight->in;
+/* Sixteen float lanes: one AVX-512 register, two AVX2 ones. */
+typedef float lanes16 __attribute__((vector_size(64)));
+
+static inline lanes16 load16(const float *p) {
+    lanes16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* y_k += scaling * B (A x_k) for N rows of one adapter: each column of A (a vector of RANKS) is
+ * read once for the N rows, each row of B once per 16 outputs of the N rows, whose sums stay
+ * in registers across the ranks. Sums are in the order of a plain loop over the columns, then
+ * over the ranks. */
+static inline __attribute__((always_inline)) void lora_tile(const Adapter *a, int64_t in,
+                                                            int64_t out, const float *const *x,
+                                                            float *const *y, const int N) {
+    for (int64_t r0 = 0; r0 < a->rank; r0 += RANKS) {
+        lanes16 u[8] = {{0}};
+        for (int64_t i = 0; i < in; i++) {
+            const lanes16 column = load16(a->a_t + i * a->rank + r0);
+            for (int k = 0; k < N; k++) u[k] += x[k][i] * column;
+        }
+        float low[8][RANKS];
+        for (int k = 0; k < N; k++) {
+            const lanes16 scaled = u[k] * a->scaling;
+            memcpy(low[k], &scaled, sizeof low[k]);
+        }
+        const float *b = a->b_t + r0 * out;
+        int64_t c = 0;
+        for (; c + 16 <= out; c += 16) {
+            lanes16 sums[8];
+            for (int k = 0; k < N; k++) sums[k] = load16(y[k] + c);
+            for (int r = 0; r < RANKS; r++) {
+                const lanes16 row = load16(b + r * out + c);
+                for (int k = 0; k < N; k++) sums[k] += low[k][r] * row;
+            }
+            for (int k = 0; k < N; k++) memcpy(y[k] + c, &sums[k], sizeof sums[k]);
+        }
+        for (; c < out; c++)
+            for (int k = 0; k < N; k++)
+                for (int r = 0; r < RANKS; r++) y[k][c] += low[k][r] * b[r * out + c];
+    }
+}
+
+/* The adapters of `count` rows (`rows`, indices in order of their slot) for one projection:
+ * each run of rows with one adapter in tiles of up to 8. x: (rows, in); y: (rows, out). */
+static void lora_rows(const Projection *p, const Batch *b, const int64_t *rows, int64_t count,
+                      const float *x, float *y) {
+    const int64_t in = p->weight->in, out = p->weight->out;
+    for (int64_t i = 0; i < count;) {
+        const int64_t slot = b->slot[rows[i]];
+        const Adapter *a = slot >= 0 ? p->adapters + slot : NULL;
+        int n = 0;
+        const float *xs[8];
+        float *ys[8];
+        for (; i < count && n < 8 && b->slot[rows[i]] == slot; i++, n++) {
+            xs[n] = x + rows[i] * in;
+            ys[n] = y + rows[i] * out;
+        }
+        if (!a || a->rank == 0) continue;
+        switch (n) {
+        case 1: lora_tile(a, in, out, xs, ys, 1); break;
+        case 2: lora_tile(a, in, out, xs, ys, 2); break;
+        case 3: lora_tile(a, in, out, xs, ys, 3); break;
+        case 4: lora_tile(a, in, out, xs, ys, 4); break;
+        case 5: lora_tile(a, in, out, xs, ys, 5); break;
+        case 6: lora_tile(a, in, out, xs, ys, 6); break;
+        case 7: lora_tile(a, in, out, xs, ys, 7); break;
+        default: lora_tile(a, in, out, xs, ys, 8);
+        }
+    }
+}
+
+/* The bias of a product y = W x, and its rounding where the layer computes in bfloat16. */
+static void add_bias(const Projection *p, float *y) {
+    const int64_t out = p->weight->out;
     if (p->bf16)
         for (int64_t i = 0; i < out; i++) y[i] = round_bf16(y[i]);
     if (p->bias)
         for (int64_t i = 0; i < out; i++)
             y[i] = p->bf16 ? round_bf16(y[i] + round_bf16(p->bias[i])) : y[i] + p->bias[i];
-    const Adapter *a = slot >= 0 ? p->adapters + slot : NULL;
-    if (a && a->rank > 0) {
-        for (int64_t r = 0; r < a->rank; r++) lora[r] = a->scaling * dot(a->a + r * in, x, in);
-        for (int64_t r = 0; r < a->rank; r++) {
-            const float *b = a->b_t + r * out;
-            for (int64_t i = 0; i < out; i++) y[i] += lora[r] * b[i]; /* vectorized */
-        }
-    }
 }
 
-/* y_i = W_i x + what rides on it, for n projections of one input (q/k/v; gate/up), every row:
- * the products in one parallel region, reading the codes once for all rows. x: (rows, in);
- * y_i: (rows, out_i). */
-static int project(const Decoder *d, const Batch *b, const Projection *const *p, int n,
-                   const float *x, float *const *y, float *lora, int threads) {
+/* y_i = W_i x + bias + each row's adapter, for n projections of one input (q/k/v; gate/up),
+ * every row: the products in one parallel region, reading the codes once for all rows; then
+ * each thread the rest for its share of the rows in order of slot (one adapter's rows
+ * together). x: (rows, in); y_i: (rows, out_i). */
+static int project(const Batch *b, const int64_t *by_slot, const Projection *const *p, int n,
+                   const float *x, float *const *y, int threads) {
     const Weight4 *w[3];
     for (int i = 0; i < n; i++) w[i] = p[i]->weight;
     if (slim_q4_matmul_many(w, n, x, b->rows, y, threads, p[0]->bf16) != 0) return -1;
-    const int64_t in = p[0]->weight->in;
-#pragma omp parallel for num_threads(threads) if (b->rows > 1 && threads > 1)
-    for (int64_t r = 0; r < b->rows; r++)
-        for (int i = 0; i < n; i++)
-            finish(p[i], b->slot[r], x + r * in, y[i] + r * p[i]->weight->out,
-                   lora + r * d->max_rank);
+    const int64_t rows = b->rows;
+#pragma omp parallel num_threads(threads) if (rows > 1 && threads > 1)
+    {
+        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+        const int64_t first = rows * part / parts, last = rows * (part + 1) / parts;
+        for (int i = 0; i < n; i++) {
+            for (int64_t r = first; r < last; r++)
+                add_bias(p[i], y[i] + by_slot[r] * p[i]->weight->out);
+            lora_rows(p[i], b, by_slot + first, last - first, x, y[i]);
+        }
+    }
     return 0;
 }
 
@@ -209,21 +283,21 @@ static void attend(const Decoder *d, const Batch *b, int64_t block, const float 
 /* Scratch of one row, in floats. */
 static int64_t row_scratch(const Decoder *d) {
     const int64_t width = d->heads * d->head_dim, kv = d->kv_heads * d->head_dim;
-    return 2 * d->hidden + 2 * width + 2 * kv + 2 * d->intermediate + d->max_rank;
+    return 2 * d->hidden + 2 * width + 2 * kv + 2 * d->intermediate;
 }
 
 /* The block's output added to `hidden` (rows, hidden): the residual stream. */
-static int block_step(const Decoder *d, const Batch *b, int64_t index, float *hidden,
-                      float *scratch, int threads) {
+static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, int64_t index,
+                      float *hidden, float *scratch, int threads) {
     const Block *blk = d->block + index;
     const int64_t rows = b->rows, hd = d->head_dim, width = d->heads * hd;
     const int64_t kv = d->kv_heads * hd, n = d->hidden, inter = d->intermediate;
     float *x = scratch, *mixed = x + rows * n, *q = mixed + rows * n, *k = q + rows * width,
           *v = k + rows * kv, *attended = v + rows * kv, *gate = attended + rows * width,
-          *up = gate + rows * inter, *lora = up + rows * inter;
+          *up = gate + rows * inter;
     for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->input_norm, n, d->eps, x + r * n);
-    if (project(d, b, (const Projection *[]){&blk->q, &blk->k, &blk->v}, 3, x,
-                (float *[]){q, k, v}, lora, threads))
+    if (project(b, by_slot, (const Projection *[]){&blk->q, &blk->k, &blk->v}, 3, x, (float *[]){q, k, v},
+                threads))
         return -1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t position = b->column - b->start[r];
@@ -237,15 +311,15 @@ static int block_step(const Decoder *d, const Batch *b, int64_t index, float *hi
         }
     }
     attend(d, b, index, q, attended, threads);
-    if (project(d, b, (const Projection *[]){&blk->o}, 1, attended, &mixed, lora, threads))
+    if (project(b, by_slot, (const Projection *[]){&blk->o}, 1, attended, &mixed, threads))
         return -1;
     for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
     for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->post_norm, n, d->eps, x + r * n);
-    if (project(d, b, (const Projection *[]){&blk->gate, &blk->up}, 2, x, (float *[]){gate, up},
-                lora, threads))
+    if (project(b, by_slot, (const Projection *[]){&blk->gate, &blk->up}, 2, x, (float *[]){gate, up},
+                threads))
         return -1;
     silu_mul(gate, up, rows * inter);
-    if (project(d, b, (const Projection *[]){&blk->down}, 1, gate, &mixed, lora, threads))
+    if (project(b, by_slot, (const Projection *[]){&blk->down}, 1, gate, &mixed, threads))
         return -1;
     for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
     return 0;
@@ -257,17 +331,29 @@ static int block_step(const Decoder *d, const Batch *b, int64_t index, float *hi
 int slim_llama_step(const Decoder *d, const Batch *b, float *out, int threads) {
     if (b->rows < 1 || b->column < 0 || b->column >= b->capacity) return -1;
     for (int64_t r = 0; r < b->rows; r++)
-        if (b->start[r] < 0 || b->start[r] > b->column || b->slot[r] >= d->slots) return -1;
+        if (b->start[r] < 0 || b->start[r] > b->column || b->slot[r] < -1 ||
+            b->slot[r] >= d->slots)
+            return -1;
     const int64_t n = d->hidden;
     float *hidden = malloc((size_t)(b->rows * (n + row_scratch(d))) * sizeof(float));
-    if (!hidden) return -1;
+    int64_t *by_slot = malloc((size_t)b->rows * sizeof(int64_t));
+    if (!hidden || !by_slot) {
+        free(hidden);
+        free(by_slot);
+        return -1;
+    }
+    int64_t sorted = 0; /* the rows in order of slot (-1 first), in order within a slot */
+    for (int64_t slot = -1; slot < d->slots; slot++)
+        for (int64_t r = 0; r < b->rows; r++)
+            if (b->slot[r] == slot) by_slot[sorted++] = r;
     for (int64_t r = 0; r < b->rows; r++)
         memcpy(hidden + r * n, d->embedding + b->tokens[r] * n, (size_t)n * sizeof(float));
     int status = 0;
     for (int64_t i = 0; i < d->blocks && status == 0; i++)
-        status = block_step(d, b, i, hidden, hidden + b->rows * n, threads);
+        status = block_step(d, b, by_slot, i, hidden, hidden + b->rows * n, threads);
     for (int64_t r = 0; r < b->rows && status == 0; r++)
         rms_norm(hidden + r * n, d->final_norm, n, d->eps, out + r * n);
     free(hidden);
+    free(by_slot);
     return status;
 }

@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimtune.infer.llama import KVCache, Rotary, _head_dim, norm_eps, supports
@@ -30,13 +31,14 @@ SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
 MAX_ROWS = NATIVE_ROWS
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+RANKS = 16  # llama_step.c's adapters: ranks padded to a multiple of this
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 
 
 class _Adapter(ctypes.Structure):
-    _fields_ = [("a", _p), ("b_t", _p), ("rank", _i64), ("scaling", ctypes.c_float)]
+    _fields_ = [("a_t", _p), ("b_t", _p), ("rank", _i64), ("scaling", ctypes.c_float)]
 
 
 class _Projection(ctypes.Structure):
@@ -51,7 +53,7 @@ class _Block(ctypes.Structure):
 
 class _Decoder(ctypes.Structure):
     _fields_ = [*((name, _i64) for name in ("hidden", "heads", "kv_heads", "head_dim",
-                "intermediate", "blocks", "max_rank", "slots")),
+                "intermediate", "blocks", "slots")),
                 ("eps", ctypes.c_float), ("attention_scale", ctypes.c_float),
                 ("block", ctypes.POINTER(_Block)), ("final_norm", _p),
                 ("embedding", _p)]  # fmt: skip
@@ -100,13 +102,11 @@ class NativeDecoder:
         blocks = [self._block(block, layer, slots)
                   for block, layer in zip(parts, inner.layers, strict=True)]  # fmt: skip
         self._blocks = (_Block * len(blocks))(*blocks)
-        ranks = [a[0].shape[0] for block in parts for p in block for a in p[2] if a is not None]
         self.hidden = config.hidden_size
         self.struct = _Decoder(
             hidden=self.hidden, heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads, head_dim=_head_dim(config),
-            intermediate=config.intermediate_size, blocks=len(blocks), max_rank=max([1, *ranks]),
-            slots=slots, eps=norm_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
+            intermediate=config.intermediate_size, blocks=len(blocks), slots=slots, eps=norm_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
             block=self._blocks, final_norm=inner.norm.weight.data_ptr(),
             embedding=inner.embed_tokens.weight.data_ptr(),
         )  # fmt: skip
@@ -145,8 +145,8 @@ class NativeDecoder:
         table = (_Adapter * slots)()
         for slot, adapter in enumerate(adapters):
             if adapter is not None:
-                a, b, scaling = adapter
-                table[slot] = _Adapter(a.data_ptr(), b.data_ptr(), a.shape[0], scaling)
+                a_t, b_t, scaling = adapter
+                table[slot] = _Adapter(a_t.data_ptr(), b_t.data_ptr(), a_t.shape[1], scaling)
         self._keep += [weight, bias, adapters, table]
         return _Projection(weight=ctypes.pointer(weight.struct), bias=_ptr(bias),
                            adapters=table, bf16=int(bf16))  # fmt: skip
@@ -240,8 +240,9 @@ def _projection(module: nn.Module, compute_dtype: torch.dtype | None, names: lis
 
 
 def _adapter(module: LoraLinear, name: str):
-    """(A, B transposed, scaling) of adapter `name` in this layer; None where the layer lacks it; False
-    where the C step cannot compute it (DoRA, not float32)."""
+    """(A transposed, B transposed, scaling) of adapter `name` in this layer, the rank padded
+    with zeros to a multiple of RANKS (as llama_step.c reads them); None where the layer lacks
+    it; False where the C step cannot compute it (DoRA, not float32)."""
     if name not in module.lora_A:
         return None
     if name in module.lora_magnitude_vector or name in module.merged_adapters:
@@ -249,4 +250,7 @@ def _adapter(module: LoraLinear, name: str):
     a, b = module.lora_A[name].weight, module.lora_B[name].weight
     if not (_float32(a) and _float32(b)):
         return False
-    return a.detach().contiguous(), b.detach().t().contiguous(), float(module.scaling[name])
+    padding = -a.shape[0] % RANKS
+    a_t = F.pad(a.detach().t(), (0, padding)).contiguous()  # (in, rank): zero columns added
+    b_t = F.pad(b.detach().t(), (0, 0, 0, padding)).contiguous()  # (rank, out): zero rows added
+    return a_t, b_t, float(module.scaling[name])
