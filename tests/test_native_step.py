@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from slimtune.infer import decode, lean_forward, native_step
-from slimtune.infer.llama import KVCache, Rotary
+from slimtune.infer.llama import KVCache, Rotary, attention_mask
 from slimtune.lora import LoraConfig, inject_adapter, per_sample_adapters
 from slimtune.quant import QuantConfig, quantize_model
 from slimtune.quant.inference import inference_4bit
@@ -147,6 +147,46 @@ def test_rows_of_mixed_adapters_in_one_c_step_equal_the_lean_forward():
     adapted = torch.tensor([name is not None for name in names])
     assert (fast - plain)[adapted].abs().amax(-1).min() > 1e-2  # every adapter moves its rows
     torch.testing.assert_close(fast[~adapted], plain[~adapted], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_rows", [256, 5])
+def test_a_prefill_in_c_equals_the_lean_forwards(max_rows, monkeypatch):
+    """Left-padded prompts of 3 to 9 tokens over two adapters and none, as one call or (at most 5
+    rows a call) in chunks of whole columns: the logits of each prompt's last token and every
+    key and value equal the lean forward's with per-sample adapters."""
+    monkeypatch.setattr(native_step, "MAX_ROWS", max_rows)
+    model = _model("qwen2", seed=6, adapters=("a", "b"))
+    generator = torch.Generator().manual_seed(6)
+    lengths, names = [9, 3, 6, 8], ["b", None, "a", "b"]
+    ids, valid = torch.zeros(4, 9, dtype=torch.long), torch.zeros(4, 9, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        ids[row, 9 - n :] = torch.randint(1, 128, (n,), generator=generator)
+        valid[row, 9 - n :] = True
+    caches = [KVCache.empty(model, 4, 9, torch.float32) for _ in range(2)]
+    for t in (*caches[0].keys, *caches[0].values):
+        t.fill_(float("nan"))  # what an empty cache may hold
+    rotary = Rotary(model, 9, torch.float32)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with inference_4bit(model), torch.no_grad():
+        step = native_step.NativeDecoder.build(model, None, ["a", "b"])
+        slots = [-1 if name is None else ["a", "b"].index(name) for name in names]
+        calls = []
+        run = step._run
+        monkeypatch.setattr(step, "_run", lambda *a: calls.append(len(a[0])) or run(*a))
+        fast = step.prefill(ids, valid, caches[0], rotary, slots)
+        with per_sample_adapters(model, names):
+            mask = attention_mask(valid, 0, 9)
+            slow = lean_forward(model, ids, positions, caches[1], rotary, mask)
+    assert sum(calls) == sum(lengths) and max(calls) <= max_rows
+    assert len(calls) == (1 if max_rows == 256 else 7)  # columns 0-2 (5 rows), then one each
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+    assert caches[0].length == caches[1].length == 9
+    for new, reference in zip(caches[0].keys + caches[0].values,
+                              caches[1].keys + caches[1].values, strict=True):  # fmt: skip
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(new[row, :, 9 - n :], reference[row, :, 9 - n :],
+                                       rtol=0, atol=2e-5)  # fmt: skip
+            assert not new[row, :, : 9 - n].any()  # padding: zeros, never memory as it was
 
 
 def test_left_padded_rows_in_c_give_the_lean_forwards_tokens(monkeypatch, one_thread):

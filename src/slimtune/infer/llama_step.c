@@ -1,14 +1,15 @@
-/* One decode step of a LLaMA-family decoder in one call: every block of the model for one new
- * token per row, from the embeddings to the final norm.
+/* Decode steps and prefills of a LLaMA-family decoder in one call: every block of the model
+ * for the call's tokens, from the embeddings to the final norm.
  *
  * At 135M parameters a decode step is hundreds of small operations, and from Python each
  * costs microseconds of dispatch, more in all than the arithmetic. This is the lean forward
- * of llama.py (same modules, same order of operations) written out in C for decode steps:
- * RMSNorm, the q/k/v products from 4-bit codes (q4_matmul.c) with their biases and LoRA
- * adapters (each row its own: serving mixes adapters in a batch), the rotary embedding, the
- * KV cache append, attention over each row's cached positions, the output product, the gated
- * SiLU MLP. The products run on torch's OpenMP threads (q4_matmul.c), the rows of a batch read
- * the codes once; the small operations between them are split by row (and head).
+ * of llama.py (same modules, same order of operations) written out in C: RMSNorm, the q/k/v
+ * products from 4-bit codes (q4_matmul.c) with their biases and LoRA adapters (each row its
+ * own: serving mixes adapters in a batch), the rotary embedding, the KV cache append,
+ * attention over each row's cached positions, the output product, the gated SiLU MLP. A row
+ * is one token of one sequence: a decode step has a row per sequence, a prefill a row per
+ * prompt token. The products run on torch's OpenMP threads (q4_matmul.c), the rows of a call
+ * read the codes once; the small operations between them are split by row (and head).
  *
  * Built into one library with q4_matmul.c by slimtune.infer.native_step.
  */
@@ -54,13 +55,16 @@ typedef struct {
     const float *embedding; /* (vocab, hidden) */
 } Decoder;
 
-/* One step of a batch: row r's new token goes to cache column `column`; it sees the columns
- * [start[r], column] (rows are left-padded) and is at rotary position column - start[r]. */
+/* The tokens of one call: row r is token tokens[r] of the cache's sequence sequence[r], at
+ * its column column[r]; it sees that sequence's columns [start[r], column[r]] (sequences are
+ * left-padded) and is at rotary position column[r] - start[r]. A decode step has one row per
+ * sequence; a prefill, a row per prompt token: every row writes its keys and values before
+ * any row attends, so rows of one sequence see each other causally. */
 typedef struct {
-    int64_t rows, capacity, column;
-    float *const *keys, *const *values; /* per block: (rows, kv_heads, capacity, head_dim) */
-    const int64_t *tokens, *start, *slot; /* per row; slot -1: no adapter */
-    const float *cos, *signed_sin;        /* rotary tables, (positions, head_dim) */
+    int64_t rows, sequences, capacity;
+    float *const *keys, *const *values; /* per block: (sequences, kv_heads, capacity, head_dim) */
+    const int64_t *tokens, *sequence, *column, *start, *slot; /* per row; slot -1: no adapter */
+    const float *cos, *signed_sin; /* rotary tables, (positions, head_dim) */
 } Batch;
 
 /* Nearest even bfloat16, as torch rounds a float32 tensor to bfloat16. */
@@ -251,16 +255,17 @@ static void rotate(float *x, int64_t heads, int64_t head_dim, const float *cos,
 
 /* Softmax attention of each row's query heads over its cached positions, [start, column]
  * (grouped-query: `heads / kv_heads` query heads share one key/value head). q, out: (rows,
- * heads * head_dim). */
+ * heads * head_dim). `longest`: the most positions a row sees. */
 static void attend(const Decoder *d, const Batch *b, int64_t block, const float *q, float *out,
-                   int threads) {
+                   int64_t longest, int threads) {
     const int64_t hd = d->head_dim, group = d->heads / d->kv_heads, items = b->rows * d->heads;
-    const int parallel = threads > 1 && items * (b->column + 1) * hd >= (1 << 15);
+    const int parallel = threads > 1 && items * longest * hd >= (1 << 15);
 #pragma omp parallel for num_threads(threads) if (parallel)
     for (int64_t item = 0; item < items; item++) {
         const int64_t r = item / d->heads, h = item % d->heads, first = b->start[r];
-        const int64_t length = b->column + 1 - first;
-        const int64_t at = ((r * d->kv_heads + h / group) * b->capacity + first) * hd;
+        const int64_t length = b->column[r] + 1 - first;
+        const int64_t kv_row = b->sequence[r] * d->kv_heads + h / group;
+        const int64_t at = (kv_row * b->capacity + first) * hd;
         const float *keys = b->keys[block] + at, *values = b->values[block] + at;
         const float *query = q + item * hd;
         float *scores = malloc((size_t)length * sizeof(float)), top = -INFINITY;
@@ -287,8 +292,8 @@ static int64_t row_scratch(const Decoder *d) {
 }
 
 /* The block's output added to `hidden` (rows, hidden): the residual stream. */
-static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, int64_t index,
-                      float *hidden, float *scratch, int threads) {
+static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, int64_t longest,
+                      int64_t index, float *hidden, float *scratch, int threads) {
     const Block *blk = d->block + index;
     const int64_t rows = b->rows, hd = d->head_dim, width = d->heads * hd;
     const int64_t kv = d->kv_heads * hd, n = d->hidden, inter = d->intermediate;
@@ -300,17 +305,18 @@ static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, 
                 threads))
         return -1;
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t position = b->column - b->start[r];
+        const int64_t position = b->column[r] - b->start[r];
         const float *cos = b->cos + position * hd, *sin = b->signed_sin + position * hd;
         rotate(q + r * width, d->heads, hd, cos, sin);
         rotate(k + r * kv, d->kv_heads, hd, cos, sin);
         for (int64_t g = 0; g < d->kv_heads; g++) {
-            const int64_t at = ((r * d->kv_heads + g) * b->capacity + b->column) * hd;
+            const int64_t kv_row = b->sequence[r] * d->kv_heads + g;
+            const int64_t at = (kv_row * b->capacity + b->column[r]) * hd;
             memcpy(b->keys[index] + at, k + r * kv + g * hd, hd * sizeof(float));
             memcpy(b->values[index] + at, v + r * kv + g * hd, hd * sizeof(float));
         }
     }
-    attend(d, b, index, q, attended, threads);
+    attend(d, b, index, q, attended, longest, threads);
     if (project(b, by_slot, (const Projection *[]){&blk->o}, 1, attended, &mixed, threads))
         return -1;
     for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
@@ -325,15 +331,21 @@ static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, 
     return 0;
 }
 
-/* The final-norm hidden states `out` (rows, hidden) of the batch's new tokens, their keys and
- * values written to column `column` of every block's cache (earlier columns must hold the
- * tokens before them). Returns 0, or -1 where a shape does not fit the kernels. */
+/* The final-norm hidden states `out` (rows, hidden) of the batch's rows, their keys and values
+ * written to their columns of every block's cache (the columns before them must hold their
+ * sequence's earlier tokens, or be written by rows of this call). Returns 0, or -1 where a
+ * row does not fit the cache or a shape does not fit the kernels. */
 int slim_llama_step(const Decoder *d, const Batch *b, float *out, int threads) {
-    if (b->rows < 1 || b->column < 0 || b->column >= b->capacity) return -1;
-    for (int64_t r = 0; r < b->rows; r++)
-        if (b->start[r] < 0 || b->start[r] > b->column || b->slot[r] < -1 ||
+    if (b->rows < 1) return -1;
+    int64_t longest = 0;
+    for (int64_t r = 0; r < b->rows; r++) {
+        if (b->sequence[r] < 0 || b->sequence[r] >= b->sequences || b->start[r] < 0 ||
+            b->start[r] > b->column[r] || b->column[r] >= b->capacity || b->slot[r] < -1 ||
             b->slot[r] >= d->slots)
             return -1;
+        const int64_t seen = b->column[r] + 1 - b->start[r];
+        longest = seen > longest ? seen : longest;
+    }
     const int64_t n = d->hidden;
     float *hidden = malloc((size_t)(b->rows * (n + row_scratch(d))) * sizeof(float));
     int64_t *by_slot = malloc((size_t)b->rows * sizeof(int64_t));
@@ -350,7 +362,7 @@ int slim_llama_step(const Decoder *d, const Batch *b, float *out, int threads) {
         memcpy(hidden + r * n, d->embedding + b->tokens[r] * n, (size_t)n * sizeof(float));
     int status = 0;
     for (int64_t i = 0; i < d->blocks && status == 0; i++)
-        status = block_step(d, b, by_slot, i, hidden, hidden + b->rows * n, threads);
+        status = block_step(d, b, by_slot, longest, i, hidden, hidden + b->rows * n, threads);
     for (int64_t r = 0; r < b->rows && status == 0; r++)
         rms_norm(hidden + r * n, d->final_norm, n, d->eps, out + r * n);
     free(hidden);

@@ -60,10 +60,11 @@ class _Decoder(ctypes.Structure):
 
 
 class _Batch(ctypes.Structure):
-    _fields_ = [("rows", _i64), ("capacity", _i64), ("column", _i64),
+    _fields_ = [("rows", _i64), ("sequences", _i64), ("capacity", _i64),
                 ("keys", ctypes.POINTER(_p)), ("values", ctypes.POINTER(_p)),
-                ("tokens", ctypes.POINTER(_i64)), ("start", ctypes.POINTER(_i64)),
-                ("slot", ctypes.POINTER(_i64)), ("cos", _p), ("signed_sin", _p)]  # fmt: skip
+                *((name, ctypes.POINTER(_i64))
+                  for name in ("tokens", "sequence", "column", "start", "slot")),
+                ("cos", _p), ("signed_sin", _p)]  # fmt: skip
 
 
 @cache
@@ -166,16 +167,65 @@ class NativeDecoder:
         rows, start = len(tokens), start or [0] * len(tokens)
         if cache.keys[0].shape[0] != rows or cache.length >= cache.capacity:
             raise ValueError(f"a step of {rows} rows does not fit the cache")
-        if cache.length - min(start) >= len(rotary.cos):
-            raise ValueError(f"position {cache.length - min(start)} is past the rotary tables")
+        hidden = self._run(
+            tokens, list(range(rows)), [cache.length] * rows, start, slots or [0] * rows,
+            cache, rotary,
+        )  # fmt: skip
+        cache.length += 1
+        return self.model.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        valid: torch.Tensor,
+        cache: KVCache,
+        rotary: Rotary,
+        slots: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits (sequences, vocab) after left-padded prompts `ids` (sequences, width;
+        `valid` False on padding), every prompt token's keys and values written to its column
+        of the empty `cache`. `slots`: each sequence's adapter slot, -1 for none (default 0).
+        The columns go in chunks of at most MAX_ROWS tokens, in order: a chunk's tokens see the
+        columns before them and each other, causally."""
+        sequences, width = ids.shape
+        if cache.length != 0 or cache.capacity < width or not bool(valid[:, -1].all()):
+            raise ValueError("prefill takes left-padded prompts into an empty cache")
+        if sequences > MAX_ROWS:
+            raise ValueError(f"a prefill of {sequences} prompts is more than {MAX_ROWS} rows")
+        slots = slots or [0] * sequences
+        start, prompts = valid.int().argmax(-1).tolist(), ids.tolist()
+        columns = [torch.nonzero(valid[:, c]).view(-1).tolist() for c in range(width)]
+        chunk: list[tuple[int, int]] = []  # (column, sequence) of the chunk's tokens
+        for column, rows in enumerate(columns):
+            chunk += [(column, s) for s in rows]
+            if column + 1 < width and len(chunk) + len(columns[column + 1]) <= MAX_ROWS:
+                continue  # whole columns per chunk: the last column's tokens come out together
+            hidden = self._run(
+                [prompts[s][c] for c, s in chunk], [s for _, s in chunk], [c for c, _ in chunk],
+                [start[s] for _, s in chunk], [slots[s] for _, s in chunk], cache, rotary,
+            )  # fmt: skip
+            chunk = []
+        padding = ~valid[:, None, :, None]  # zeros there, as a masked attention reads them
+        for t in (*cache.keys, *cache.values):
+            t[:, :, :width].masked_fill_(padding, 0.0)
+        cache.length = width
+        return self.model.lm_head(hidden[-sequences:]).float()  # the last column's tokens
+
+    def _run(self, tokens, sequence, column, start, slot, cache, rotary) -> torch.Tensor:
+        """The final-norm hidden states (rows, hidden) of the rows (token, sequence, column,
+        first column, adapter slot); their keys and values written to the cache."""
+        if max(c - s for c, s in zip(column, start, strict=True)) >= len(rotary.cos):
+            raise ValueError("a position is past the rotary tables")
+        rows = len(tokens)
         keys = (_p * len(cache.keys))(*(k.data_ptr() for k in cache.keys))
         values = (_p * len(cache.values))(*(v.data_ptr() for v in cache.values))
         row_ints = _i64 * rows
         batch = _Batch(
-            rows=rows, capacity=cache.capacity, column=cache.length, keys=keys, values=values,
-            tokens=row_ints(*tokens), start=row_ints(*start),
-            slot=row_ints(*(slots or [0] * rows)), cos=rotary.cos.data_ptr(),
-            signed_sin=rotary.signed_sin.data_ptr(),
+            rows=rows, sequences=cache.keys[0].shape[0], capacity=cache.capacity, keys=keys,
+            values=values, tokens=row_ints(*tokens), sequence=row_ints(*sequence),
+            column=row_ints(*column), start=row_ints(*start), slot=row_ints(*slot),
+            cos=rotary.cos.data_ptr(), signed_sin=rotary.signed_sin.data_ptr(),
         )  # fmt: skip
         out = torch.empty(rows, self.hidden)
         status = self.lib.slim_llama_step(
@@ -183,8 +233,7 @@ class NativeDecoder:
         )
         if status != 0:
             raise RuntimeError("the C decode step could not run (a shape the kernels refuse)")
-        cache.length += 1
-        return self.model.lm_head(out).float()
+        return out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -32,17 +32,25 @@ class TransformersBatch:
         self.cache = None
         self.mask: torch.Tensor | None = None  # (rows, time) long: 1 where a token is
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run left-padded prompts, append their rows; the last position's logits."""
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        adapters: list[str | None],
+        per_sample: PerSample,
+    ) -> torch.Tensor:
+        """Run left-padded prompts, append their rows; the last position's logits. `adapters`:
+        each row's adapter, applied by the context `per_sample(adapters)`."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=kv.new_cache(self.model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with per_sample(adapters):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=kv.new_cache(self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.cache, self.mask = kv.join(self.cache, self.mask, out.past_key_values, mask)
         return out.logits[:, -1]
 
@@ -86,14 +94,31 @@ class LeanBatch:
         self.adapters: list[str] = []  # the C step's adapter slots
         self._native: NativeDecoder | None | bool = False  # False: not built yet
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        adapters: list[str | None],
+        per_sample: PerSample,
+    ) -> torch.Tensor:
+        """Left-padded prompts (`ids`, `mask` 0 on padding) into new rows of the cache; the
+        logits of each one's last token. `adapters` as in `decode`: in C where it covers the
+        model (all prompt tokens as rows of one call, or a few in column order), else the lean
+        forward."""
         valid = mask.bool()
         rows, width = ids.shape
         cache = KVCache.empty(self.model, rows, width, self.dtype)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        logits = lean_forward(
-            self.model, ids, positions, cache, self.rotary, attention_mask(valid, 0, width)
-        )
+        native = self._native_decoder(adapters)
+        whole = bool(valid[:, -1].all())  # every prompt has a token (left-padded)
+        if native is not None and whole and rows <= MAX_ROWS and usable(cache, self.rotary):
+            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
+            logits = native.prefill(ids, valid, cache, self.rotary, slots)
+        else:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            with per_sample(adapters):
+                logits = lean_forward(
+                    self.model, ids, positions, cache, self.rotary, attention_mask(valid, 0, width)
+                )
         self._join(cache, valid)
         return logits
 

@@ -310,8 +310,8 @@ class Engine:
             n = len(request.prompt_ids)
             ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
-        with self._adapters([r.adapter for r in requests]), torch.inference_mode():
-            logits = self._batch.prefill(ids, mask)
+        with torch.inference_mode():
+            logits = self._batch.prefill(ids, mask, [r.adapter for r in requests], self._adapters)
         self._count("prefill")
         first = len(self._rows)
         self._rows += [_Row(r, self._stream(r.stop)) for r in requests]
