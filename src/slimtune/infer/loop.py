@@ -19,7 +19,7 @@ from torch import nn
 
 from slimtune.devices import device_of
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
-from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, usable
+from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, in_c_prefill, usable
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
 
 
@@ -118,16 +118,18 @@ def _lean(
     cache = KVCache.empty(model, batch, capacity, dtype)
     rotary = Rotary(model, capacity, dtype)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    logits = lean_forward(
-        model, input_ids, positions, cache, rotary, attention_mask(valid, 0, width)
-    )
-    prefill = time.perf_counter() - start
-    # Decode steps run in one C call where it covers the model (native_step.py). Rows are
-    # left-padded: each sees the cache from its first real column on.
+    # The prefill and decode steps run in C where it covers the model (native_step.py). Rows
+    # are left-padded: each sees the cache from its first real column on.
     left_padded = bool((valid == valid.cummax(dim=1).values).all())
     native = None
     if four_bit and left_padded and batch <= MAX_ROWS and usable(cache, rotary):
         native = NativeDecoder.build(model, compute_dtype)
+    if native is not None and in_c_prefill(valid):
+        logits = native.prefill(input_ids, valid, cache, rotary)
+    else:
+        mask = attention_mask(valid, 0, width)
+        logits = lean_forward(model, input_ids, positions, cache, rotary, mask)
+    prefill = time.perf_counter() - start
     first = valid.int().argmax(-1).tolist()
     rows = list(range(batch))  # which original row each batch row is
     position = positions[:, -1:]

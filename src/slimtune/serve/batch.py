@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
-from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, usable
+from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, in_c_prefill, usable
 from slimtune.serve import kv
 
 # The context that gives each row of a forward pass its adapter (the engine's
@@ -109,8 +109,7 @@ class LeanBatch:
         rows, width = ids.shape
         cache = KVCache.empty(self.model, rows, width, self.dtype)
         native = self._native_decoder(adapters)
-        whole = bool(valid[:, -1].all())  # every prompt has a token (left-padded)
-        if native is not None and whole and rows <= MAX_ROWS and usable(cache, self.rotary):
+        if native is not None and in_c_prefill(valid) and usable(cache, self.rotary):
             slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
             logits = native.prefill(ids, valid, cache, self.rotary, slots)
         else:
