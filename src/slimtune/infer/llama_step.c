@@ -248,7 +248,9 @@ static void rotate(float *x, int64_t heads, int64_t head_dim, const float *cos,
     const int64_t half = head_dim / 2;
     for (int64_t h = 0; h < heads; h++) {
         float *v = x + h * head_dim, rolled[head_dim];
-        for (int64_t j = 0; j < head_dim; j++) rolled[j] = v[(j + half) % head_dim];
+        /* rolled[j] = v[(j + half) % head_dim]: the upper half, then the lower one */
+        memcpy(rolled, v + half, (size_t)(head_dim - half) * sizeof(float));
+        memcpy(rolled + head_dim - half, v, (size_t)half * sizeof(float));
         for (int64_t j = 0; j < head_dim; j++) v[j] = v[j] * cos[j] + rolled[j] * signed_sin[j];
     }
 }
