@@ -263,6 +263,22 @@ static void rotate(float *x, int64_t heads, int64_t head_dim, const float *cos,
     }
 }
 
+/* o = sum over t of (scores[t] / total) values[t] for HD columns, the sums held in registers
+ * across the positions (in the order of the plain loop for any head width). */
+static inline __attribute__((always_inline)) void weighted_values(const float *scores,
+                                                                  float total,
+                                                                  const float *values,
+                                                                  int64_t length, float *o,
+                                                                  const int HD) {
+    lanes16 sums[HD / 16];
+    for (int c = 0; c < HD / 16; c++) sums[c] = (lanes16){0};
+    for (int64_t t = 0; t < length; t++) {
+        const float p = scores[t] / total;
+        for (int c = 0; c < HD / 16; c++) sums[c] += p * load16(values + t * HD + 16 * c);
+    }
+    memcpy(o, sums, sizeof sums);
+}
+
 /* Softmax attention of each row's query heads over its cached positions, [start, column]
  * (grouped-query: `heads / kv_heads` query heads share one key/value head). q, out: (rows,
  * heads * head_dim). `longest`: the most positions a row sees. */
@@ -286,10 +302,14 @@ static void attend(const Decoder *d, const Batch *b, int64_t block, const float 
         for (int64_t t = 0; t < length; t++) scores[t] = exp_approx(scores[t] - top);
         const float total = sum(scores, length);
         float *o = out + item * hd;
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t t = 0; t < length; t++) {
-            const float p = scores[t] / total;
-            for (int64_t j = 0; j < hd; j++) o[j] += p * values[t * hd + j]; /* vectorized */
+        if (hd == 64) weighted_values(scores, total, values, length, o, 64);
+        else if (hd == 128) weighted_values(scores, total, values, length, o, 128);
+        else {
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int64_t t = 0; t < length; t++) {
+                const float p = scores[t] / total;
+                for (int64_t j = 0; j < hd; j++) o[j] += p * values[t * hd + j]; /* vectorized */
+            }
         }
         free(scores);
     }
