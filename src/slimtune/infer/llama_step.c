@@ -188,7 +188,8 @@ static inline __attribute__((always_inline)) void lora_tile(const Adapter *a, in
 }
 
 /* The adapters of `count` rows (`rows`, indices in order of their slot) for one projection:
- * each run of rows with one adapter in tiles of up to 8. x: (rows, in); y: (rows, out). */
+ * each run of rows with one adapter in tiles of up to LORA_TILE. x: (rows, in); y: (rows,
+ * out). */
 static void lora_rows(const Projection *p, const Batch *b, const int64_t *rows, int64_t count,
                       const float *x, float *y) {
     const int64_t in = p->weight->in, out = p->weight->out;
@@ -331,9 +332,8 @@ static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, 
           *v = k + rows * kv, *attended = v + rows * kv, *gate = attended + rows * width,
           *up = gate + rows * inter;
     for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->input_norm, n, d->eps, x + r * n);
-    if (project(b, by_slot, (const Projection *[]){&blk->q, &blk->k, &blk->v}, 3, x, (float *[]){q, k, v},
-                threads))
-        return -1;
+    const Projection *qkv[] = {&blk->q, &blk->k, &blk->v}, *gate_up[] = {&blk->gate, &blk->up};
+    if (project(b, by_slot, qkv, 3, x, (float *[]){q, k, v}, threads)) return -1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t position = b->column[r] - b->start[r];
         const float *cos = b->cos + position * hd, *sin = b->signed_sin + position * hd;
@@ -351,9 +351,7 @@ static int block_step(const Decoder *d, const Batch *b, const int64_t *by_slot, 
         return -1;
     for (int64_t i = 0; i < rows * n; i++) hidden[i] += mixed[i];
     for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * n, blk->post_norm, n, d->eps, x + r * n);
-    if (project(b, by_slot, (const Projection *[]){&blk->gate, &blk->up}, 2, x, (float *[]){gate, up},
-                threads))
-        return -1;
+    if (project(b, by_slot, gate_up, 2, x, (float *[]){gate, up}, threads)) return -1;
     silu_mul(gate, up, rows * inter);
     if (project(b, by_slot, (const Projection *[]){&blk->down}, 1, gate, &mixed, threads))
         return -1;
