@@ -189,6 +189,28 @@ def test_a_prefill_in_c_equals_the_lean_forwards(max_rows, monkeypatch):
             assert not new[row, :, : 9 - n].any()  # padding: zeros, never memory as it was
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_heads_of_64_and_128_in_c_equal_the_lean_forward(head_dim, one_thread):
+    """The C attention's paths for heads of 64 and 128 (scores of 16 keys at a time and the keys
+    left over, the weighted values in registers): a 37-token prefill and 4 steps after it equal
+    the lean forward, logits within 1e-4."""
+    tiny = make_tiny_llama(seed=11, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)
+    model = quantize_model(tiny, QuantConfig(double_quant=True)).eval()
+    ids = torch.randint(1, 128, (1, 41), generator=torch.Generator().manual_seed(11))
+    caches = [KVCache.empty(model, 1, 41, torch.float32) for _ in range(2)]
+    rotary = Rotary(model, 41, torch.float32)
+    with inference_4bit(model), torch.no_grad():
+        step = native_step.NativeDecoder.build(model, None)
+        fast = step.prefill(ids[:, :37], torch.ones(1, 37, dtype=torch.bool), caches[0], rotary)
+        slow = lean_forward(model, ids[:, :37], torch.arange(37)[None], caches[1], rotary, None)
+        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+        for position in range(37, 41):
+            fast = step.step([int(ids[0, position])], caches[0], rotary)
+            at = torch.tensor([[position]])
+            slow = lean_forward(model, ids[:, position : position + 1], at, caches[1], rotary, None)
+            torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+
+
 def test_left_padded_rows_in_c_give_the_lean_forwards_tokens(monkeypatch, one_thread):
     """Rows of different lengths, left-padded, leaving the batch at their end token."""
     model = _model("llama", seed=7)

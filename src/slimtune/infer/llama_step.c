@@ -264,6 +264,54 @@ static void rotate(float *x, int64_t heads, int64_t head_dim, const float *cos,
     }
 }
 
+/* One vector of the lane sums of v[0..15], in order: a tree of 15 pairings, each two shuffles
+ * and an add, where 16 separate sums take 15 dependent additions each. */
+typedef int32_t index16 __attribute__((vector_size(64)));
+
+static inline lanes16 lane_sums16(const lanes16 *v) {
+    const index16 halves[2] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                               {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+    const index16 quarters[2] = {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                                 {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}};
+    const index16 pairs[2] = {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                              {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}};
+    const index16 ones[2] = {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                             {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+    lanes16 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* vectors 2i, 2i+1: 8 partial sums each */
+        a[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], halves[0]) +
+               __builtin_shuffle(v[2 * i], v[2 * i + 1], halves[1]);
+    for (int i = 0; i < 4; i++) /* vectors 4i..4i+3: 4 each */
+        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], quarters[0]) +
+               __builtin_shuffle(a[2 * i], a[2 * i + 1], quarters[1]);
+    for (int i = 0; i < 2; i++) /* vectors 8i..8i+7: 2 each */
+        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], pairs[0]) +
+               __builtin_shuffle(b[2 * i], b[2 * i + 1], pairs[1]);
+    return __builtin_shuffle(c[0], c[1], ones[0]) + __builtin_shuffle(c[0], c[1], ones[1]);
+}
+
+/* scores[t] = scale * (query . key t) for HD columns: 16 keys at a time, each key's products
+ * in one vector, their lanes summed together (lane_sums16); the keys left over one by one. */
+static inline __attribute__((always_inline)) void key_scores(const float *query,
+                                                             const float *keys, int64_t length,
+                                                             float scale, float *scores,
+                                                             const int HD) {
+    lanes16 q[HD / 16];
+    for (int c = 0; c < HD / 16; c++) q[c] = load16(query + 16 * c);
+    int64_t t = 0;
+    for (; t + 16 <= length; t += 16) {
+        lanes16 products[16];
+        for (int k = 0; k < 16; k++) {
+            const float *key = keys + (t + k) * HD;
+            products[k] = q[0] * load16(key);
+            for (int c = 1; c < HD / 16; c++) products[k] += q[c] * load16(key + 16 * c);
+        }
+        const lanes16 sums = lane_sums16(products) * scale;
+        memcpy(scores + t, &sums, sizeof sums);
+    }
+    for (; t < length; t++) scores[t] = dot(query, keys + t * HD, HD) * scale;
+}
+
 /* o = sum over t of (scores[t] / total) values[t] for HD columns, the sums held in registers
  * across the positions (in the order of the plain loop for any head width). */
 static inline __attribute__((always_inline)) void weighted_values(const float *scores,
@@ -296,10 +344,12 @@ static void attend(const Decoder *d, const Batch *b, int64_t block, const float 
         const float *keys = b->keys[block] + at, *values = b->values[block] + at;
         const float *query = q + item * hd;
         float *scores = malloc((size_t)length * sizeof(float)), top = -INFINITY;
-        for (int64_t t = 0; t < length; t++) {
-            scores[t] = dot(query, keys + t * hd, hd) * d->attention_scale;
-            top = scores[t] > top ? scores[t] : top;
-        }
+        const float scale = d->attention_scale;
+        if (hd == 64) key_scores(query, keys, length, scale, scores, 64);
+        else if (hd == 128) key_scores(query, keys, length, scale, scores, 128);
+        else
+            for (int64_t t = 0; t < length; t++) scores[t] = dot(query, keys + t * hd, hd) * scale;
+        for (int64_t t = 0; t < length; t++) top = scores[t] > top ? scores[t] : top;
         for (int64_t t = 0; t < length; t++) scores[t] = exp_approx(scores[t] - top);
         const float total = sum(scores, length);
         float *o = out + item * hd;
