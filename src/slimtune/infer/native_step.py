@@ -30,11 +30,11 @@ from slimtune.quant.inference import kernel_weight
 SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
 MAX_ROWS = NATIVE_ROWS
-# Prompts up to which a prefill runs in C. Its attention is a loop per row over the row's
-# columns, quadratic in the prompt; SmolLM2 in NF4, bfloat16, three adapters: one prompt of 64
-# tokens in C 74 ms against 141 in the lean forward, 256 tokens 456 against 485, 512 tokens
-# 850 against 814.
-PREFILL_COLUMNS = 256
+# Prompts up to which a prefill runs in C. Its attention runs per row over the row's columns,
+# quadratic in the prompt; SmolLM2 in NF4, bfloat16, three adapters, one prompt: 64 tokens in
+# C 66 ms against 120 in the lean forward, 256 tokens 276 against 386, 512 tokens 572 against
+# 695, 1024 tokens 1470 against 1551.
+PREFILL_COLUMNS = 512
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 RANKS = 16  # llama_step.c's adapters: ranks padded to a multiple of this
 
