@@ -7,7 +7,8 @@ the model's modules, 4-bit kernels) against the C decode step (slimtune.infer.na
 - each adapter r=16 on every linear layer of the blocks, random (speed does not depend on what
   they learned); a 64-token context already in the KV cache;
 - milliseconds a step, best of --repeats (each a mean over --steps steps), alternating the two
-  paths, and the output layer's share (timed alone).
+  paths, and the output layer's share (timed alone);
+- and a prefill of one prompt of 64 to 1024 tokens through each (best of --prefill-repeats).
 Writes benchmarks/reports/step.json and step.md.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_step.py [--repeats 5] [--steps 16]
@@ -107,11 +108,45 @@ def measure(model, rows: int, repeats: int, steps: int, dtype: torch.dtype) -> d
     return {**best, "output layer": head_ms}
 
 
+PREFILL_WIDTHS = (64, 256, 512, 1024)  # around native_step.PREFILL_COLUMNS
+
+
+def prefill(model, width: int, repeats: int, dtype: torch.dtype) -> dict:
+    """Milliseconds of one prompt of `width` tokens (adapter "a") through the lean forward and
+    through the C call, best of `repeats`, alternating."""
+    from slimtune.infer.llama import KVCache, Rotary, lean_forward
+    from slimtune.infer.native_step import NativeDecoder
+    from slimtune.lora import lora_layers, per_sample_adapters
+    from slimtune.quant.inference import inference_4bit
+
+    ids = torch.randint(100, 40000, (1, width), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(1, width, dtype=torch.bool)
+    layers = [layer for _, layer in lora_layers(model)]
+    best = {"lean forward": float("inf"), "C": float("inf")}
+    with inference_4bit(model, dtype), torch.inference_mode():
+        rotary = Rotary(model, width, torch.float32)
+        native = NativeDecoder.build(model, dtype, ADAPTERS)
+
+        def lean():
+            cache = KVCache.empty(model, 1, width, torch.float32)
+            with per_sample_adapters(model, ["a"], layers):
+                lean_forward(model, ids, torch.arange(width)[None], cache, rotary, None)
+
+        def in_c():
+            native.prefill(ids, valid, KVCache.empty(model, 1, width, torch.float32), rotary)
+
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, run in (("lean forward", lean), ("C", in_c)):
+                best[name] = min(best[name], timed(run, 1))
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/reports/step.json")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/step.md")
     args = parser.parse_args()
@@ -127,6 +162,11 @@ def main() -> int:
             f"{rows} {name}": measure(model, rows, args.repeats, args.steps, DTYPES[name])
             for name in DTYPES
             for rows in (1, 16)
+        },
+        "prefill_ms": {
+            f"{width} {name}": prefill(model, width, args.prefill_repeats, DTYPES[name])
+            for name in DTYPES
+            for width in PREFILL_WIDTHS
         },
     }
     args.json.write_text(json.dumps(record, indent=1) + "\n")
@@ -154,6 +194,21 @@ def main() -> int:
             f"{ms['lean forward'] / ms['C step']:.2f}x | {rows * 1e3 / ms['C step']:.0f} | "
             f"{ms['output layer']:.2f} |"
         )
+    lines += [
+        "",
+        "## Prefill of one prompt: the lean forward against the C call",
+        "",
+        "One prompt with adapter `a`, into an empty cache; milliseconds, best of "
+        f"{args.prefill_repeats}. The C call's attention runs per row over the row's columns, "
+        "quadratic in the prompt: `native_step.PREFILL_COLUMNS` is where it stops paying.",
+        "",
+        "| tokens | compute | lean forward ms | C ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for key, ms in record["prefill_ms"].items():
+        width, dtype = key.split()
+        lean, in_c = ms["lean forward"], ms["C"]
+        lines.append(f"| {width} | {dtype} | {lean:.1f} | {in_c:.1f} | {lean / in_c:.2f}x |")
     args.report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -31,10 +31,9 @@ SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
 MAX_ROWS = NATIVE_ROWS
 # Prompts up to which a prefill runs in C. Its attention runs per row over the row's columns,
-# quadratic in the prompt; SmolLM2 in NF4, bfloat16, three adapters, one prompt: 64 tokens in
-# C 66 ms against 120 in the lean forward, 256 tokens 276 against 386, 512 tokens 572 against
-# 695, 1024 tokens 1470 against 1551.
-PREFILL_COLUMNS = 512
+# quadratic in the prompt; up to 1024 tokens C was still the faster (SmolLM2 in NF4: 1.1-2x the
+# lean forward from 64 to 1024 tokens, benchmarks/reports/step.md), longer is not measured.
+PREFILL_COLUMNS = 1024
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 RANKS = 16  # llama_step.c's adapters: ranks padded to a multiple of this
 
