@@ -111,7 +111,8 @@ class NativeDecoder:
         self.struct = _Decoder(
             hidden=self.hidden, heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads, head_dim=_head_dim(config),
-            intermediate=config.intermediate_size, blocks=len(blocks), slots=slots, eps=norm_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
+            intermediate=config.intermediate_size, blocks=len(blocks), slots=slots,
+            eps=norm_eps(inner.norm), attention_scale=inner.layers[0].self_attn.scaling,
             block=self._blocks, final_norm=inner.norm.weight.data_ptr(),
             embedding=inner.embed_tokens.weight.data_ptr(),
         )  # fmt: skip

@@ -110,8 +110,7 @@ class LeanBatch:
         cache = KVCache.empty(self.model, rows, width, self.dtype)
         native = self._native_decoder(adapters)
         if native is not None and in_c_prefill(valid) and usable(cache, self.rotary):
-            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
-            logits = native.prefill(ids, valid, cache, self.rotary, slots)
+            logits = native.prefill(ids, valid, cache, self.rotary, self._slots(adapters))
         else:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             with per_sample(adapters):
@@ -135,8 +134,9 @@ class LeanBatch:
         start = self.mask.int().argmax(-1).tolist() if in_c else None
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(last), 1))], dim=1)
         if in_c:
-            slots = [-1 if a is None else self.adapters.index(a) for a in adapters]
-            return native.step(last.view(-1).tolist(), self.cache, self.rotary, start, slots)
+            return native.step(
+                last.view(-1).tolist(), self.cache, self.rotary, start, self._slots(adapters)
+            )
         positions = self.mask.sum(-1, keepdim=True) - 1
         mask = attention_mask(self.mask, self.cache.length, 1)
         with per_sample(adapters):
@@ -146,6 +146,10 @@ class LeanBatch:
         """Adapters were loaded or deleted: `names` are the loaded ones (the C step's slots are
         described anew on the next step)."""
         self.adapters, self._native = list(names), False
+
+    def _slots(self, adapters: list[str | None]) -> list[int]:
+        """Each row's adapter slot in the C step (-1: the base alone)."""
+        return [-1 if a is None else self.adapters.index(a) for a in adapters]
 
     def _native_decoder(self, adapters: list[str | None]) -> NativeDecoder | None:
         new = {a for a in adapters if a is not None} - set(self.adapters)
