@@ -17,7 +17,8 @@ at the best speed this CPU reaches on its shape, and nothing else (see matmul_fl
 Compute dtypes: `+bf16` runs slimtune with compute_dtype bfloat16 (the frozen base in bf16, LoRA
 in fp32) and the peer with bitsandbytes' compute dtype bfloat16 (the QLoRA recipe: model loaded
 in bf16, prepare_model_for_kbit_training); without it both compute in float32. `+nofuse` runs
-slimtune without the shared-input LoRA product (lora/fused.py), to show what it gains. Every
+slimtune without the shared-input LoRA product (lora/fused.py), to show what it gains; `+sdpa`
+with torch's SDPA in place of its C attention (models/attention.py). Every
 result carries `slimtune.hardware.machine_record()`: the CPU, its flags (avx512_bf16, amx_bf16
 decide whether bf16 is fast), threads and BLAS.
 
@@ -49,15 +50,20 @@ VARIANTS = [
 # The compute-dtype pair: on a CPU with native bf16 the peer's bf16 mode is its fastest.
 VARIANTS += ["slimtune-qlora+bf16", "peer-qlora+bf16"]
 # Not in the default set: the peer under slimtune's lean-heap malloc settings, to show how much of
-# the memory gap is the allocator setting alone; slimtune without the shared-input LoRA product.
+# the memory gap is the allocator setting alone; slimtune without the shared-input LoRA product;
+# slimtune with torch's SDPA in place of its C attention.
 EXTRA_VARIANTS = [
     "peer-lora+lean",
     "peer-qlora+lean",
     "peer-qlora+ckpt+lean",
     "slimtune-qlora+nofuse",
     "slimtune-qlora+bf16+nofuse",
+    "slimtune-qlora+sdpa",
+    "slimtune-qlora+bf16+sdpa",
 ]
 FLOOR = "floor"  # the fastest a QLoRA step could be on this CPU (see matmul_floor)
+FLOOR_BF16 = "floor+bf16"  # the same with every product in bfloat16 (a CPU with native bf16)
+FLOORS = [FLOOR, FLOOR_BF16]
 
 
 def peak_rss_mb() -> float:
@@ -74,8 +80,11 @@ def batches(tokenizer, n: int, batch: int, seq: int):
     return torch.tensor(ids, dtype=torch.long).view(n, batch, seq)
 
 
-def slimtune_model(method: str, ckpt: bool, args, bf16: bool = False, fuse: bool = True):
+def slimtune_model(
+    method: str, ckpt: bool, args, bf16: bool = False, fuse: bool = True, attend: bool = True
+):
     from slimtune.lora import fuse_shared_inputs
+    from slimtune.models.attention import use_native_attention
     from slimtune.models.lean_mlp import use_lean_mlp
     from slimtune.train import TrainConfig
     from slimtune.train.precision import cast_frozen, training_dtype
@@ -91,9 +100,12 @@ def slimtune_model(method: str, ckpt: bool, args, bf16: bool = False, fuse: bool
         compute_dtype="bfloat16" if bf16 else "float32",
     )
     model, tokenizer = build_model(config)
-    # As slimtune.train.train does: the compute dtype, the lean MLP, the shared-input product.
+    # As slimtune.train.train does: the compute dtype, the lean MLP, the C attention, the
+    # shared-input product.
     cast_frozen(model, training_dtype(config.compute_dtype, method))
     use_lean_mlp(model)
+    if attend:
+        use_native_attention(model)
     if fuse:
         fuse_shared_inputs(model)
     if ckpt:
@@ -159,7 +171,9 @@ def run_one(variant: str, args) -> dict:
     ckpt, bf16 = "ckpt" in flags, "bf16" in flags
     t0 = time.perf_counter()
     if stack == "slimtune":
-        model, tokenizer = slimtune_model(method, ckpt, args, bf16, fuse="nofuse" not in flags)
+        model, tokenizer = slimtune_model(
+            method, ckpt, args, bf16, fuse="nofuse" not in flags, attend="sdpa" not in flags
+        )
     else:
         model, tokenizer = peer_model(method, ckpt, args, bf16)
     load_s = time.perf_counter() - t0
@@ -211,9 +225,12 @@ def machine_record() -> dict:
     return record()
 
 
-def matmul_floor(args) -> dict:
+def matmul_floor(args, bf16: bool = False) -> dict:
     """The fastest a QLoRA step could possibly be on this CPU: its matmuls alone, each at the
     best speed this CPU's BLAS reaches on that very shape.
+
+    `bf16`: the step of `slimtune-qlora+bf16`, and every product (the adapters' too) timed in
+    bfloat16, the fastest dtype on a CPU that multiplies it natively.
 
     One real slimtune step runs under torch.profiler; every aten mm/addmm it makes is timed
     again alone (median of repeats, the fastest of the four operand layouts) and the times are
@@ -227,8 +244,9 @@ def matmul_floor(args) -> dict:
     from slimtune.train.forward import summed_loss
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = slimtune_model("qlora", False, args)
+    model, tokenizer = slimtune_model("qlora", False, args, bf16=bf16)
     model.train()
+    dtype = torch.bfloat16 if bf16 else torch.float32
     x = batches(tokenizer, 1, args.batch, args.seq)[0]
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
     summed_loss(model, batch).backward()  # warm-up: the profiled step is a steady one
@@ -247,8 +265,8 @@ def matmul_floor(args) -> dict:
 
     def best_seconds(m: int, k: int, n: int) -> float:
         layouts = []
-        for a in (torch.randn(m, k), torch.randn(k, m).t()):
-            for b in (torch.randn(k, n), torch.randn(n, k).t()):
+        for a in (torch.randn(m, k, dtype=dtype), torch.randn(k, m, dtype=dtype).t()):
+            for b in (torch.randn(k, n, dtype=dtype), torch.randn(n, k, dtype=dtype).t()):
                 times = []
                 for _ in range(7 if m * k * n > 10**9 else 25):
                     start = time.perf_counter()
@@ -269,7 +287,7 @@ def matmul_floor(args) -> dict:
     floor_s = matmul_s + attention / best_rate
     tokens = args.batch * args.seq
     return dict(
-        variant=FLOOR,
+        variant=FLOOR_BF16 if bf16 else FLOOR,
         s_per_step=round(floor_s, 3),
         tokens_per_s=round(tokens / floor_s, 1),
         gflop_per_step=round((flops + attention) / 1e9, 1),
@@ -285,7 +303,7 @@ def matmul_floor(args) -> dict:
 def run_all(args) -> list[dict]:
     from slimtune.runtime.heap import lean_heap_environment
 
-    chosen = args.only.split(",") if args.only else VARIANTS + [FLOOR]
+    chosen = args.only.split(",") if args.only else VARIANTS + FLOORS
     results = []
     for variant in chosen:
         cmd = [
@@ -377,6 +395,13 @@ def dtype_rows(by: dict) -> list[str]:
         f"({peer_best['variant']}): {best['tokens_per_s'] / peer_best['tokens_per_s']:.2f}x"
         + (" (target on a CPU with bf16: >= 3)" if native else "")
     ]
+    if floor := by.get(FLOOR_BF16):
+        rows.append(
+            f"Fastest possible bf16 QLoRA step on this CPU ({floor['matmul_calls']} matmuls "
+            f"alone, each at its shape's best bf16 speed: {floor['mean_gflop_per_s']} GFLOP/s on "
+            f"average): {floor['s_per_step']} s, so at most "
+            f"{floor['tokens_per_s'] / peer_best['tokens_per_s']:.2f}x the peer's best mode"
+        )
     if "peer-qlora" in by:
         target = "" if native else " (target on an AVX2-only CPU: >= 1.6)"
         rows.append(
@@ -399,7 +424,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--one", choices=VARIANTS + EXTRA_VARIANTS + [FLOOR], help="run one variant, print JSON"
+        "--one", choices=VARIANTS + EXTRA_VARIANTS + FLOORS, help="run one variant, print JSON"
     )
     parser.add_argument("--only", default="", help="comma list of variants")
     parser.add_argument("--threads", type=int, default=2)
@@ -414,7 +439,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.one:
-        print(json.dumps(matmul_floor(args) if args.one == FLOOR else run_one(args.one, args)))
+        if args.one in FLOORS:
+            print(json.dumps(matmul_floor(args, bf16=args.one == FLOOR_BF16)))
+        else:
+            print(json.dumps(run_one(args.one, args)))
         return
     results = run_all(args)
     if args.out:

@@ -119,6 +119,9 @@ class TrainConfig(BaseModel):
     sparse_dropout: bool = Field(
         True, description="LoRA dropout keeps no mask or dropped copy; false: PEFT's exact masks"
     )
+    native_attention: bool = Field(
+        True, description="causal attention in C on the CPU where it applies; false: torch's SDPA"
+    )
     # processes (torchrun); see docs/distributed.md
     fsdp: bool = Field(
         False, description="under torchrun, shard the base and the adapter across processes"

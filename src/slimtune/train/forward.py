@@ -26,10 +26,20 @@ def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         inputs = dict(position_ids=batch["position_ids"], attention_mask=None)
     else:
         mask = batch["attention_mask"]
-        # An all-ones mask is the same as none; without it attention takes the causal fast path.
-        inputs = dict(attention_mask=None if bool(mask.all()) else mask)
+        # Without a mask attention takes the causal fast path (and slimtune's C attention).
+        inputs = dict(attention_mask=None if unmasked_loss(mask, batch["labels"]) else mask)
     hidden = body(input_ids=batch["input_ids"], use_cache=False, **inputs)
     return causal_lm_loss(hidden.last_hidden_state, head, batch["labels"], reduction="sum")
+
+
+def unmasked_loss(mask: Tensor, labels: Tensor) -> bool:
+    """Whether a loss over the labelled tokens is the same without the attention mask: every
+    row's padding comes after its tokens (right padding) and is unlabelled. Causal attention then keeps each token from the
+    pads after it, and the pads' own outputs reach no trained position."""
+    if bool(mask.all()):
+        return True
+    ordered = bool((mask[:, 1:] <= mask[:, :-1]).all())  # ones, then zeros
+    return ordered and bool((labels[mask == 0] == IGNORE_INDEX).all())
 
 
 def count_trained_tokens(batch: dict[str, Tensor]) -> int:

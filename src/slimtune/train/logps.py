@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.tokens import IGNORE_INDEX
-from slimtune.train.forward import decoder_and_head
+from slimtune.train.forward import decoder_and_head, unmasked_loss
 from slimtune.train.head import chunk_logits, head_weights, in_dtype, logits_buffers
 
 
@@ -25,10 +25,10 @@ def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     """
     body, head = decoder_and_head(model)
     mask = batch["attention_mask"]
-    # An all-ones mask is the same as none; without it attention takes the causal fast path.
+    # Without a mask attention takes the causal fast path (and slimtune's C attention).
     hidden = body(
         input_ids=batch["input_ids"],
-        attention_mask=None if bool(mask.all()) else mask,
+        attention_mask=None if unmasked_loss(mask, batch["labels"]) else mask,
         use_cache=False,
     ).last_hidden_state
     return labelled_logps(hidden, head, batch["labels"])

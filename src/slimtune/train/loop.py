@@ -43,6 +43,7 @@ from slimtune.dist import (
 )
 from slimtune.errors import SlimtuneError
 from slimtune.lora import fuse_shared_inputs, set_sparse_dropout
+from slimtune.models.attention import use_native_attention
 from slimtune.models.lean_mlp import use_lean_mlp
 from slimtune.optim import build_optimizer
 from slimtune.tokens import IGNORE_INDEX
@@ -119,6 +120,8 @@ def train(
     model.train()
     if config.lean_mlp:
         use_lean_mlp(model)  # same values, half the MLP activations
+    if config.native_attention and info.device.type == "cpu":
+        use_native_attention(model)  # same attention, float32 sums, faster than SDPA's
     set_sparse_dropout(model, config.sparse_dropout)
     fuse_shared_inputs(model)  # one A product for q/k/v and for gate/up: same values
     if config.gradient_checkpointing:
