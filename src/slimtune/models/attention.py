@@ -63,10 +63,8 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
-def _view(t: Tensor | None, layout: str = "bhld") -> _View:
+def _view(t: Tensor, layout: str = "bhld") -> _View:
     """`t` as the kernel reads it: (sequence, head, position) strides, in elements."""
-    if t is None:
-        return _View()
     b, h, pos = (t.stride(0), t.stride(1), t.stride(2)) if layout == "bhld" else (
         t.stride(0), t.stride(2), t.stride(1))  # fmt: skip
     return _View(t.data_ptr(), b, h, pos)
@@ -109,8 +107,7 @@ class CausalAttention(torch.autograd.Function):
         grad_out = _rows(grad_out.to(q.dtype))
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         call = _describe(q.shape, k.shape[1], q.dtype, ctx.scale, lse, q=_view(q), k=_view(k),
-                         v=_view(v),
-                         out=_view(out, "blhd"), grad_out=_view(grad_out, "blhd"),
+                         v=_view(v), out=_view(out, "blhd"), grad_out=_view(grad_out, "blhd"),
                          grad_q=_view(grad_q), grad_k=_view(grad_k),
                          grad_v=_view(grad_v))  # fmt: skip
         library().slim_attention_backward(ctypes.byref(call), torch.get_num_threads())
