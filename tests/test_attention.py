@@ -4,10 +4,12 @@ inputs; and inside a transformers model, where it must equal SDPA or hand the ca
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tiny_llama
+from helpers import ARCHITECTURES, make_tiny, make_tiny_llama
 
 from slimtune.lora import LoraConfig, inject_adapter
 from slimtune.models import attention
@@ -86,6 +88,23 @@ def test_large_scores_do_not_overflow():
     assert worst(got, reference(q, k, v, grad)) < 1e-3  # scores ~1e3: float32 exponents
 
 
+@contextlib.contextmanager
+def counted_calls():
+    """A list that gets one entry per call of the kernel's forward inside the block."""
+    calls: list[int] = []
+    forward = CausalAttention.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return forward(ctx, *args)
+
+    CausalAttention.forward = staticmethod(counted)
+    try:
+        yield calls
+    finally:
+        CausalAttention.forward = staticmethod(forward)
+
+
 def attention_model():
     """A tiny LLaMA with heads 64 wide (the C kernel's case) and grouped-query attention."""
     model = make_tiny_llama(num_attention_heads=2, num_key_value_heads=1, head_dim=64)
@@ -119,18 +138,8 @@ def test_training_loss_and_gradients_equal_sdpa(lengths):
     batch = batch_of(lengths)
     want_loss, want = loss_and_grads(model, batch)
     assert use_native_attention(model)
-    calls = []
-    forward = CausalAttention.forward
-
-    def counted(ctx, *args):
-        calls.append(1)
-        return forward(ctx, *args)
-
-    CausalAttention.forward = staticmethod(counted)
-    try:
+    with counted_calls() as calls:
         loss, grads = loss_and_grads(model, batch)
-    finally:
-        CausalAttention.forward = staticmethod(forward)
     assert len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == want.keys() and len(grads) > 0
@@ -150,13 +159,9 @@ def test_other_calls_go_to_sdpa():
         want_loss = summed_loss(model, left)
         want_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert use_native_attention(model)
-    forward = CausalAttention.forward
-    CausalAttention.forward = staticmethod(lambda *a: pytest.fail("the C kernel ran"))
-    try:
-        with torch.no_grad():
-            loss = summed_loss(model, left)
-    finally:
-        CausalAttention.forward = staticmethod(forward)
+    with counted_calls() as calls, torch.no_grad():
+        loss = summed_loss(model, left)
+    assert not calls
     torch.testing.assert_close(loss, want_loss)
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), want_tokens)
@@ -170,3 +175,18 @@ def test_unmasked_loss_only_for_untrained_right_padding():
     assert not unmasked_loss(mask, torch.tensor([[5, 6, 7, 9], [5, 6, 7, 8]]))  # pad trained
     assert not unmasked_loss(mask.flip(1), labels.flip(1))  # left padding
     assert not unmasked_loss(torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), labels)  # a hole
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_keeps_its_logits(arch):
+    """Each tiny architecture with 64-wide heads: the kernel takes its full-attention layers
+    (Gemma 3's sliding-window layers stay with SDPA) and the logits stay SDPA's."""
+    model = make_tiny(arch, head_dim=64)
+    ids = torch.randint(3, 50, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert use_native_attention(model)
+        with counted_calls() as calls:
+            got = model(ids).logits
+    assert len(calls) >= 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
