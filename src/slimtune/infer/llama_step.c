@@ -68,11 +68,7 @@ typedef struct {
 } Batch;
 
 /* Nearest even bfloat16, as torch rounds a float32 tensor to bfloat16. */
-static inline float round_bf16(float v) {
-    const uint32_t bits = (uint32_t)bf16_bits(v) << 16;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
+static inline float round_bf16(float v) { return bf16_float(bf16_bits(v)); }
 
 /* Eight float lanes (one AVX2 register; half an AVX-512 one): the compiler does not vectorize a
  * float sum by itself, as that reorders it. */
@@ -100,24 +96,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
     const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
-}
-
-/* e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-5 polynomial in
- * r, times 2^n; within 2 ulp of expf. Only arithmetic, so that loops over it vectorize (libm's
- * expf is a call per value). */
-static inline float exp_approx(float x) {
-    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest */
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;           /* ln2 in two parts */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
 }
 
 /* gate = silu(gate) * up, as the gated MLP does. */

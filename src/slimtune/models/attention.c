@@ -15,7 +15,7 @@
  *
  * Tensors are read and written in place through strides (the head width contiguous), in
  * float32 or bfloat16; the output goes straight to the (sequence, position, head) layout the
- * model's output projection reads. The head width must be a multiple of CHUNK. */
+ * model's output projection reads. The head width must be a multiple of KEYS. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -35,7 +35,6 @@
 #define KEYS 16
 #define ROWS 4
 #endif
-#define CHUNK KEYS
 
 /* One tensor of (sequence, head, position, head width) in memory: element strides. */
 typedef struct {
@@ -50,13 +49,6 @@ typedef struct {
     View q, k, v, out, grad_out, grad_q, grad_k, grad_v;
     float *lse;                       /* (sequences, heads, length): log of each row's sum */
 } Attention;
-
-static inline float bf16_float(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
 
 static inline const char *row_of(const View *t, int64_t s, int64_t h, int64_t i, int bf16) {
     int64_t at = s * t->sequence + h * t->head + i * t->position;
@@ -102,58 +94,23 @@ static float *zeroed(int64_t n) {
     return p;
 }
 
-/* e^x for x <= 0 (softmax arguments), within 2 ulp, in a form the compiler vectorizes:
- * 2^n by the exponent bits, e^r on [-ln2/2, ln2/2] by Cephes' polynomial. n is rounded by
- * adding and taking away 1.5 x 2^23 (floorf keeps the loop from vectorizing). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* scores[r * stride + j] = rows[r] . columns[:, j] for ROWS rows and keys [0, keys) (rounded
- * up to KEYS: `columns` is zero past the last key). */
-static void products(const float *rows, int64_t width, const float *columns, int64_t stride,
-                     int64_t keys, float *scores) {
-    for (int64_t j0 = 0; j0 < keys; j0 += KEYS) {
+/* out[r * out_stride + c] = sum over t < depth of a[r * a_stride + t] * b[t * b_stride + c], for
+ * ROWS rows and columns c < `columns` (rounded up to KEYS: `b` must hold them), KEYS columns at
+ * a time with their sums in registers. The scores are q . k (a: query rows, b: K transposed);
+ * the outputs and dQ, sums of value or key rows (a: the rows' weights, b: the value rows). */
+static void row_products(const float *a, int64_t a_stride, const float *b, int64_t b_stride,
+                         int64_t depth, int64_t columns, float *out, int64_t out_stride) {
+    for (int64_t c0 = 0; c0 < columns; c0 += KEYS) {
         float sums[ROWS][KEYS] = {{0}};
-        for (int64_t d = 0; d < width; d++) {
-            const float *c = columns + d * stride + j0;
+        for (int64_t t = 0; t < depth; t++) {
+            const float *row = b + t * b_stride + c0;
             for (int r = 0; r < ROWS; r++) {
-                const float x = rows[r * width + d];
+                const float x = a[r * a_stride + t];
 #pragma omp simd
-                for (int j = 0; j < KEYS; j++) sums[r][j] += x * c[j];
+                for (int c = 0; c < KEYS; c++) sums[r][c] += x * row[c];
             }
         }
-        for (int r = 0; r < ROWS; r++) memcpy(scores + r * stride + j0, sums[r], sizeof sums[r]);
-    }
-}
-
-/* out[r] = sum_j weights[r * stride + j] * values[j] for ROWS rows, keys [0, keys). */
-static void weighted_sums(const float *weights, int64_t stride, const float *values,
-                          int64_t width, int64_t keys, float *out) {
-    for (int64_t d0 = 0; d0 < width; d0 += CHUNK) {
-        float sums[ROWS][CHUNK] = {{0}};
-        for (int64_t j = 0; j < keys; j++) {
-            const float *v = values + j * width + d0;
-            for (int r = 0; r < ROWS; r++) {
-                const float w = weights[r * stride + j];
-#pragma omp simd
-                for (int d = 0; d < CHUNK; d++) sums[r][d] += w * v[d];
-            }
-        }
-        for (int r = 0; r < ROWS; r++) memcpy(out + r * width + d0, sums[r], sizeof sums[r]);
+        for (int r = 0; r < ROWS; r++) memcpy(out + r * out_stride + c0, sums[r], sizeof sums[r]);
     }
 }
 
@@ -164,9 +121,9 @@ static void add_outer(const float *weights, int64_t stride, const float *rows, i
         float w[ROWS];
         for (int r = 0; r < ROWS; r++) w[r] = weights[r * stride + j];
         float *dst = into + j * width;
-        for (int64_t d0 = 0; d0 < width; d0 += CHUNK) {
+        for (int64_t d0 = 0; d0 < width; d0 += KEYS) {
 #pragma omp simd
-            for (int d = 0; d < CHUNK; d++) {
+            for (int d = 0; d < KEYS; d++) {
                 float sum = dst[d0 + d];
                 for (int r = 0; r < ROWS; r++) sum += w[r] * rows[r * width + d0 + d];
                 dst[d0 + d] = sum;
@@ -202,7 +159,7 @@ static void softmax_rows(float *scores, int64_t stride, int64_t first, int64_t l
         }
         const int64_t blocks = (keys + 15) / 16 * 16;  /* within the row: KEYS is a multiple */
         for (int64_t j = 0; j < blocks; j++)
-            s[j] = j <= i ? exp_nonpositive(s[j] * scale - shift) : 0.0f;
+            s[j] = j <= i ? exp_approx(s[j] * scale - shift) : 0.0f;
         float part[16] = {0}, total = 0.0f;
         for (int64_t j0 = 0; j0 < blocks; j0 += 16)
             for (int l = 0; l < 16; l++) part[l] += s[j0 + l];
@@ -229,9 +186,9 @@ static void forward_head(const Attention *a, int64_t s, int64_t h) {
         const int64_t n = L - i < ROWS ? L - i : ROWS, keys = i + ROWS;
         memset(rows, 0, ROWS * W * sizeof(float));
         load_rows(a, &a->q, s, h, i, n, rows, W);
-        products(rows, W, columns, P, keys, scores);
+        row_products(rows, W, columns, P, W, keys, scores, P);
         softmax_rows(scores, P, i, L, a->scale, NULL, lse);
-        weighted_sums(scores, P, values, W, keys < L ? keys : L, out);
+        row_products(scores, P, values, W, keys < L ? keys : L, W, out, W);
         for (int64_t r = 0; r < n; r++) store_row(a, &a->out, s, h, i + r, out + r * W);
     }
     free(columns), free(values), free(rows), free(scores), free(out);
@@ -258,9 +215,9 @@ static void backward_group(const Attention *a, int64_t s, int64_t kv) {
             load_rows(a, &a->q, s, h, i, n, q, W);
             load_rows(a, &a->out, s, h, i, n, o, W);
             load_rows(a, &a->grad_out, s, h, i, n, g, W);
-            products(q, W, k_columns, P, keys, prob);
+            row_products(q, W, k_columns, P, W, keys, prob, P);
             softmax_rows(prob, P, i, L, a->scale, lse, NULL);
-            products(g, W, v_columns, P, keys, grad_s);  /* dP = dO V^T */
+            row_products(g, W, v_columns, P, W, keys, grad_s, P);  /* dP = dO V^T */
             for (int r = 0; r < ROWS; r++) {
                 float dot = 0.0f;  /* rowsum(dO * O) */
                 for (int64_t d = 0; d < W; d++) dot += g[r * W + d] * o[r * W + d];
@@ -269,7 +226,7 @@ static void backward_group(const Attention *a, int64_t s, int64_t kv) {
 #pragma omp simd
                 for (int64_t j = 0; j < keys; j++) ds[j] = p[j] * (ds[j] - dot) * a->scale;
             }
-            weighted_sums(grad_s, P, keys_rows, W, seen, grad_q);
+            row_products(grad_s, P, keys_rows, W, seen, W, grad_q, W);
             for (int64_t r = 0; r < n; r++) store_row(a, &a->grad_q, s, h, i + r, grad_q + r * W);
             add_outer(grad_s, P, q, W, seen, grad_k);
             add_outer(prob, P, g, W, seen, grad_v);
@@ -284,7 +241,7 @@ static void backward_group(const Attention *a, int64_t s, int64_t kv) {
 }
 
 int slim_attention_forward(const Attention *a, int threads) {
-    if (a->width % CHUNK) return 1;
+    if (a->width % KEYS) return 1;
     const int64_t tasks = a->sequences * a->heads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t t = 0; t < tasks; t++) forward_head(a, t / a->heads, t % a->heads);
@@ -292,11 +249,11 @@ int slim_attention_forward(const Attention *a, int threads) {
 }
 
 int slim_attention_backward(const Attention *a, int threads) {
-    if (a->width % CHUNK) return 1;
+    if (a->width % KEYS) return 1;
     const int64_t tasks = a->sequences * a->kv_heads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t t = 0; t < tasks; t++) backward_group(a, t / a->kv_heads, t % a->kv_heads);
     return 0;
 }
 
-int slim_attention_chunk(void) { return CHUNK; }
+int slim_attention_chunk(void) { return KEYS; }

@@ -1,5 +1,6 @@
 /* The packed 4-bit weight the kernels read, and their entry points (q4_matmul.c). Other C
- * files compiled into the same library (slimtune.infer's decode step) call them through this. */
+ * files compiled into the same library (slimtune.infer's decode step, slimtune.models'
+ * attention) call them through this, and share its small helpers. */
 #ifndef SLIMTUNE_Q4_H
 #define SLIMTUNE_Q4_H
 #include <stdint.h>
@@ -20,6 +21,33 @@ static inline uint16_t bf16_bits(float v) {
     memcpy(&bits, &v, sizeof bits);
     if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
+}
+
+/* The float32 a bfloat16 stands for (exact). */
+static inline float bf16_float(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-5 polynomial in
+ * r, times 2^n; within 2 ulp of expf. Only arithmetic, so that loops over it vectorize (libm's
+ * expf is a call per value; floorf for n kept GCC from vectorizing, hence the rounding by
+ * adding and taking away 1.5 x 2^23). */
+static inline float exp_approx(float x) {
+    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest */
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;           /* ln2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
 }
 
 int slim_q4_matmul(const Weight4 *w, const float *x, int64_t batch, float *y, int threads,
