@@ -6,7 +6,7 @@
  * gradient sum in float32), over keys in blocks that stay in registers:
  *
  * - forward, per (sequence, head), rows ROWS at a time: the scores of keys up to the last row
- *   (K held transposed, KEYS keys per vector block), a softmax per row (exp in vector form; the
+ *   (K held transposed, KEYS keys per vector block), a softmax per row (exp_approx of q4.h; the
  *   log of its sum kept for backward), then the rows' outputs as sums of value rows;
  * - backward, per (sequence, key/value head), FlashAttention-2's recipe: the probabilities are
  *   recomputed from the scores and the kept logs, dP = dO V^T, dS = P (dP - rowsum(dO O)),
