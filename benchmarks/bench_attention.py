@@ -57,9 +57,19 @@ def layer_times(dtype: torch.dtype, rounds: int) -> dict[str, list[float]]:
 
 
 def step_times(bf16: bool, rounds: int) -> dict[str, list[float]]:
+    from slimtune.models.attention import NAME
+
+    return alternating_steps(bf16, rounds, {
+        "sdpa": lambda model: model.set_attn_implementation("sdpa"),
+        "slimtune": lambda model: model.set_attn_implementation(NAME),
+    })  # fmt: skip
+
+
+def alternating_steps(bf16: bool, rounds: int, setups: dict) -> dict[str, list[float]]:
+    """Seconds of forward + backward of bench_train.py's QLoRA step, one list per entry of
+    `setups` (name -> a function that sets the model up for it), the entries taking turns."""
     import bench_train
 
-    from slimtune.models.attention import NAME
     from slimtune.train.forward import summed_loss
 
     class Args:
@@ -69,11 +79,10 @@ def step_times(bf16: bool, rounds: int) -> dict[str, list[float]]:
     model.train()
     x = bench_train.batches(tokenizer, 1, Args.batch, Args.seq)[0]
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-    names = {"sdpa": "sdpa", "slimtune": NAME}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in setups}
     for round_ in range(rounds + 1):  # the first round warms up
-        for name, implementation in names.items():
-            model.set_attn_implementation(implementation)
+        for name, setup in setups.items():
+            setup(model)
             start = time.perf_counter()
             summed_loss(model, batch).backward()
             model.zero_grad(set_to_none=True)
@@ -82,13 +91,13 @@ def step_times(bf16: bool, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def summary(times: dict[str, list[float]]) -> dict:
+def summary(times: dict[str, list[float]], baseline: str = "sdpa") -> dict:
     out = {
         name: dict(median_ms=round(statistics.median(t) * 1e3, 2), best_ms=round(min(t) * 1e3, 2))
         for name, t in times.items()
     }
-    out["sdpa_over_slimtune"] = round(
-        statistics.median(times["sdpa"]) / statistics.median(times["slimtune"]), 2
+    out[f"{baseline}_over_slimtune"] = round(
+        statistics.median(times[baseline]) / statistics.median(times["slimtune"]), 2
     )
     return out
 

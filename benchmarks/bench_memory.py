@@ -110,7 +110,7 @@ def measure(
 
         quantize_model(model, QuantConfig(quant_type="nf4", double_quant=True))
     inject_adapter(model, LoraConfig(r=rank, alpha=16, dropout=0.05, target_modules="all-linear"))
-    use_lean_mlp(model)  # as slimtune.train.train does
+    use_lean_mlp(model, native=True)  # as slimtune.train.train does
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

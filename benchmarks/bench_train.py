@@ -103,7 +103,7 @@ def slimtune_model(
     # As slimtune.train.train does: the compute dtype, the lean MLP, the C attention, the
     # shared-input product.
     cast_frozen(model, training_dtype(config.compute_dtype, method))
-    use_lean_mlp(model)
+    use_lean_mlp(model, native=True)
     if attend:
         use_native_attention(model)
     if fuse:

@@ -21,6 +21,11 @@ with the 4-bit base's forward in float32, with its input gradient in float32; fl
 every matmul computed in float64 (more exact than float32); and float32 with the adapters'
 initial A rounded to bfloat16 (one bfloat16-sized change, made once, to a float32 run).
 `--probe NAME` runs only the probes named.
+
+`--seeds K` runs both dtypes with seeds 0 .. K-1 (seed 0 is the demo's): how far the float32
+curve itself moves with the seed (adapter init, dropout masks, data order), each seed's gap,
+and the gap between the two dtypes' mean curves, which separates a bias of bfloat16 from
+the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ def probes() -> dict:
     }
 
 
-def run(dtype: str, args, output: Path, change=contextlib.nullcontext) -> dict:
+def run(dtype: str, args, output: Path, change=contextlib.nullcontext, seed: int = 0) -> dict:
     from slimtune.train.demo import demo_config, run_demo
 
     torch.set_num_threads(args.threads)
@@ -145,6 +150,7 @@ def run(dtype: str, args, output: Path, change=contextlib.nullcontext) -> dict:
         max_steps=args.max_steps,
         eval_every=args.eval_every,
         save_every=None,
+        seed=seed,
     )
     lines: list[str] = []
     start = time.perf_counter()
@@ -154,6 +160,7 @@ def run(dtype: str, args, output: Path, change=contextlib.nullcontext) -> dict:
     records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     return dict(
         compute_dtype=dtype,
+        seed=seed,
         emulated_matmuls=emulate,
         eval_loss={r["step"]: r["eval_loss"] for r in records if "eval_loss" in r},
         train_loss=[r["loss"] for r in records if "loss" in r],
@@ -182,6 +189,9 @@ def main() -> None:
     parser.add_argument(
         "--probe", action="append", default=[], help="only this probe (repeatable; with --probes)"
     )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="also seeds 1 .. K-1, and the gap of the mean curves"
+    )
     parser.add_argument("--out", default="", help="write the results JSON here")
     parser.add_argument(
         "--fp32-from", default="", help="take the float32 run from this earlier --out JSON"
@@ -195,6 +205,11 @@ def main() -> None:
         else:
             fp32 = run("float32", args, Path(tmp) / "float32")
         bf16 = run("bfloat16", args, Path(tmp) / "bfloat16")
+        seeded = [
+            (run("float32", args, Path(tmp) / f"f{seed}", seed=seed),
+             run("bfloat16", args, Path(tmp) / f"b{seed}", seed=seed))
+            for seed in range(1, args.seeds)
+        ]  # fmt: skip
         probed = {}
         chosen = {name: probe for name, probe in probes().items()
                   if args.probes and (not args.probe or name in args.probe)}  # fmt: skip
@@ -206,6 +221,9 @@ def main() -> None:
     points = 100 * abs(bf16["exact_match_after"] - fp32["exact_match_after"])
     report = dict(machine=machine_record(), runs=runs, worst_eval_loss_gap=worst, em_gap=points,
                   probes=probed)  # fmt: skip
+    if seeded:
+        report["seeds"] = seed_summary([(fp32, bf16), *seeded], steps)
+        runs.extend(r for pair in seeded for r in pair)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(machine_summary())
@@ -224,6 +242,8 @@ def main() -> None:
         f"points (target <= 2); bf16 matmuls {'emulated' if bf16['emulated_matmuls'] else 'native'}"
     )
     print(f"seconds: float32 {fp32['seconds']}, bfloat16 {bf16['seconds']}")
+    if seeded:
+        print_seeds(report["seeds"], steps)
     if probed:
         print("\n| run | " + " | ".join(f"step {s}" for s in steps) + " | exact match | s |")
         print("|---|" + "---|" * (len(steps) + 2))
@@ -233,6 +253,49 @@ def main() -> None:
                 f"{r['eval_loss'][s]:.6f} ({g:+.2f}%)" for s, g in zip(steps, gaps, strict=True)
             )
             print(f"| {name} | {cells} | {100 * r['exact_match_after']:.1f}% | {r['seconds']} |")
+
+
+def seed_summary(pairs: list[tuple[dict, dict]], steps: list[int]) -> dict:
+    """Per step: each seed's gap, the float32 curve's own spread over seeds, and the gap of the
+    mean curves; and the exact match of each run."""
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    table = {}
+    for s in steps:
+        fp32 = [a["eval_loss"][s] for a, _ in pairs]
+        bf16 = [b["eval_loss"][s] for _, b in pairs]
+        table[s] = dict(
+            float32=fp32,
+            bfloat16=bf16,
+            gaps=[b / a - 1 for a, b in zip(fp32, bf16, strict=True)],
+            float32_spread=(max(fp32) - min(fp32)) / mean(fp32),
+            mean_gap=mean(bf16) / mean(fp32) - 1,
+        )
+    return dict(
+        seeds=[a.get("seed", 0) for a, _ in pairs],
+        steps=table,
+        exact_match=[(a["exact_match_after"], b["exact_match_after"]) for a, b in pairs],
+        worst_mean_gap=max(abs(t["mean_gap"]) for t in table.values()),
+    )
+
+
+def print_seeds(summary: dict, steps: list[int]) -> None:
+    seeds = summary["seeds"]
+    print(f"\nseeds {seeds[0]} .. {seeds[-1]}")
+    print("| step | float32 mean | bfloat16 mean | gap of the means | float32 spread over seeds | "
+          "gap per seed |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for s in steps:
+        t = summary["steps"][s]
+        each = ", ".join(f"{100 * g:+.1f}%" for g in t["gaps"])
+        print(
+            f"| {s} | {sum(t['float32']) / len(seeds):.4f} | {sum(t['bfloat16']) / len(seeds):.4f}"
+            f" | {100 * t['mean_gap']:+.2f}% | {100 * t['float32_spread']:.1f}% | {each} |"
+        )
+    matches = ", ".join(f"{100 * a:.1f}/{100 * b:.1f}" for a, b in summary["exact_match"])
+    print(f"exact match after training per seed (float32/bfloat16 %): {matches}")
 
 
 if __name__ == "__main__":

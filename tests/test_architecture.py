@@ -109,3 +109,21 @@ def _is_reexport(cycle: str) -> bool:
     nodes = cycle.split(" -> ")
     inits = {n for n in nodes if (SRC.parent / Path(*n.split("."), "__init__.py")).exists()}
     return bool(inits) and all(n.startswith(tuple(inits)) for n in nodes)
+
+
+def test_every_c_source_ships_in_the_wheel():
+    """The C kernels compile from their sources at run time: each .c and .h file under the
+    package must be matched by pyproject.toml's package data, or an installed slimtune lacks it."""
+    import fnmatch
+    import tomllib
+
+    pyproject = SRC.parent.parent / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    sources = [p for p in SRC.rglob("*") if p.suffix in (".c", ".h")]
+    assert sources
+    for path in sources:
+        package = module_name(path.parent / "__init__.py")
+        patterns = data.get(package, [])
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), (
+            f"{path.relative_to(SRC.parent)} is not in [tool.setuptools.package-data] {package!r}"
+        )

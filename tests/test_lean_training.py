@@ -222,5 +222,7 @@ def test_train_applies_both_as_its_config_says(tmp_path, on):
     trained = train(config, model=model, data=TrainData(train=rows), progress=False).model
     mlps = [block.mlp for block in trained.model.layers]
     assert [hasattr(mlp, "_lean_gated") for mlp in mlps] == [on] * len(mlps)
+    if on:  # SwiGLU in C where it builds
+        assert all(mlp._lean_native for mlp in mlps)
     layers = [layer for _, layer in lora_layers(trained)]
     assert layers and all(layer.sparse_dropout is on for layer in layers)

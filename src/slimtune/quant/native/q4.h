@@ -34,9 +34,9 @@ static inline float bf16_float(uint16_t b) {
 /* e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-5 polynomial in
  * r, times 2^n; within 2 ulp of expf. Only arithmetic, so that loops over it can vectorize
  * (libm's expf is a call per value; floorf for n kept GCC from vectorizing, hence the rounding
- * by adding and taking away 1.5 x 2^23). GCC 12 vectorizes them with AVX-512's masks; for AVX2
- * it keeps the clamps as branches (float compares may trap under its default -ftrapping-math),
- * so there the loops run a value at a time. */
+ * by adding and taking away 1.5 x 2^23). The kernels build with -fno-trapping-math: under
+ * GCC's default, float compares may trap, so for AVX2 (no mask registers) it kept the clamps
+ * as branches and ran these loops a value at a time. */
 static inline float exp_approx(float x) {
     x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest */
