@@ -151,15 +151,15 @@ static void softmax_rows(float *scores, int64_t stride, int64_t first, int64_t l
             for (int l = 0; l < 16; l++) top[l] = -INFINITY;
             for (int64_t j0 = 0; j0 <= i; j0 += 16)
                 for (int l = 0; l < 16; l++) {
-                    const float v = j0 + l <= i ? s[j0 + l] : -INFINITY;
-                    top[l] = v > top[l] ? v : top[l];
+                    const float v = float_if(j0 + l <= i, s[j0 + l], -INFINITY);
+                    top[l] = float_if(v > top[l], v, top[l]);
                 }
             for (int l = 1; l < 16; l++) top[0] = top[l] > top[0] ? top[l] : top[0];
             shift = top[0] * scale;
         }
         const int64_t blocks = (keys + 15) / 16 * 16;  /* within the row: KEYS is a multiple */
         for (int64_t j = 0; j < blocks; j++)
-            s[j] = j <= i ? exp_approx(s[j] * scale - shift) : 0.0f;
+            s[j] = float_if(j <= i, exp_approx(s[j] * scale - shift), 0.0f);
         float part[16] = {0}, total = 0.0f;
         for (int64_t j0 = 0; j0 < blocks; j0 += 16)
             for (int l = 0; l < 16; l++) part[l] += s[j0 + l];

@@ -17,21 +17,29 @@
 
 #define SPAN 8192 /* values a task: 32 KB of each tensor, enough to amortise the loop's start */
 
-static inline int64_t span_end(int64_t start, int64_t n) {
-    return start + SPAN < n ? start + SPAN : n;
+static void forward_span(const float *gate, const float *up, float *out, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + exp_approx(-gate[i])) * up[i];
 }
+
+static void backward_span(const float *grad, const float *gate, const float *up, float *grad_gate,
+                          float *grad_up, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i], e = 1.0f + exp_approx(-g);
+        const float s = 1.0f / e;
+        grad_up[i] = grad[i] * (g / e);
+        grad_gate[i] = grad[i] * up[i] * s * (1.0f + g * (1.0f - s));
+    }
+}
+
+static inline int64_t span(int64_t start, int64_t n) { return start + SPAN < n ? SPAN : n - start; }
 
 /* out = silu(gate) * up, n values. */
 int slim_swiglu_forward(const float *gate, const float *up, float *out, int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t start = 0; start < n; start += SPAN) {
-        const int64_t stop = span_end(start, n);
-#pragma omp simd
-        for (int64_t i = start; i < stop; i++) {
-            const float g = gate[i];
-            out[i] = g / (1.0f + exp_approx(-g)) * up[i];
-        }
-    }
+    for (int64_t start = 0; start < n; start += SPAN)
+        forward_span(gate + start, up + start, out + start, span(start, n));
     return 0;
 }
 
@@ -39,15 +47,8 @@ int slim_swiglu_forward(const float *gate, const float *up, float *out, int64_t 
 int slim_swiglu_backward(const float *grad, const float *gate, const float *up, float *grad_gate,
                          float *grad_up, int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t start = 0; start < n; start += SPAN) {
-        const int64_t stop = span_end(start, n);
-#pragma omp simd
-        for (int64_t i = start; i < stop; i++) {
-            const float g = gate[i], e = 1.0f + exp_approx(-g);
-            const float s = 1.0f / e;
-            grad_up[i] = grad[i] * (g / e);
-            grad_gate[i] = grad[i] * up[i] * s * (1.0f + g * (1.0f - s));
-        }
-    }
+    for (int64_t start = 0; start < n; start += SPAN)
+        backward_span(grad + start, gate + start, up + start, grad_gate + start, grad_up + start,
+                      span(start, n));
     return 0;
 }

@@ -31,14 +31,27 @@ static inline float bf16_float(uint16_t b) {
     return v;
 }
 
+/* condition ? then : otherwise, through bit masks. A float ternary stays a branch in GCC's
+ * AVX2 loops (float compares may trap under its default -ftrapping-math, and AVX2 has no mask
+ * registers), which keeps the loop from vectorizing; this form vectorizes everywhere. Both
+ * values are computed whatever the condition. */
+static inline float float_if(int condition, float then, float otherwise) {
+    uint32_t a, b;
+    memcpy(&a, &then, sizeof a);
+    memcpy(&b, &otherwise, sizeof b);
+    const uint32_t mask = -(uint32_t)(condition != 0), bits = (a & mask) | (b & ~mask);
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
 /* e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-5 polynomial in
- * r, times 2^n; within 2 ulp of expf. Only arithmetic, so that loops over it can vectorize
- * (libm's expf is a call per value; floorf for n kept GCC from vectorizing, hence the rounding
- * by adding and taking away 1.5 x 2^23). The kernels build with -fno-trapping-math: under
- * GCC's default, float compares may trap, so for AVX2 (no mask registers) it kept the clamps
- * as branches and ran these loops a value at a time. */
+ * r, times 2^n; within 2 ulp of expf. Only arithmetic and float_if, so that loops over it
+ * vectorize (libm's expf is a call per value; floorf for n kept GCC from vectorizing, hence the
+ * rounding by adding and taking away 1.5 x 2^23). */
 static inline float exp_approx(float x) {
-    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
+    x = float_if(x < -87.3f, -87.3f, x);
+    x = float_if(x > 88.3f, 88.3f, x);
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest */
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;           /* ln2 in two parts */
     float p = 1.9875691500e-4f;
