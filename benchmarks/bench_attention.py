@@ -43,26 +43,22 @@ def layer_times(dtype: torch.dtype, rounds: int) -> dict[str, list[float]]:
     def native():
         CausalAttention.apply(q, k, v, width**-0.5).backward(grad)
 
-    runs = {"sdpa": sdpa, "slimtune": native}
+    return alternating({"sdpa": sdpa, "slimtune": native}, rounds)
+
+
+def alternating(runs: dict, rounds: int, calls: int = 5) -> dict[str, list[float]]:
+    """Seconds a call of each of `runs` (name -> a function), after one warm-up call each: per
+    round, the mean of `calls` calls, the runs taking turns."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():  # warm-up
+    for run in runs.values():
         run()
     for _ in range(rounds):
         for name, run in runs.items():
             start = time.perf_counter()
-            for _ in range(5):
+            for _ in range(calls):
                 run()
-            times[name].append((time.perf_counter() - start) / 5)
+            times[name].append((time.perf_counter() - start) / calls)
     return times
-
-
-def step_times(bf16: bool, rounds: int) -> dict[str, list[float]]:
-    from slimtune.models.attention import NAME
-
-    return alternating_steps(bf16, rounds, {
-        "sdpa": lambda model: model.set_attn_implementation("sdpa"),
-        "slimtune": lambda model: model.set_attn_implementation(NAME),
-    })  # fmt: skip
 
 
 def alternating_steps(bf16: bool, rounds: int, setups: dict) -> dict[str, list[float]]:
@@ -102,9 +98,10 @@ def summary(times: dict[str, list[float]], baseline: str = "sdpa") -> dict:
     return out
 
 
-def main() -> None:
+def arguments(doc: str) -> argparse.Namespace:
+    """The options of this benchmark and of bench_swiglu.py; sets torch's threads."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -112,21 +109,39 @@ def main() -> None:
     parser.add_argument("--out", default="", help="write the results JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from slimtune.hardware import machine_record, machine_summary
+    return args
+
+
+def report(args: argparse.Namespace, results: dict, setups: dict, baseline: str) -> None:
+    """With --step, whole steps in float32 and bf16 (`setups`: the `alternating_steps`
+    entries); then the machine, and the JSON where --out says."""
+    from slimtune.hardware import machine_summary
+
+    if args.step:
+        for bf16 in (False, True):
+            name = "bfloat16" if bf16 else "float32"
+            steps = alternating_steps(bf16, args.rounds, setups)
+            results["step"][name] = summary(steps, baseline)
+            print(f"training step, {name}: {json.dumps(results['step'][name])}", flush=True)
+    print(machine_summary())
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    from slimtune.hardware import machine_record
+    from slimtune.models.attention import NAME
 
     results = {"machine": machine_record(), "layer": {}, "step": {}}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         results["layer"][name] = summary(layer_times(dtype, args.rounds))
         print(f"one layer, {name}: {json.dumps(results['layer'][name])}", flush=True)
-    if args.step:
-        for bf16 in (False, True):
-            name = "bfloat16" if bf16 else "float32"
-            results["step"][name] = summary(step_times(bf16, args.rounds))
-            print(f"training step, {name}: {json.dumps(results['step'][name])}", flush=True)
-    print(machine_summary())
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    report(args, results, {
+        "sdpa": lambda model: model.set_attn_implementation("sdpa"),
+        "slimtune": lambda model: model.set_attn_implementation(NAME),
+    }, "sdpa")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -524,6 +524,17 @@ def task_data() -> TrainData:
     return TrainData(train=task_rows(48), eval=task_rows(8, seed=1))
 
 
+def adapter_twins(dropout: float, arch: str = "llama") -> tuple[nn.Module, nn.Module]:
+    """A tiny model with a rank-4 adapter, B random (B = 0 would hide mistakes in A's
+    gradient), and a deep copy of it; both in training mode."""
+    torch.manual_seed(0)
+    model = inject_adapter(make_tiny(arch), LoraConfig(r=4, alpha=8, dropout=dropout))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    return model.train(), copy.deepcopy(model).train()
+
+
 def tiny_lora_model(seed: int = 0) -> nn.Module:
     # A larger init than the default 0.02: with it, the frozen random output layer can give
     # confident logits at all (else the loss cannot fall much below ~3.5 whatever LoRA does).

@@ -6,12 +6,11 @@ dense formula with the same mask, and the lean MLP against the stock forward, bi
 
 from __future__ import annotations
 
-import copy
 import weakref
 
 import pytest
 import torch
-from helpers import make_tiny
+from helpers import adapter_twins, make_tiny
 
 from slimtune.lora import LoraConfig, inject_adapter, lora_layers
 from slimtune.lora.sparse_dropout import SparseDropoutLora, drop_positions
@@ -63,14 +62,10 @@ def test_sparse_dropout_lora_is_the_dense_formula_with_its_mask():
 
 
 def _trained_pair(dropout: float, arch: str = "llama"):
-    torch.manual_seed(0)
-    model = inject_adapter(make_tiny(arch), LoraConfig(r=4, alpha=8, dropout=dropout))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param)  # B = 0 would hide mistakes in A's gradient
-    lean = copy.deepcopy(model)
+    """The stock model and its twin with the lean MLP."""
+    model, lean = adapter_twins(dropout, arch)
     assert use_lean_mlp(lean) == len(lean.model.layers)
-    return model.train(), lean.train()
+    return model, lean
 
 
 # llama: SiLU-gated; gemma3: GELU-tanh-gated (gelu_pytorch_tanh)

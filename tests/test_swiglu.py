@@ -6,13 +6,10 @@ kernels, then inside the lean MLP of a tiny model.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import make_tiny
+from helpers import adapter_twins
 
-from slimtune.lora import LoraConfig, inject_adapter
 from slimtune.models import swiglu
 from slimtune.models.lean_mlp import use_lean_mlp
 
@@ -76,15 +73,11 @@ def test_only_contiguous_float32_cpu_pairs_fit():
 
 
 def _pair(dropout: float):
-    torch.manual_seed(0)
-    model = inject_adapter(make_tiny("llama"), LoraConfig(r=4, alpha=8, dropout=dropout))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param)  # B = 0 would hide mistakes in A's gradient
-    native = copy.deepcopy(model)
-    use_lean_mlp(model)
+    """Twins with the lean MLP: torch's SwiGLU, and the C one."""
+    torch_mlp, native = adapter_twins(dropout)
+    use_lean_mlp(torch_mlp)
     use_lean_mlp(native, native=True)
-    return model.train(), native.train()
+    return torch_mlp, native
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

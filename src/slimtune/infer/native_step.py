@@ -12,8 +12,6 @@ to float rounding (tests/test_native_step.py).
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from functools import cache
 from pathlib import Path
 
@@ -74,16 +72,10 @@ class _Batch(ctypes.Structure):
 @cache
 def library() -> ctypes.CDLL | None:
     """The step compiled with the 4-bit kernels; None where those are off or cannot build."""
-    if native.library() is None:
-        return None
     signature = [ctypes.POINTER(_Decoder), ctypes.POINTER(_Batch), _p, ctypes.c_int]
-    try:
-        return native.load(sources=(SOURCE,), name="llama_step",
-                           signatures={"slim_llama_step": signature})  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"the C decode step did not build ({detail})", stacklevel=2)
-        return None
+    return native.companion(SOURCE, "llama_step", {"slim_llama_step": signature},
+                            "the C decode step")  # fmt: skip
+    signature = [ctypes.POINTER(_Decoder), ctypes.POINTER(_Batch), _p, ctypes.c_int]
 
 
 def _float32(t: torch.Tensor | None) -> bool:

@@ -17,8 +17,6 @@ other call goes to transformers' SDPA attention, unchanged.
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from functools import cache
 from pathlib import Path
 
@@ -49,18 +47,11 @@ class _Attention(ctypes.Structure):
 @cache
 def library() -> ctypes.CDLL | None:
     """The attention kernels; None where the C kernels are off or cannot build."""
-    if native.library() is None:
-        return None
     signature = [ctypes.POINTER(_Attention), ctypes.c_int]
-    try:
-        return native.load(sources=(SOURCE,), name="attention",
-                           signatures={"slim_attention_forward": signature,
-                                       "slim_attention_backward": signature,
-                                       "slim_attention_chunk": []})  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"the C attention did not build ({detail})", stacklevel=2)
-        return None
+    signatures = {"slim_attention_forward": signature, "slim_attention_backward": signature,
+                  "slim_attention_chunk": []}  # fmt: skip
+    return native.companion(SOURCE, "attention", signatures, "the C attention")
+    signature = [ctypes.POINTER(_Attention), ctypes.c_int]
 
 
 def _view(t: Tensor, layout: str = "bhld") -> _View:

@@ -9,8 +9,6 @@ torch's formulas; only e^x is computed differently (within 2 ulp).
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from functools import cache
 from pathlib import Path
 
@@ -26,17 +24,9 @@ _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 @cache
 def library() -> ctypes.CDLL | None:
     """The SwiGLU kernels; None where the C kernels are off or cannot build."""
-    if native.library() is None:
-        return None
-    try:
-        return native.load(sources=(SOURCE,), name="gated",
-                           signatures={"slim_swiglu_forward": [_p, _p, _p, _i64, _int],
-                                       "slim_swiglu_backward": [_p, _p, _p, _p, _p, _i64,
-                                                                _int]})  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"the C SwiGLU did not build ({detail})", stacklevel=2)
-        return None
+    signatures = {"slim_swiglu_forward": [_p, _p, _p, _i64, _int],
+                  "slim_swiglu_backward": [_p, _p, _p, _p, _p, _i64, _int]}  # fmt: skip
+    return native.companion(SOURCE, "gated", signatures, "the C SwiGLU")
 
 
 def fits(gate: Tensor, up: Tensor) -> bool:

@@ -34,8 +34,9 @@ def summed_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def unmasked_loss(mask: Tensor, labels: Tensor) -> bool:
     """Whether a loss over the labelled tokens is the same without the attention mask: every
-    row's padding comes after its tokens (right padding) and is unlabelled. Causal attention then keeps each token from the
-    pads after it, and the pads' own outputs reach no trained position."""
+    row's padding comes after its tokens (right padding) and is unlabelled. Causal attention
+    then keeps each token from the pads after it, and the pads' own outputs reach no trained
+    position."""
     if bool(mask.all()):
         return True
     ordered = bool((mask[:, 1:] <= mask[:, :-1]).all())  # ones, then zeros

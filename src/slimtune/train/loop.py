@@ -119,7 +119,7 @@ def train(
         print(describe_compute_dtype(config.compute_dtype, compute_dtype, info.device), flush=True)
     model.train()
     if config.lean_mlp:
-        use_lean_mlp(model, native=True)  # same values, half the MLP activations
+        use_lean_mlp(model, native=True)  # half the MLP activations; SwiGLU in C
     if config.native_attention and info.device.type == "cpu":
         use_native_attention(model)  # same attention, float32 sums, faster than SDPA's
     set_sparse_dropout(model, config.sparse_dropout)

@@ -121,11 +121,27 @@ def library() -> ctypes.CDLL | None:
     """The kernels for this CPU; None where they cannot be had (callers then use numba)."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or compiler() is None:
         return None
+    return _built(load, "the C 4-bit kernels did not build; using numba")
+
+
+def companion(
+    source: Path, name: str, signatures: dict[str, list], what: str
+) -> ctypes.CDLL | None:
+    """`source` (a C file of another package) built into a library with the kernels, its
+    functions given `signatures`; None where the kernels are off, or where it cannot build
+    (then with a warning that `what` did not build)."""
+    if library() is None:
+        return None
+    return _built(lambda: load(sources=(source,), name=name, signatures=signatures),
+                  f"{what} did not build")  # fmt: skip
+
+
+def _built(build_and_load, failure: str) -> ctypes.CDLL | None:
     try:
-        return load()
+        return build_and_load()
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"the C 4-bit kernels did not build; using numba ({detail})", stacklevel=2)
+        warnings.warn(f"{failure} ({detail})", stacklevel=3)
         return None
 
 
