@@ -108,7 +108,8 @@ def test_the_lean_mlp_in_c_keeps_loss_and_gradients(monkeypatch, dropout):
              for m in (torch_mlp, native)]  # fmt: skip
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # e^x within 2 ulp moves gradients of order 1 by a few 1e-6 through the layers
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_eval_and_bf16_calls_stay_correct():

@@ -15,24 +15,67 @@ The seed of each draw comes from torch's default generator, so `torch.manual_see
 RNG state reproduce a run exactly, as with nn.Dropout (the masks themselves differ from it).
 
 On the CPU not even a dropped copy is made: A(dropout(x)) is A(x) minus what the dropped values
-contribute, and the gradients are corrected the same way, a few small loops compiled by numba
-(p x numel values times r each). Elsewhere (or without numba) the copy is made and zeroed.
+contribute, and the gradients are corrected the same way, a few small loops (p x numel values
+times r each). The draws and the loops run in C on torch's threads (`dropout.c`); without the C
+kernels, numpy draws the positions (other masks for the same seed) and numba runs the loops on
+one thread. Elsewhere (a GPU, or neither) the copy is made and zeroed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from slimtune.quant import native
 from slimtune.quant.kernels import as_numpy
+
+SOURCE = Path(__file__).with_name("dropout.c")
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The C draws and loops; None where the C kernels are off or cannot build."""
+    signatures = {
+        "slim_drop_positions": [_i64, ctypes.c_double, ctypes.c_uint64, _p, _i64, _int],
+        "slim_remove_from_low": [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _int],
+        "slim_remove_from_grad_a_t": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
+        "slim_zero_at": [_p, _p, _i64, _int],
+        "slim_remove_from_grad_x": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
+    }
+    lib = native.companion(SOURCE, "dropout", signatures, "the C dropout")
+    if lib is not None:
+        lib.slim_drop_positions.restype = _i64  # a count, not a status
+    return lib
 
 
 def drop_positions(numel: int, p: float, seed: int) -> Tensor:
-    """Flat indices (int64, ascending) of the values to drop: each index with probability p."""
+    """Flat indices (int64, ascending) of the values to drop: each index with probability p
+    in (0, 1). The same for the same seed, whatever the number of threads."""
+    lib = _library()
+    if lib is None:
+        return _numpy_positions(numel, p, seed)
+    mean = numel * p
+    room = int(mean + 8 * math.sqrt(mean) + 64)  # more is needed at odds below 1e-15
+    while True:
+        out = torch.empty(room, dtype=torch.int64)
+        count = lib.slim_drop_positions(numel, p, seed, out.data_ptr(), room,
+                                        torch.get_num_threads())  # fmt: skip
+        if count < 0:
+            raise MemoryError(f"no memory to draw the dropout of {numel} values")
+        if count <= room:
+            return out[:count]
+        room = count
+
+
+def _numpy_positions(numel: int, p: float, seed: int) -> Tensor:
+    """drop_positions without the C kernels: numpy's geometric gaps, in one thread."""
     rng = np.random.Generator(np.random.SFC64(seed))
     mean = numel * p
     chunk = int(mean + 8 * math.sqrt(mean) + 16)  # one draw covers numel but for ~1e-15 odds
@@ -51,6 +94,46 @@ def _new_seed() -> int:
 
 @cache
 def _kernels():
+    """The loops over the dropped positions (remove_from_low, remove_from_grad_a_t, zero_at,
+    remove_from_grad_x; numpy arguments): C where it builds, else numba, else None."""
+    lib = _library()
+    if lib is not None:
+        return _native_loops(lib)
+    return _numba_loops()
+
+
+def _address(array: np.ndarray) -> int:
+    if not array.flags.c_contiguous:  # the C loops index rows by their width
+        raise ValueError("the dropout loops take C-contiguous arrays")
+    return array.ctypes.data
+
+
+def _native_loops(lib: ctypes.CDLL) -> tuple:
+    """dropout.c's loops with the numba loops' arguments, on torch's threads."""
+    threads = torch.get_num_threads
+
+    def remove_from_low(low, x, a_t, positions):
+        lib.slim_remove_from_low(_address(low), _address(x), _address(a_t), _address(positions),
+                                 positions.size, x.shape[0], x.shape[1], low.shape[1],
+                                 threads())  # fmt: skip
+
+    def remove_from_grad_a_t(grad_a_t, x, g_low, positions):
+        lib.slim_remove_from_grad_a_t(_address(grad_a_t), _address(x), _address(g_low),
+                                      _address(positions), positions.size, x.shape[1],
+                                      grad_a_t.shape[1], threads())  # fmt: skip
+
+    def zero_at(flat, positions):
+        lib.slim_zero_at(_address(flat), _address(positions), positions.size, threads())
+
+    def remove_from_grad_x(grad_x, g_low, a_t, positions):
+        lib.slim_remove_from_grad_x(_address(grad_x), _address(g_low), _address(a_t),
+                                    _address(positions), positions.size, grad_x.shape[1],
+                                    g_low.shape[1], threads())  # fmt: skip
+
+    return remove_from_low, remove_from_grad_a_t, zero_at, remove_from_grad_x
+
+
+def _numba_loops():
     """numba loops over the dropped positions, or None when numba is not importable."""
     try:
         import numba
