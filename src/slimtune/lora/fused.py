@@ -11,8 +11,8 @@ Dropout stays independent per adapter: each draws its own positions, in member o
 order the projections are called in), so the outputs equal those of the layers one by one under
 the same seed. On the CPU the product is taken on x undropped and each adapter's dropped values
 are subtracted from its own columns (the loops of `slimtune.lora.sparse_dropout`); gradients are
-corrected the same way. Elsewhere (a GPU, or without numba) adapters with dropout get their own
-dropped copy and product.
+corrected the same way. Elsewhere (a GPU, or with neither C nor numba) adapters with dropout get
+their own dropped copy and product.
 
 The B product stays per adapter (its output is each projection's own) and is added with one
 addmm in the base output's dtype. The A product runs in float32, the adapter's dtype, whatever
@@ -68,7 +68,8 @@ def _dropout(x: Tensor, p: float) -> Tensor:
 
 
 def _in_place(x2d: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the numba loops can correct a product on x undropped: CPU, float32 adapter."""
+    """Whether the dropout loops (C or numba) can correct a product on x undropped: CPU, float32
+    adapter."""
     return x2d.device.type == "cpu" and dtype == torch.float32 and _kernels() is not None
 
 

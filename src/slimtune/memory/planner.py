@@ -57,9 +57,9 @@ PLAN_KEYS = (
 # benchmarks/reports/memory.md). On a GPU: the CUDA context and allocator slack, an assumed 1 GiB.
 RUNTIME_BYTES = {"cpu": 380 * 2**20, "cuda": 2**30}
 DEVICES = tuple(RUNTIME_BYTES)
-# On a CPU numba's compiler comes too, for the 4-bit decode kernel (slimtune.quant.kernels) and
-# for sparse LoRA dropout (slimtune.lora.sparse_dropout): measured 130 MiB of RSS on the tiny
-# case, where the weights are negligible.
+# On a CPU numba's compiler comes too, for the 4-bit decode kernel (slimtune.quant.kernels) and,
+# where the C kernels are off, for sparse LoRA dropout (slimtune.lora.sparse_dropout): measured
+# 130 MiB of RSS on the tiny case, where the weights are negligible.
 KERNEL_RUNTIME_BYTES = 130 * 2**20
 # The planner's error against measured peak RSS on a CPU, out of sample: predicted / measured - 1
 # over `benchmarks/bench_memory.py --validate`, runs whose ranks, batches, lengths and optimizers
@@ -154,6 +154,12 @@ def planned_compute_dtype(config: TrainConfig, auto: str = "float32") -> str:
     return name
 
 
+def _c_kernels() -> bool:
+    from slimtune.quant import native  # torch comes with it: only when a plan needs it
+
+    return native.enabled()
+
+
 def estimate(
     arch: Architecture,
     config: TrainConfig,
@@ -177,7 +183,7 @@ def estimate(
     parts["runtime"] = RUNTIME_BYTES[device]
     parts["tokenizer"] = tokenizer_bytes
     sparse_dropout = config.method == "lora" and config.dropout > 0 and config.sparse_dropout
-    uses_numba = config.method == "qlora" or sparse_dropout
+    uses_numba = config.method == "qlora" or (sparse_dropout and not _c_kernels())
     if uses_numba and device == "cpu":
         parts["runtime"] += KERNEL_RUNTIME_BYTES
     other = arch.num_params() - arch.num_layers * arch.block_linear_params()

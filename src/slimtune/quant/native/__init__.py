@@ -116,10 +116,15 @@ def load(
     return lib
 
 
+def enabled() -> bool:
+    """Whether the C kernels are on and a compiler is at hand (without building anything)."""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and compiler() is not None
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The kernels for this CPU; None where they cannot be had (callers then use numba)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or compiler() is None:
+    if not enabled():
         return None
     return _built(load, "the C 4-bit kernels did not build; using numba")
 
