@@ -6,7 +6,8 @@ numpy's draws and numba's loops (the fallback), alternating in one process.
    r 16, p 0.05): drawing the positions, then the three correction loops of a forward and
    backward pass.
 2. With `--step`: whole QLoRA steps of bench_train.py's workload (forward and backward), in
-   float32 and bfloat16 compute, switching implementations between steps.
+   float32 compute (bfloat16 too where the CPU multiplies it natively), switching
+   implementations between steps.
 
     .venv/bin/python benchmarks/bench_dropout.py --rounds 7 --step --out report.json
 """

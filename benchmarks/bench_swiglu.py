@@ -5,8 +5,8 @@ kernels, alternating in one process so both see the same machine load.
 1. One MLP's silu(gate) * up, forward and backward, at SmolLM2's shape (4 x 256 tokens x 1536),
    float32 (the dtype of gate and up in both training modes).
 2. With `--step`: whole QLoRA steps of bench_train.py's workload (SmolLM2, 4 x 256 tokens, LoRA
-   r 16 on all 7 projections, forward and backward), in float32 and bfloat16 compute, the lean
-   MLPs switching between the two between steps.
+   r 16 on all 7 projections, forward and backward), in float32 compute (bfloat16 too where the
+   CPU multiplies it natively), the lean MLPs switching between the two between steps.
 
     .venv/bin/python benchmarks/bench_swiglu.py --rounds 7 --step --out report.json
 """
