@@ -113,8 +113,8 @@ def arguments(doc: str) -> argparse.Namespace:
 
 
 def report(args: argparse.Namespace, results: dict, setups: dict, baseline: str) -> None:
-    """With --step, whole steps in float32, and in bf16 where the CPU multiplies it natively
-    (emulated, a bf16 step takes minutes) (`setups`: the `alternating_steps` entries); then the
+    """With --step, whole steps (`setups`: the `alternating_steps` entries) in float32, and in
+    bf16 where the CPU multiplies it natively: emulated, a bf16 step takes minutes. Then the
     machine, and the JSON where --out says."""
     from slimtune.hardware import cpu_has_native_bf16, machine_summary
 
