@@ -14,7 +14,8 @@
  * permute (AVX-512: one vpermps gives 16 weights; AVX2: two vpermps and a blend give 8; plain C
  * elsewhere). In the matmul each decoded vector of weights is multiplied into up to 16 input
  * rows before the next is decoded, so a batch of rows reads the codes once, and nothing the
- * size of a weight is ever written.
+ * size of a weight is ever written. AVX2 decode steps (one to three input rows) look the code
+ * values up byte by byte instead (see "AVX2 products through byte-plane lookups").
  *
  * Packing: byte j of a row holds weight 2j in its high nibble and 2j + 1 in its low nibble. The
  * matmul therefore splits the input rows once per call into their even and odd columns (per
@@ -43,6 +44,7 @@
 #endif
 #define CHUNK (2 * LANES) /* weights decoded per step: LANES bytes */
 #define BF16_CHUNK 64    /* weights a step of the bfloat16 products: 32 bytes */
+#define PLANE_CHUNK 64   /* weights a step of AVX2's byte-plane products: 32 bytes */
 #define MAX_TILE 16      /* input rows multiplied per decoded vector */
 #define MAX_WEIGHTS 8    /* weights sharing an input in one call */
 
@@ -446,6 +448,114 @@ static void bf16_rows(const void *job, int64_t r0, int64_t r1) {
 }
 #endif
 
+#if LANES == 8
+/* ---- AVX2 products through byte-plane lookups ----
+ *
+ * vpermps looks up in a table of 8 floats, so the lookups above take two and a blend for every
+ * 8 weights, and on AMD Zen 3 vpermps issues once a cycle: the lookups, not memory, bound them.
+ * vpshufb looks up 32 bytes at once in tables of 16 bytes. Byte k of the 16 code values' float32
+ * bits makes one such table (a "plane"); four vpshufb give the four bytes of 32 weights and two
+ * rounds of unpacking put them together. The planes hold the code values unscaled (scaled ones
+ * would be rebuilt every block), so a block's products are summed and then multiplied by its
+ * absmax. For one to three input rows (decode steps), in blocks of a multiple of 64 weights;
+ * bigger tiles are bound by their multiply-adds and keep the path above. */
+typedef struct { __m256i byte[4]; } Planes;
+
+static inline Planes byte_planes(const float *lut) {
+    uint8_t bytes[4][32];
+    for (int i = 0; i < 32; i++) {
+        uint32_t bits;
+        memcpy(&bits, lut + i % 16, sizeof bits);
+        for (int k = 0; k < 4; k++) bytes[k][i] = (uint8_t)(bits >> (8 * k));
+    }
+    Planes p;
+    for (int k = 0; k < 4; k++) p.byte[k] = _mm256_loadu_si256((const __m256i *)bytes[k]);
+    return p;
+}
+
+/* 32 code indices, one a byte -> their 32 code values, in the order plane_column gives. */
+static inline void plane_lookup(__m256i index, const Planes *p, vec *w) {
+    const __m256i b0 = _mm256_shuffle_epi8(p->byte[0], index);
+    const __m256i b1 = _mm256_shuffle_epi8(p->byte[1], index);
+    const __m256i b2 = _mm256_shuffle_epi8(p->byte[2], index);
+    const __m256i b3 = _mm256_shuffle_epi8(p->byte[3], index);
+    const __m256i first = _mm256_unpacklo_epi8(b0, b1), second = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i top_first = _mm256_unpacklo_epi8(b2, b3), top_second = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(first, top_first));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(first, top_first));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(second, top_second));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(second, top_second));
+}
+
+/* 32 bytes -> the 32 unscaled code values of their high nibbles (half 0) or low ones (1). */
+static inline void decode_half(const uint8_t *p, int half, const Planes *planes, vec w[4]) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), nibble = _mm256_set1_epi8(15);
+    plane_lookup(_mm256_and_si256(half ? bytes : _mm256_srli_epi16(bytes, 4), nibble), planes, w);
+}
+
+/* The column of a 64-column step whose weight decode_step puts at position i. Unpacking works
+ * within 128-bit halves: vector v holds bytes 4v..4v+3, then 16+4v..16+4v+3. */
+static inline int64_t plane_column(int64_t i) {
+    const int64_t low_nibble = i / 32, v = i % 32 / 8, lane = i % 8;
+    const int64_t byte = (lane < 4 ? 0 : 12) + 4 * v + lane;
+    return 2 * byte + low_nibble;
+}
+
+/* Rows [r0, r1) of W against input rows [b0, b0 + TILE) for TILE 1 to 3, as tile_rows: each
+ * block summed apart in chains of multiply-adds (four for one input row: a multiply-add's
+ * latency would bind two), then multiplied by its absmax. */
+static inline __attribute__((always_inline)) void plane_tile(const Job *j, int64_t r0,
+                                                             int64_t r1, int64_t b0,
+                                                             const int TILE) {
+    const Weight4 *w = j->w;
+    const int64_t in = w->in, bytes = in / 2, blocks = in / w->blocksize;
+    const int64_t steps = w->blocksize / PLANE_CHUNK;
+    const int chains = TILE == 1 ? 4 : TILE == 2 ? 2 : 1;
+    const Planes planes = byte_planes(w->lut);
+    for (int64_t r = r0; r < r1; r++) {
+        prefetch_rows(w, r + PREFETCH_ROWS, 1);
+        const uint8_t *row = w->packed + r * bytes;
+        const float *scale = w->absmax + r * blocks;
+        vec acc[4], block[4];
+        for (int a = 0; a < 4; a++) acc[a] = vzero();
+        for (int64_t k = 0; k < blocks; k++) {
+            for (int a = 0; a < 4; a++) block[a] = vzero();
+            for (int64_t c = 0; c < steps; c++) {
+                const int64_t col = (k * steps + c) * PLANE_CHUNK;
+                for (int half = 0; half < 2; half++) {
+                    vec v[4];
+                    decode_half(row + col / 2, half, &planes, v);
+                    for (int i = 0; i < 4; i++)
+                        for (int t = 0; t < TILE; t++) {
+                            const int a = t * chains + i % chains;
+                            const float *x = j->x + (b0 + t) * in + col + 32 * half + 8 * i;
+                            block[a] = vfma(v[i], vload(x), block[a]);
+                        }
+                }
+            }
+            const vec s = _mm256_set1_ps(scale[k]);
+            for (int a = 0; a < 4; a++) acc[a] = vfma(block[a], s, acc[a]);
+        }
+        for (int t = 0; t < TILE; t++) {
+            vec sum = acc[t * chains];
+            for (int c = 1; c < chains; c++) sum = _mm256_add_ps(sum, acc[t * chains + c]);
+            j->y[(b0 + t) * w->out + r] = vsum(sum);
+        }
+    }
+}
+
+/* One to three input rows (slim_q4_matmul_many takes this path for batches under 4 only:
+ * bigger tiles are bound by their multiply-adds, and the vpermps tiles do as well there). */
+static void plane_rows(const void *job, int64_t r0, int64_t r1) {
+    const Job *j = job;
+    switch (j->batch) {
+    case 3: plane_tile(j, r0, r1, 0, 3); break;
+    case 2: plane_tile(j, r0, r1, 0, 2); break;
+    default: plane_tile(j, r0, r1, 0, 1);
+    }
+}
+#endif
+
 /* Tiles of input rows, biggest first. With AVX-512 W is taken two rows at a time (an odd last
  * row alone), in tiles of up to 8 input rows. */
 static void q4_rows(const void *job, int64_t r0, int64_t r1) {
@@ -686,7 +796,7 @@ typedef struct {
     const Weight4 *const *w;
     int n;
     const void *x;           /* arranged as in Job, or as in Bf16Job (bf16) */
-    int bf16;
+    int bf16, planes;        /* planes: AVX2's byte-plane products (x arranged for them) */
     int64_t batch;
     float *const *y;
     int64_t start[MAX_WEIGHTS + 1]; /* first row of each weight in the stack */
@@ -706,6 +816,12 @@ static void stack_rows(const void *job, int64_t r0, int64_t r1) {
         }
 #endif
         const Job j = {s->w[i], s->x, s->batch, s->y[i]};
+#if LANES == 8
+        if (s->planes) {
+            plane_rows(&j, a - s->start[i], b - s->start[i]);
+            continue;
+        }
+#endif
         q4_rows(&j, a - s->start[i], b - s->start[i]);
     }
 }
@@ -715,20 +831,26 @@ static void stack_rows(const void *job, int64_t r0, int64_t r1) {
  * alignment). */
 static void *aligned_input(size_t size) { return aligned_alloc(64, (size + 63) / 64 * 64); }
 
-/* The input rows split per chunk of `chunk` columns into their even then odd columns. */
-static void *arrange(const float *x, int64_t batch, int64_t in, int64_t chunk, int bf16) {
+/* The column of a `chunk`-column step that arranged position i holds: the even columns then
+ * the odd ones, or AVX2's byte-plane order. */
+static inline int64_t source_column(int64_t i, int64_t chunk, int planes) {
+#if LANES == 8
+    if (planes) return plane_column(i);
+#endif
+    (void)planes;
+    return i < chunk / 2 ? 2 * i : 2 * (i - chunk / 2) + 1;
+}
+
+/* The input rows rearranged per step of `chunk` columns in the order the products read them. */
+static void *arrange(const float *x, int64_t batch, int64_t in, int64_t chunk, int bf16,
+                     int planes) {
     void *out = aligned_input((size_t)(batch * in) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
     if (!out) return NULL;
-    const int64_t half = chunk / 2;
     for (int64_t i = 0; i < batch * in; i += chunk)
-        for (int64_t l = 0; l < half; l++) {
-            if (bf16) {
-                ((uint16_t *)out)[i + l] = bf16_bits(x[i + 2 * l]);
-                ((uint16_t *)out)[i + half + l] = bf16_bits(x[i + 2 * l + 1]);
-            } else {
-                ((float *)out)[i + l] = x[i + 2 * l];
-                ((float *)out)[i + half + l] = x[i + 2 * l + 1];
-            }
+        for (int64_t l = 0; l < chunk; l++) {
+            const float v = x[i + source_column(l, chunk, planes)];
+            if (bf16) ((uint16_t *)out)[i + l] = bf16_bits(v);
+            else ((float *)out)[i + l] = v;
         }
     return out;
 }
@@ -742,7 +864,7 @@ int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t 
                         float *const *y, int threads, int bf16) {
     if (n < 1 || n > MAX_WEIGHTS || batch < 1) return -1;
     const int64_t in = w[0]->in;
-    StackJob s = {w, n, NULL, 0, batch, y, {0}};
+    StackJob s = {w, n, NULL, 0, LANES == 8 && batch < 4, batch, y, {0}};
 #ifdef HAVE_BF16_DOT
     s.bf16 = bf16;
 #endif
@@ -750,9 +872,11 @@ int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t 
         if (w[i]->in != in || w[i]->blocksize % CHUNK != 0 || in % w[i]->blocksize != 0)
             return -1;
         if (w[i]->blocksize % BF16_CHUNK != 0) s.bf16 = 0;
+        if (w[i]->blocksize % PLANE_CHUNK != 0) s.planes = 0;
         s.start[i + 1] = s.start[i] + w[i]->out;
     }
-    void *arranged = arrange(x, batch, in, s.bf16 ? BF16_CHUNK : CHUNK, s.bf16);
+    const int64_t chunk = s.bf16 ? BF16_CHUNK : s.planes ? PLANE_CHUNK : CHUNK;
+    void *arranged = arrange(x, batch, in, chunk, s.bf16, s.planes);
     if (!arranged) return -1;
     s.x = arranged;
     run(stack_rows, &s, s.start[n], threads);
