@@ -10,6 +10,11 @@ files, same recipe: prepare_model_for_kbit_training for QLoRA, model(labels=) lo
     .venv/bin/python benchmarks/bench_train.py                 # all variants, a table
     .venv/bin/python benchmarks/bench_train.py --only slimtune-qlora,peer-qlora
     .venv/bin/python benchmarks/bench_train.py --one slimtune-qlora   # one variant, JSON
+    .venv/bin/python benchmarks/bench_train.py --only slimtune-qlora,peer-qlora --rounds 4
+
+On a machine whose speed drifts from one process to the next, `--rounds` runs the chosen
+variants several times over in turn and reports the median of the rounds, and for the QLoRA
+pair the ratio round by round: both stacks then sample the same hours.
 
 The "floor" entry bounds what any implementation could reach here: the step's own matmuls, each
 at the best speed this CPU reaches on its shape, and nothing else (see matmul_floor).
@@ -301,39 +306,76 @@ def matmul_floor(args, bf16: bool = False) -> dict:
 
 
 def run_all(args) -> list[dict]:
+    """Every chosen variant in a fresh process, `args.rounds` times over in turn (slimtune,
+    then the peer, then slimtune again ...), so that both stacks see the same hours of a noisy
+    machine; with more than one round the records are merged by merge_rounds."""
+    chosen = args.only.split(",") if args.only else VARIANTS + FLOORS
+    rounds = []
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"=== round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        rounds.append([run_process(variant, args) for variant in chosen])
+    return rounds[0] if len(rounds) == 1 else merge_rounds(rounds)
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One record a variant from several rounds: its s/step is the median of the rounds'
+    medians, `round_s_per_step` keeps each round's, peak RSS is the largest seen. A variant
+    that failed in any round is reported failed."""
+    merged = []
+    for records in zip(*rounds, strict=True):
+        failed = [r for r in records if "failed" in r]
+        if failed:
+            merged.append(failed[0])
+            continue
+        steps = [r["s_per_step"] for r in records]
+        step = statistics.median(steps)
+        tokens = records[0]["tokens_per_s"] * records[0]["s_per_step"]
+        merged.append(
+            dict(
+                records[-1],
+                s_per_step=round(step, 3),
+                tokens_per_s=round(tokens / step, 1),
+                peak_rss_mb=max(r["peak_rss_mb"] for r in records),
+                round_s_per_step=steps,
+                round_loadavg=[r["loadavg"] for r in records],
+                loadavg=max((r["loadavg"] for r in records), key=lambda v: v[0]),
+            )
+        )
+    return merged
+
+
+def run_process(variant: str, args) -> dict:
+    """One variant's record (run_one's JSON) from a fresh process."""
     from slimtune.runtime.heap import lean_heap_environment
 
-    chosen = args.only.split(",") if args.only else VARIANTS + FLOORS
-    results = []
-    for variant in chosen:
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--one",
-            variant,
-            "--threads",
-            str(args.threads),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-        ]
-        print(f"=== {variant}", file=sys.stderr, flush=True)
-        env = dict(os.environ)
-        if variant.startswith("slimtune") or variant.endswith("+lean"):
-            # slimtune's CLI trains under these malloc settings (slimtune.runtime.heap).
-            env = lean_heap_environment(env) or env
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        if proc.returncode:
-            results.append(dict(variant=variant, failed=proc.returncode))
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    return results
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        variant,
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+    ]
+    print(f"=== {variant}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    if variant.startswith("slimtune") or variant.endswith("+lean"):
+        # slimtune's CLI trains under these malloc settings (slimtune.runtime.heap).
+        env = lean_heap_environment(env) or env
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode:
+        return dict(variant=variant, failed=proc.returncode)
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(record), file=sys.stderr, flush=True)
+    return record
 
 
 def table(results: list[dict]) -> str:
@@ -380,6 +422,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def round_ratios(slow: dict, fast: dict) -> list[float]:
+    """slow's s/step over fast's in each round where both ran (--rounds), else []."""
+    if "round_s_per_step" not in slow or "round_s_per_step" not in fast:
+        return []
+    pairs = zip(slow["round_s_per_step"], fast["round_s_per_step"], strict=True)
+    return [a / b for a, b in pairs]
+
+
 def dtype_rows(by: dict) -> list[str]:
     """slimtune's best mode against the peer's best and the peer's fp32, with the targets that
     apply to this CPU (bf16 in hardware: >= 3x the peer's best; AVX2 only: >= 1.6x its fp32)."""
@@ -408,6 +458,12 @@ def dtype_rows(by: dict) -> list[str]:
             f"slimtune's best QLoRA mode / the peer's fp32: "
             f"{best['tokens_per_s'] / by['peer-qlora']['tokens_per_s']:.2f}x{target}"
         )
+        if per_round := round_ratios(by["peer-qlora"], best):
+            rows.append(
+                "  round by round: "
+                + ", ".join(f"{r:.2f}x" for r in per_round)
+                + f" (median {statistics.median(per_round):.2f}x)"
+            )
     pairs = [("slimtune-qlora", "slimtune-qlora+nofuse")]
     pairs.append(("slimtune-qlora+bf16", "slimtune-qlora+bf16+nofuse"))
     for fused, plain in pairs:
@@ -434,6 +490,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the variants this many times over, in turn"
+    )
     parser.add_argument("--out", default="", help="write the results JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
