@@ -109,6 +109,12 @@ def load(
     path = library_path(cc, arch, sources, name)
     if not path.is_file():
         build(cc, path, arch, sources)
+    return open_library(path, signatures)
+
+
+def open_library(path: Path, signatures: dict[str, list] | None = None) -> ctypes.CDLL:
+    """A built kernel library, its functions' argument types set (the kernels', and
+    `signatures` for functions of companion C files)."""
     lib = ctypes.CDLL(str(path))
     for function, argtypes in {**_SIGNATURES, **(signatures or {})}.items():
         getattr(lib, function).argtypes = argtypes
