@@ -1,8 +1,9 @@
 """The C kernels for packed 4-bit codes, compiled once for the CPU they run on.
 
 Decoding a 4-bit code is a 16-entry table lookup. A vector permute does 16 of them in one
-instruction (AVX-512 `vpermps`; two and a blend on AVX2), but numba (LLVM from Python loops)
-never emits it, so the numba kernels do one scalar load per weight. `q4_matmul.c` holds three
+instruction (AVX-512 `vpermps`; two and a blend on AVX2, or byte lookups with `vpshufb` for AVX2
+decode steps), but numba (LLVM from Python loops) never emits them, so the numba kernels do one
+scalar load per weight. `q4_matmul.c` holds three
 kernels written with those intrinsics: a matmul straight from the codes for a few input rows
 (decode steps), a decode into float32 or bfloat16 (training's bands), and a few-row product
 with a float32 weight (the output layer). It is compiled on first use with the system C compiler
