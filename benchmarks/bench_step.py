@@ -108,7 +108,7 @@ def measure(model, rows: int, repeats: int, steps: int, dtype: torch.dtype) -> d
     return {**best, "output layer": head_ms}
 
 
-PREFILL_WIDTHS = (64, 256, 512, 1024)  # around native_step.PREFILL_COLUMNS
+PREFILL_WIDTHS = (64, 256, 512, 1024)  # around native_step.prefill_columns
 
 
 def prefill(model, width: int, repeats: int, dtype: torch.dtype) -> dict:
@@ -147,12 +147,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument(
+        "--widths", default=",".join(map(str, PREFILL_WIDTHS)), help="prompt lengths to prefill"
+    )
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes to run")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/reports/step.json")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/step.md")
     args = parser.parse_args()
     from slimtune.hardware import machine_record, machine_summary
 
     torch.set_num_threads(args.threads)
+    dtypes = args.dtypes.split(",")
+    widths = [int(w) for w in args.widths.split(",")]
     model = model_with_adapters()
     load = os.getloadavg()[0]
     record = {
@@ -160,13 +166,13 @@ def main() -> int:
         "load_average_before": load,
         "ms": {
             f"{rows} {name}": measure(model, rows, args.repeats, args.steps, DTYPES[name])
-            for name in DTYPES
+            for name in dtypes
             for rows in (1, 16)
         },
         "prefill_ms": {
             f"{width} {name}": prefill(model, width, args.prefill_repeats, DTYPES[name])
-            for name in DTYPES
-            for width in PREFILL_WIDTHS
+            for name in dtypes
+            for width in widths
         },
     }
     args.json.write_text(json.dumps(record, indent=1) + "\n")
@@ -200,7 +206,7 @@ def main() -> int:
         "",
         "One prompt with adapter `a`, into an empty cache; milliseconds, best of "
         f"{args.prefill_repeats}. The C call's attention runs per row over the row's columns, "
-        "quadratic in the prompt: `native_step.PREFILL_COLUMNS` is where it stops paying.",
+        "quadratic in the prompt: `native_step.prefill_columns` is where it stops paying.",
         "",
         "| tokens | compute | lean forward ms | C ms | speed-up |",
         "|---|---|---|---|---|",

@@ -189,6 +189,18 @@ def test_a_prefill_in_c_equals_the_lean_forwards(max_rows, monkeypatch):
             assert not new[row, :, : 9 - n].any()  # padding: zeros, never memory as it was
 
 
+@pytest.mark.parametrize(("lanes", "bf16", "longest"), [(16, False, 1024), (8, False, 128),
+                                                       (8, True, 1024), (1, False, 128)])  # fmt: skip
+def test_long_prompts_prefill_in_c_only_where_c_is_the_faster(lanes, bf16, longest, monkeypatch):
+    """With AVX-512, or in bfloat16, prompts of up to 1024 tokens prefill in C; with narrower
+    kernels in float32 the lean forward's BLAS is the faster past 128 tokens (step.md)."""
+    monkeypatch.setattr(native_step.native, "lanes", lambda: lanes)
+    for width in (longest, longest + 1):
+        valid = torch.ones(2, width, dtype=torch.bool)
+        assert native_step.in_c_prefill(valid, bf16) == (width == longest)
+    assert not native_step.in_c_prefill(torch.tensor([[True, False]]), bf16)  # ends in padding
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_heads_of_64_and_128_in_c_equal_the_lean_forward(head_dim, one_thread):
     """The C attention's paths for heads of 64 and 128 (scores of 16 keys at a time and the keys

@@ -124,7 +124,7 @@ def _lean(
     native = None
     if four_bit and left_padded and batch <= MAX_ROWS and usable(cache, rotary):
         native = NativeDecoder.build(model, compute_dtype)
-    if native is not None and in_c_prefill(valid):
+    if native is not None and in_c_prefill(valid, native.bf16):
         logits = native.prefill(input_ids, valid, cache, rotary)
     else:
         mask = attention_mask(valid, 0, width)

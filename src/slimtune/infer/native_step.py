@@ -28,10 +28,14 @@ from slimtune.quant.inference import kernel_weight
 SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
 MAX_ROWS = NATIVE_ROWS
-# Prompts up to which a prefill runs in C. Its attention runs per row over the row's columns,
-# quadratic in the prompt; up to 1024 tokens C was still the faster (SmolLM2 in NF4: 1.1-2x the
-# lean forward from 64 to 1024 tokens, benchmarks/reports/step.md), longer is not measured.
+# Prompts up to which a prefill runs in C (prefill_columns). Its attention runs per row over the
+# row's columns, quadratic in the prompt, and its products take 8 rows at a time where the lean
+# forward's BLAS takes whole matrices. SmolLM2 in NF4 (benchmarks/reports/step.md): with
+# AVX-512, C was 1.1-2x the lean forward from 64 to 1024 tokens (longer is not measured); with
+# AVX2 in float32, 1.24x at 96 tokens, even at 128-160, 0.77x at 256 and 0.47x at 1024. In
+# bfloat16 on AVX2 the lean forward's torch ops emulate bfloat16 and C stays the faster.
 PREFILL_COLUMNS = 1024
+PREFILL_COLUMNS_NARROW = 128  # float32 layers, kernels narrower than AVX-512 (AVX2, plain C)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 RANKS = 16  # llama_step.c's adapters: ranks padded to a multiple of this
 
@@ -100,6 +104,7 @@ class NativeDecoder:
                   for block, layer in zip(parts, inner.layers, strict=True)]  # fmt: skip
         self._blocks = (_Block * len(blocks))(*blocks)
         self.hidden = config.hidden_size
+        self.bf16 = any(part[3] for block in parts for part in block)
         self.struct = _Decoder(
             hidden=self.hidden, heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads, head_dim=_head_dim(config),
@@ -252,11 +257,18 @@ def _plain(model: nn.Module) -> bool:
     )
 
 
-def in_c_prefill(valid: torch.Tensor) -> bool:
+def in_c_prefill(valid: torch.Tensor, bf16: bool = False) -> bool:
     """Whether left-padded prompts (`valid`: (sequences, width), False on padding) prefill in
-    C: every prompt has a token, at most MAX_ROWS prompts of at most PREFILL_COLUMNS."""
+    C: every prompt has a token, at most MAX_ROWS prompts of at most prefill_columns(bf16)."""
     sequences, width = valid.shape
-    return sequences <= MAX_ROWS and width <= PREFILL_COLUMNS and bool(valid[:, -1].all())
+    short = width <= prefill_columns(bf16)
+    return sequences <= MAX_ROWS and short and bool(valid[:, -1].all())
+
+
+def prefill_columns(bf16: bool) -> int:
+    """The longest prompt a prefill runs in C for, where the C kernels have `native.lanes()`
+    float lanes and the layers compute in bfloat16 (`bf16`) or float32."""
+    return PREFILL_COLUMNS if bf16 or native.lanes() >= 16 else PREFILL_COLUMNS_NARROW
 
 
 def usable(cache: KVCache, rotary: Rotary) -> bool:

@@ -109,7 +109,7 @@ class LeanBatch:
         rows, width = ids.shape
         cache = KVCache.empty(self.model, rows, width, self.dtype)
         native = self._native_decoder(adapters)
-        if native is not None and in_c_prefill(valid) and usable(cache, self.rotary):
+        if native is not None and in_c_prefill(valid, native.bf16) and usable(cache, self.rotary):
             logits = native.prefill(ids, valid, cache, self.rotary, self._slots(adapters))
         else:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
