@@ -189,15 +189,20 @@ def test_a_prefill_in_c_equals_the_lean_forwards(max_rows, monkeypatch):
             assert not new[row, :, : 9 - n].any()  # padding: zeros, never memory as it was
 
 
-@pytest.mark.parametrize(("lanes", "bf16", "longest"), [(16, False, 1024), (8, False, 128),
-                                                       (8, True, 1024), (1, False, 128)])  # fmt: skip
-def test_long_prompts_prefill_in_c_only_where_c_is_the_faster(lanes, bf16, longest, monkeypatch):
+@pytest.mark.parametrize(("lanes", "bf16"), [(16, False), (8, False), (8, True), (1, False)])
+def test_long_prompts_prefill_in_c_only_where_c_is_the_faster(lanes, bf16, monkeypatch):
     """With AVX-512, or in bfloat16, prompts of up to 1024 tokens prefill in C; with narrower
-    kernels in float32 the lean forward's BLAS is the faster past 128 tokens (step.md)."""
+    kernels in float32 the lean forward's BLAS is the faster past 128 prompt tokens in all
+    (step.md)."""
     monkeypatch.setattr(native_step.native, "lanes", lambda: lanes)
-    for width in (longest, longest + 1):
-        valid = torch.ones(2, width, dtype=torch.bool)
-        assert native_step.in_c_prefill(valid, bf16) == (width == longest)
+    wide = lanes >= 16 or bf16
+    assert native_step.in_c_prefill(torch.ones(1, 1024, dtype=torch.bool), bf16) == wide
+    assert not native_step.in_c_prefill(torch.ones(1, 1025, dtype=torch.bool), bf16)
+    assert native_step.in_c_prefill(torch.ones(4, 32, dtype=torch.bool), bf16)  # 128 in all
+    assert native_step.in_c_prefill(torch.ones(4, 33, dtype=torch.bool), bf16) == wide
+    padded = torch.ones(4, 40, dtype=torch.bool)
+    padded[:, :8] = False  # 128 real tokens in 4 left-padded prompts
+    assert native_step.in_c_prefill(padded, bf16)
     assert not native_step.in_c_prefill(torch.tensor([[True, False]]), bf16)  # ends in padding
 
 

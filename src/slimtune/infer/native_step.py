@@ -28,14 +28,15 @@ from slimtune.quant.inference import kernel_weight
 SOURCE = Path(__file__).with_name("llama_step.c")
 # Rows up to which a step runs in C: the 4-bit kernel's range (more rows decode bands for BLAS).
 MAX_ROWS = NATIVE_ROWS
-# Prompts up to which a prefill runs in C (prefill_columns). Its attention runs per row over the
-# row's columns, quadratic in the prompt, and its products take 8 rows at a time where the lean
+# Prompts a prefill runs in C for (in_c_prefill). Its attention runs per row over the row's
+# columns, quadratic in the prompt, and its products take 8 rows at a time where the lean
 # forward's BLAS takes whole matrices. SmolLM2 in NF4 (benchmarks/reports/step.md): with
 # AVX-512, C was 1.1-2x the lean forward from 64 to 1024 tokens (longer is not measured); with
-# AVX2 in float32, 1.24x at 96 tokens, even at 128-160, 0.77x at 256 and 0.47x at 1024. In
+# AVX2 in float32, 1.24x at 96 tokens, even at 128-160, 0.77x at 256 and 0.47x at 1024, and
+# for 4-16 prompts over 3 adapters 1.19x at 128 tokens in all, 0.74-0.91x at 384-640. In
 # bfloat16 on AVX2 the lean forward's torch ops emulate bfloat16 and C stays the faster.
 PREFILL_COLUMNS = 1024
-PREFILL_COLUMNS_NARROW = 128  # float32 layers, kernels narrower than AVX-512 (AVX2, plain C)
+PREFILL_TOKENS_NARROW = 128  # in all, float32 layers, kernels narrower than AVX-512 (AVX2, C)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 RANKS = 16  # llama_step.c's adapters: ranks padded to a multiple of this
 
@@ -259,16 +260,15 @@ def _plain(model: nn.Module) -> bool:
 
 def in_c_prefill(valid: torch.Tensor, bf16: bool = False) -> bool:
     """Whether left-padded prompts (`valid`: (sequences, width), False on padding) prefill in
-    C: every prompt has a token, at most MAX_ROWS prompts of at most prefill_columns(bf16)."""
+    C: every prompt has a token, at most MAX_ROWS prompts, and where the kernels have AVX-512 or
+    the layers compute in bfloat16 (`bf16`) prompts of at most PREFILL_COLUMNS tokens, else at
+    most PREFILL_TOKENS_NARROW prompt tokens in all."""
     sequences, width = valid.shape
-    short = width <= prefill_columns(bf16)
+    if bf16 or native.lanes() >= 16:
+        short = width <= PREFILL_COLUMNS
+    else:
+        short = int(valid.sum()) <= PREFILL_TOKENS_NARROW
     return sequences <= MAX_ROWS and short and bool(valid[:, -1].all())
-
-
-def prefill_columns(bf16: bool) -> int:
-    """The longest prompt a prefill runs in C for, where the C kernels have `native.lanes()`
-    float lanes and the layers compute in bfloat16 (`bf16`) or float32."""
-    return PREFILL_COLUMNS if bf16 or native.lanes() >= 16 else PREFILL_COLUMNS_NARROW
 
 
 def usable(cache: KVCache, rotary: Rotary) -> bool:
