@@ -70,12 +70,12 @@ def test_matmul_equals_decode_then_matmul(lib, rows, double_quant):
     assert (y - ref).abs().max() <= 2e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8])
 @pytest.mark.parametrize(("quant_type", "blocksize"), [("nf4", 64), ("fp4", 128), ("nf4", 32)])
 def test_one_hot_inputs_give_the_decoded_columns_exactly(lib, rows, quant_type, blocksize):
     """An input row with a single 1 picks one column of W: one product, no sum to round, so the
     result is that column's decoded weights bit for bit, whatever order the kernel reads the
-    columns in (AVX2's byte-plane products reorder them for one to three input rows)."""
+    columns in (AVX2's byte-plane products reorder them for up to 7 input rows)."""
     w = torch.randn(40, 384)
     packed, state = quantize_4bit(w, quant_type, blocksize, double_quant=True)
     weight, decoded = gemv.native_weight(packed, state), dequantize_4bit(packed, state)

@@ -457,8 +457,8 @@ static void bf16_rows(const void *job, int64_t r0, int64_t r1) {
  * bits makes one such table (a "plane"); four vpshufb give the four bytes of 32 weights and two
  * rounds of unpacking put them together. The planes hold the code values unscaled (scaled ones
  * would be rebuilt every block), so a block's products are summed and then multiplied by its
- * absmax. For one to three input rows (decode steps), in blocks of a multiple of 64 weights;
- * bigger tiles are bound by their multiply-adds and keep the path above. */
+ * absmax. For up to 7 input rows (decode steps), in blocks of a multiple of 64 weights; tiles
+ * of 8 are bound by their multiply-adds and keep the path above. */
 typedef struct { __m256i byte[4]; } Planes;
 
 static inline Planes byte_planes(const float *lut) {
@@ -501,7 +501,7 @@ static inline int64_t plane_column(int64_t i) {
     return 2 * byte + low_nibble;
 }
 
-/* Rows [r0, r1) of W against input rows [b0, b0 + TILE) for TILE 1 to 3, as tile_rows: each
+/* Rows [r0, r1) of W against input rows [b0, b0 + TILE) for TILE 1 to 4, as tile_rows: each
  * block summed apart in chains of multiply-adds (four for one input row: a multiply-add's
  * latency would bind two), then multiplied by its absmax. */
 static inline __attribute__((always_inline)) void plane_tile(const Job *j, int64_t r0,
@@ -510,7 +510,7 @@ static inline __attribute__((always_inline)) void plane_tile(const Job *j, int64
     const Weight4 *w = j->w;
     const int64_t in = w->in, bytes = in / 2, blocks = in / w->blocksize;
     const int64_t steps = w->blocksize / PLANE_CHUNK;
-    const int chains = TILE == 1 ? 4 : TILE == 2 ? 2 : 1;
+    const int chains = TILE == 1 ? 4 : TILE == 2 ? 2 : 1; /* TILE * chains <= 4 */
     const Planes planes = byte_planes(w->lut);
     for (int64_t r = r0; r < r1; r++) {
         prefetch_rows(w, r + PREFETCH_ROWS, 1);
@@ -544,14 +544,18 @@ static inline __attribute__((always_inline)) void plane_tile(const Job *j, int64
     }
 }
 
-/* One to three input rows (slim_q4_matmul_many takes this path for batches under 4 only:
- * bigger tiles are bound by their multiply-adds, and the vpermps tiles do as well there). */
+/* Tiles of 4 input rows, then the 1 to 3 left (slim_q4_matmul_many takes this path for
+ * batches under 8 only: tiles of 8 are bound by their multiply-adds, and the vpermps tiles do
+ * as well there). */
 static void plane_rows(const void *job, int64_t r0, int64_t r1) {
     const Job *j = job;
-    switch (j->batch) {
-    case 3: plane_tile(j, r0, r1, 0, 3); break;
-    case 2: plane_tile(j, r0, r1, 0, 2); break;
-    default: plane_tile(j, r0, r1, 0, 1);
+    int64_t b = 0;
+    for (; j->batch - b >= 4; b += 4) plane_tile(j, r0, r1, b, 4);
+    switch (j->batch - b) {
+    case 3: plane_tile(j, r0, r1, b, 3); break;
+    case 2: plane_tile(j, r0, r1, b, 2); break;
+    case 1: plane_tile(j, r0, r1, b, 1); break;
+    default: break;
     }
 }
 #endif
@@ -864,7 +868,7 @@ int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t 
                         float *const *y, int threads, int bf16) {
     if (n < 1 || n > MAX_WEIGHTS || batch < 1) return -1;
     const int64_t in = w[0]->in;
-    StackJob s = {w, n, NULL, 0, LANES == 8 && batch < 4, batch, y, {0}};
+    StackJob s = {w, n, NULL, 0, LANES == 8 && batch < 8, batch, y, {0}};
 #ifdef HAVE_BF16_DOT
     s.bf16 = bf16;
 #endif
