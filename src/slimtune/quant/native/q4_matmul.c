@@ -14,8 +14,8 @@
  * permute (AVX-512: one vpermps gives 16 weights; AVX2: two vpermps and a blend give 8; plain C
  * elsewhere). In the matmul each decoded vector of weights is multiplied into up to 16 input
  * rows before the next is decoded, so a batch of rows reads the codes once, and nothing the
- * size of a weight is ever written. AVX2 decode steps (one to three input rows) look the code
- * values up byte by byte instead (see "AVX2 products through byte-plane lookups").
+ * size of a weight is ever written. AVX2 products of up to 7 input rows look the code values
+ * up byte by byte instead (see "AVX2 products through byte-plane lookups").
  *
  * Packing: byte j of a row holds weight 2j in its high nibble and 2j + 1 in its low nibble. The
  * matmul therefore splits the input rows once per call into their even and odd columns (per
