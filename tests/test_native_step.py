@@ -71,6 +71,24 @@ def test_c_steps_give_the_lean_forwards_tokens(arch, dtype, monkeypatch, one_thr
     assert len(set(native.tokens[0])) > 3  # not one token repeated: the steps see the cache
 
 
+def test_a_lean_prefill_then_c_steps_give_the_lean_forwards_tokens(monkeypatch, one_thread):
+    """A prompt past the C prefill's limit prefills in the lean forward and then steps in C
+    (as long prompts do without AVX-512): the tokens equal the lean forward's alone."""
+    model = _model("llama", seed=4)
+    prompt = _prompt(seed=4, length=20)
+    monkeypatch.setattr(native_step.native, "lanes", lambda: 8)
+    monkeypatch.setattr(native_step, "PREFILL_TOKENS_NARROW", 8)
+    prefills = []
+    real = native_step.NativeDecoder.prefill
+    monkeypatch.setattr(native_step.NativeDecoder, "prefill",
+                        lambda *a, **k: prefills.append(1) or real(*a, **k))  # fmt: skip
+    mixed = decode(model, prompt, max_new_tokens=16)
+    assert mixed.engine == "native" and prefills == []  # steps in C, the prefill was not
+    _lean_only(monkeypatch)
+    lean = decode(model, prompt, max_new_tokens=16)
+    assert mixed.tokens == lean.tokens and len(set(mixed.tokens[0])) > 3
+
+
 # float32 up to 40 cached positions (attention's scores in blocks of 16 keys, and the keys left
 # over); bfloat16 up to 12: over longer runs the two sum orders come to round some output to a
 # different bfloat16 neighbour, and the logits part by more than the sums' differences.
