@@ -4,6 +4,7 @@
     git show REV:src/slimtune/quant/native/q4_matmul.c > /tmp/before.c
     PYTHONPATH=src .venv/bin/python benchmarks/bench_kernel_ab.py /tmp/before.c
     PYTHONPATH=src .venv/bin/python benchmarks/bench_kernel_ab.py /tmp/before.c --arch x86-64-v3
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_kernel_ab.py /tmp/before.c --byte-planes on
 
 "before" is built from the given file, "after" from the working tree's, both with the
 working tree's q4.h, for the same -march. The weights have SmolLM2-135M's 4-bit layer shapes
@@ -17,6 +18,7 @@ output). Where both run the same code for a row count, their ratio shows the noi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -32,15 +34,22 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 BLOCKS = 30
 
 
-def build(source: Path, arch: str) -> object:
-    """The kernel library compiled from `source` (beside the working tree's q4.h)."""
+def build(source: Path, arch: str) -> ctypes.CDLL:
+    """The kernel library compiled from `source` (beside the working tree's q4.h), opened as
+    slimtune opens it where `source` is the working tree's; an older source may lack newer
+    functions, so only its matmul is declared."""
     cc = native.compiler()
     if cc is None:
         raise SystemExit("no C compiler found (set CC)")
     target = native.library_path(cc, arch, (source,), name="q4_matmul-ab")
     if not target.is_file():
         native.build(cc, target, arch, (source,))
-    return native.open_library(target)
+    if source == native.SOURCE:
+        return native.open_library(target)
+    lib = ctypes.CDLL(str(target))
+    lib.slim_q4_matmul.argtypes = native._SIGNATURES["slim_q4_matmul"]
+    lib.slim_q4_matmul.restype = ctypes.c_int
+    return lib
 
 
 def one_pass(lib, weights: list, inputs: dict, threads: int) -> float:
@@ -50,8 +59,12 @@ def one_pass(lib, weights: list, inputs: dict, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def compare(before: Path, arch: str, rows: list[int], threads: int, repeats: int) -> list[dict]:
+def compare(
+    before: Path, arch: str, rows: list[int], threads: int, repeats: int, planes: str = "auto"
+) -> list[dict]:
     libs = {"before": build(before, arch), "after": build(native.SOURCE, arch)}
+    if planes != "auto":  # AVX2's byte-plane lookups forced on or off in the working tree's
+        libs["after"].slim_q4_byte_planes(int(planes == "on"))
     torch.manual_seed(0)
     weights = []
     for _ in range(BLOCKS):
@@ -92,11 +105,18 @@ def main() -> int:
     parser.add_argument("--rows", default="1,2,3,4,16", help="input rows a product")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--byte-planes",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="AVX2 byte-plane lookups in the working tree's build (auto: as slimtune sets them, "
+        "on AMD CPUs only)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
-    results = compare(args.before, args.arch, rows, args.threads, args.repeats)
+    results = compare(args.before, args.arch, rows, args.threads, args.repeats, args.byte_planes)
     print(
         f"{machine_summary()}; -march={args.arch}; {args.threads} threads, best of {args.repeats}"
     )
@@ -107,7 +127,7 @@ def main() -> int:
               f"{r['relative_difference']:.1e} |")  # fmt: skip
     if args.json:
         record = dict(machine=machine_record(), arch=args.arch, threads=args.threads,
-                      repeats=args.repeats, results=results)  # fmt: skip
+                      repeats=args.repeats, byte_planes=args.byte_planes, results=results)  # fmt: skip
         args.json.write_text(json.dumps(record, indent=1))
     return 0
 

@@ -31,7 +31,7 @@ import torch
 
 from slimtune.cache import cache_dir
 from slimtune.files import atomic_file
-from slimtune.hardware import cpu_flags
+from slimtune.hardware import cpu_flags, cpu_vendor
 
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 HEADER = SOURCE.with_name("q4.h")  # what other C files built with the kernels include
@@ -57,6 +57,7 @@ _SIGNATURES = {
     "slim_bf16_matmul": [_p, _i64, _i64, _p, _i64, _p, _int],
     "slim_q4_decode": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _p, _int, _int],
     "slim_q4_lanes": [],
+    "slim_q4_byte_planes": [_int],
     "slim_q4_bf16_dot": [],
 }
 
@@ -120,7 +121,16 @@ def open_library(path: Path, signatures: dict[str, list] | None = None) -> ctype
     for function, argtypes in {**_SIGNATURES, **(signatures or {})}.items():
         getattr(lib, function).argtypes = argtypes
         getattr(lib, function).restype = _int
+    lib.slim_q4_byte_planes(int(byte_planes_pay()))
     return lib
+
+
+def byte_planes_pay() -> bool:
+    """Whether AVX2 products of a few rows should look codes up byte by byte (`vpshufb`) rather
+    than through `vpermps` (q4_matmul.c). On AMD Zen 3 the two run on different pipes and the
+    byte planes took 1.3-2.2x less time (benchmarks/reports/infer.md); Intel cores before Ice
+    Lake run both on one port, and no Intel CPU has been measured, so Intel keeps `vpermps`."""
+    return cpu_vendor() == "AuthenticAMD"
 
 
 def enabled() -> bool:

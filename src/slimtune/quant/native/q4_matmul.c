@@ -458,8 +458,14 @@ static void bf16_rows(const void *job, int64_t r0, int64_t r1) {
  * rounds of unpacking put them together. The planes hold the code values unscaled (scaled ones
  * would be rebuilt every block), so a block's products are summed and then multiplied by its
  * absmax. For up to 7 input rows (decode steps), in blocks of a multiple of 64 weights; tiles
- * of 8 are bound by their multiply-adds and keep the path above. */
+ * of 8 are bound by their multiply-adds and keep the path above. Measured on AMD Zen 3 only:
+ * slimtune.quant.native turns them off on other vendors' CPUs (slim_q4_byte_planes), as
+ * Intel cores before Ice Lake issue vpshufb, the unpacks and vpermps all on one port. */
 typedef struct { __m256i byte[4]; } Planes;
+
+/* Whether AVX2 products of up to 7 rows take the byte-plane lookups (set through
+ * slim_q4_byte_planes when slimtune.quant.native opens the library), or the vpermps tiles. */
+static int byte_planes_on = 1;
 
 static inline Planes byte_planes(const float *lut) {
     uint8_t bytes[4][32];
@@ -794,6 +800,18 @@ static void run(void (*rows)(const void *, int64_t, int64_t), const void *job, i
 
 int slim_q4_lanes(void) { return LANES; }
 
+/* Byte-plane lookups for AVX2 products of up to 7 rows: on (1), off (0), or as they are (-1).
+ * Returns whether they are on (never where LANES is not 8). */
+int slim_q4_byte_planes(int on) {
+#if LANES == 8
+    if (on >= 0) byte_planes_on = on != 0;
+    return byte_planes_on;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
 /* Weights that read one input (q/k/v, gate/up): their rows split between the threads as one
  * stack of rows, in one parallel region. */
 typedef struct {
@@ -868,7 +886,7 @@ int slim_q4_matmul_many(const Weight4 *const *w, int n, const float *x, int64_t 
                         float *const *y, int threads, int bf16) {
     if (n < 1 || n > MAX_WEIGHTS || batch < 1) return -1;
     const int64_t in = w[0]->in;
-    StackJob s = {w, n, NULL, 0, LANES == 8 && batch < 8, batch, y, {0}};
+    StackJob s = {w, n, NULL, 0, slim_q4_byte_planes(-1) && batch < 8, batch, y, {0}};
 #ifdef HAVE_BF16_DOT
     s.bf16 = bf16;
 #endif
