@@ -3,8 +3,7 @@
 Decoding a 4-bit code is a 16-entry table lookup. A vector permute does 16 of them in one
 instruction (AVX-512 `vpermps`; two and a blend on AVX2, or byte lookups with `vpshufb` for AVX2
 decode steps), but numba (LLVM from Python loops) never emits them, so the numba kernels do one
-scalar load per weight. `q4_matmul.c` holds three
-kernels written with those intrinsics: a matmul straight from the codes for a few input rows
+scalar load per weight. `q4_matmul.c` holds three kernels written with those intrinsics: a matmul straight from the codes for a few input rows
 (decode steps), a decode into float32 or bfloat16 (training's bands), and a few-row product
 with a float32 weight (the output layer). It is compiled on first use with the system C compiler
 for the host CPU (`-march=native`: AVX2 or AVX-512 is whatever the machine has) into slimtune's
@@ -128,8 +127,8 @@ def open_library(path: Path, signatures: dict[str, list] | None = None) -> ctype
 def byte_planes_pay() -> bool:
     """Whether AVX2 products of a few rows should look codes up byte by byte (`vpshufb`) rather
     than through `vpermps` (q4_matmul.c). On AMD Zen 3 the two run on different pipes and the
-    byte planes took 1.3-2.2x less time (benchmarks/reports/infer.md); Intel cores before Ice
-    Lake run both on one port, and no Intel CPU has been measured, so Intel keeps `vpermps`."""
+    byte planes were 1.3-2.2x faster (benchmarks/reports/infer.md); Intel cores before Ice Lake
+    run both on one port, and no Intel CPU has been measured, so Intel keeps `vpermps`."""
     return cpu_vendor() == "AuthenticAMD"
 
 
