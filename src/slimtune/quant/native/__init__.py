@@ -1,17 +1,18 @@
 """The C kernels for packed 4-bit codes, compiled once for the CPU they run on.
 
 Decoding a 4-bit code is a 16-entry table lookup. A vector permute does 16 of them in one
-instruction (AVX-512 `vpermps`; two and a blend on AVX2, or byte lookups with `vpshufb` for AVX2
-decode steps), but numba (LLVM from Python loops) never emits them, so the numba kernels do one
-scalar load per weight. `q4_matmul.c` holds three kernels written with those intrinsics: a
-matmul straight from the codes for a few input rows (decode steps), a decode into float32 or
-bfloat16 (training's bands), and a few-row product with a float32 weight (the output layer). It is compiled on first use with the system C compiler
-for the host CPU (`-march=native`: AVX2 or AVX-512 is whatever the machine has) into slimtune's
-cache folder, under a name keyed by the source, the compiler and the CPU's flags, and loaded
-with ctypes. It runs on torch's own OpenMP threads (see q4_matmul.c). Where there is no
-compiler, or `SLIMTUNE_NATIVE=0`, `library()` is None and callers use the numba kernels.
-`SLIMTUNE_NATIVE_ARCH` (a `-march` value, e.g. `haswell`) builds for an older CPU than the host:
-the AVX2 kernels measured on an AVX-512 machine.
+instruction (AVX-512 `vpermps`; two and a blend on AVX2, or byte lookups with `vpshufb` for
+AVX2 decode steps), but numba (LLVM from Python loops) never emits them, so the numba kernels
+do one scalar load per weight. `q4_matmul.c` holds three kernels written with those intrinsics:
+a matmul straight from the codes for a few input rows (decode steps), a decode into float32 or
+bfloat16 (training's bands), and a few-row product with a float32 weight (the output layer). It
+is compiled on first use with the system C compiler for the host CPU (`-march=native`: AVX2 or
+AVX-512 is whatever the machine has) into slimtune's cache folder, under a name keyed by the
+source, the compiler and the CPU's flags, and loaded with ctypes. It runs on torch's own OpenMP
+threads (see q4_matmul.c). Where there is no compiler, or `SLIMTUNE_NATIVE=0`, `library()` is
+None and callers use the numba kernels. `SLIMTUNE_NATIVE_ARCH` (a `-march` value, e.g.
+`haswell`) builds for an older CPU than the host: the AVX2 kernels measured on an AVX-512
+machine.
 """
 
 from __future__ import annotations
