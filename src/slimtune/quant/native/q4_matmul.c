@@ -485,8 +485,10 @@ static inline void plane_lookup(__m256i index, const Planes *p, vec *w) {
     const __m256i b1 = _mm256_shuffle_epi8(p->byte[1], index);
     const __m256i b2 = _mm256_shuffle_epi8(p->byte[2], index);
     const __m256i b3 = _mm256_shuffle_epi8(p->byte[3], index);
+    /* bytes 0-1 and 2-3 of each value side by side, then the two pairs */
     const __m256i first = _mm256_unpacklo_epi8(b0, b1), second = _mm256_unpackhi_epi8(b0, b1);
-    const __m256i top_first = _mm256_unpacklo_epi8(b2, b3), top_second = _mm256_unpackhi_epi8(b2, b3);
+    const __m256i top_first = _mm256_unpacklo_epi8(b2, b3);
+    const __m256i top_second = _mm256_unpackhi_epi8(b2, b3);
     w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(first, top_first));
     w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(first, top_first));
     w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(second, top_second));
@@ -499,8 +501,9 @@ static inline void decode_half(const uint8_t *p, int half, const Planes *planes,
     plane_lookup(_mm256_and_si256(half ? bytes : _mm256_srli_epi16(bytes, 4), nibble), planes, w);
 }
 
-/* The column of a 64-column step whose weight decode_step puts at position i. Unpacking works
- * within 128-bit halves: vector v holds bytes 4v..4v+3, then 16+4v..16+4v+3. */
+/* The column of a 64-column step whose weight the byte-plane lookups put at position i:
+ * positions 0-31 hold the high nibbles' (even columns), 32-63 the low ones' (odd). Unpacking
+ * works within 128-bit halves, so vector v of a half holds bytes 4v..4v+3, then 16+4v..16+4v+3. */
 static inline int64_t plane_column(int64_t i) {
     const int64_t low_nibble = i / 32, v = i % 32 / 8, lane = i % 8;
     const int64_t byte = (lane < 4 ? 0 : 12) + 4 * v + lane;
