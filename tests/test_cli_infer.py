@@ -67,3 +67,16 @@ def test_eval_in_4_bits_equals_eval_of_decoded_weights(qlora_run, tmp_path, caps
     decoded = _json(capsys)
     assert fast["loss"] == pytest.approx(decoded["loss"], rel=1e-5)
     assert fast["exact_match"] == decoded["exact_match"] and fast["n"] == 8
+
+
+def test_device_flag_runs_on_the_cpu_and_names_a_missing_gpu(qlora_run, capsys, monkeypatch):
+    assert _generate(qlora_run, capsys, "--device", "cpu")["device"] == "cpu"
+    assert _generate(qlora_run, capsys)["device"] == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, adapter = qlora_run
+    argv = ["generate", "1+2=", "--model", str(model), "--adapter", str(adapter), "--device"]
+    assert main([*argv, "cuda"]) == 2
+    assert "cuda asked for, but torch sees no CUDA device" in capsys.readouterr().err
+    assert _generate(qlora_run, capsys)["device"] == "cpu"  # auto

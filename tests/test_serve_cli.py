@@ -213,3 +213,40 @@ def test_engine_on_own_thread_loads_and_computes_on_one_thread(tmp_path, monkeyp
     engine.stop()
     assert finish.reason in ("stop", "length")
     assert threads["load"] is threads["compute"] is not threading.main_thread()
+
+
+def test_serve_device_flag_places_the_model_or_says_why_not(tmp_path, monkeypatch, capsys):
+    """--device cpu serves from the CPU; --device cuda where torch sees no GPU stops before
+    any model is loaded, with a message naming the device."""
+    import torch
+    from helpers import generation_request
+
+    import slimtune.serve.build
+    from slimtune.devices import device_of
+
+    model = save_tiny_model(tmp_path / "tiny")
+    build, seen = slimtune.serve.build.build_engine, {}
+
+    def spy(*args, **kwargs):
+        engine, registry = build(*args, **kwargs)
+        seen["asked"], seen["placed"] = kwargs["device"], device_of(engine.model)
+        return engine, registry
+
+    def serve_and_generate(app, host, port):
+        engine = app.state.engine.start()
+        request = generation_request(engine.tokenizer, "Hi", None, max_tokens=3)
+        seen["finish"] = engine.submit(request).result(60).reason
+
+    monkeypatch.setattr(slimtune.serve.build, "build_engine", spy)
+    monkeypatch.setattr(slimtune.serve.server, "serve_forever", serve_and_generate)
+    assert main(["serve", "--model", str(model), "--device", "cpu"]) == 0
+    cpu = torch.device("cpu")
+    assert seen["asked"] == seen["placed"] == cpu and seen["finish"] in ("stop", "length")
+
+    seen.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "--model", str(model), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "serve: error:" in err and "cuda" in err and not seen  # refused before loading
+    assert main(["serve", "--model", str(model)]) == 0  # auto: the CPU when there is no GPU
+    assert seen["asked"] == cpu

@@ -19,6 +19,8 @@ AUTO = "auto"
 # The dtype a merged model folder is written in (the short names of `slimtune merge --dtype`).
 MERGED_DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+# Where `generate`, `eval` and `serve` run the model; "auto": a CUDA GPU when there is one.
+INFERENCE_DEVICES = (AUTO, "cpu", "cuda")
 # How `generate`, `eval` and `serve` hold a base: as the adapter was trained, 4 bits, or float.
 INFERENCE_QUANTS = (AUTO, *QUANT_TYPES, "none")
 # How LoRA's A and B start: PEFT's default (kaiming), gaussian, PiSSA, LoftQ.

@@ -165,6 +165,163 @@ def test_linear4bit_forward_and_backward_on_cuda_match_the_cpu():
     torch.testing.assert_close(x_gpu.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------ inference from 4 bits
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_product_of_one_hot_rows_is_the_decoded_weight_bit_for_bit(
+    quant_type, double_quant, dtype
+):
+    """x = rows of the identity: every output is one decoded weight, rounded to the dtype as a
+    decoded copy is. Shapes where blocks run across weight rows (96 and 200 columns) too."""
+    from slimtune.quant import gpu_matmul
+
+    torch.manual_seed(6)
+    for rows, cols, blocksize in [(160, 256, 64), (72, 96, 64), (48, 200, 32)]:
+        w = (torch.randn(rows, cols) * 0.05).to(CUDA)
+        packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
+        eye = torch.eye(cols, device=CUDA, dtype=dtype)
+        decoded = dequantize_4bit(packed, state, dtype)
+        for start in range(0, cols, gpu_matmul.MAX_ROWS):
+            x = eye[start : start + gpu_matmul.MAX_ROWS]
+            assert gpu_matmul.usable(x, packed, state)
+            out = gpu_matmul.matmul(x, packed, state)
+            assert torch.equal(out, decoded[:, start : start + x.shape[0]].t()), (rows, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_fused_product_equals_decode_then_matmul(dtype, rows):
+    from slimtune.quant import gpu_matmul
+
+    torch.manual_seed(7)
+    w = (torch.randn(1536, 576) * 0.02).to(CUDA)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
+    x = torch.randn(rows, 576, device=CUDA).to(dtype)
+    out = gpu_matmul.matmul(x, packed, state)
+    ref = x.float() @ dequantize_4bit(packed, state, dtype).float().t()  # float32 sums
+    assert out.dtype == dtype
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:  # one rounding of the output to bfloat16 (8 bits) on top of the sums' order
+        torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_4bit_inference_layers_on_cuda_equal_the_training_forward(rows):
+    """`inference_4bit` on a GPU: up to 16 rows through the fused product, more through one
+    decode and a matmul; both equal the layer's own (training) forward."""
+    from slimtune.quant.inference import inference_4bit
+
+    torch.manual_seed(8)
+    dense = torch.nn.Linear(320, 256)
+    for dtype in (torch.float32, torch.bfloat16):
+        config = QuantConfig(double_quant=True, compute_dtype=dtype)
+        layer = Linear4bit.from_linear(dense, config).to(CUDA)
+        x = torch.randn(rows, 320, device=CUDA)
+        with torch.no_grad():
+            ref = layer(x)
+            with inference_4bit(layer):
+                out = layer(x)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(out, ref, **tol)
+
+
+def _adapted_tiny_llama():
+    model = quantize_model(make_tiny_llama(initializer_range=0.3), QuantConfig(double_quant=True))
+    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_decoding_on_cuda_from_4_bits_gives_the_cpu_tokens():
+    """Greedy tokens of two left-padded prompts: the GPU's 4-bit loop (fused products, the KV
+    cache on the GPU) against the CPU's and against the GPU with decoded float weights."""
+    from slimtune.infer.loop import decode
+
+    model = _adapted_tiny_llama()
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    on_cpu = decode(model, ids, mask, max_new_tokens=12)
+    model.to(CUDA)
+    on_gpu = decode(model, ids, mask, max_new_tokens=12)
+    decoded = decode(model, ids, mask, max_new_tokens=12, four_bit=False)
+    assert on_gpu.engine == "lean"
+    assert on_gpu.tokens == on_cpu.tokens == decoded.tokens
+    assert all(len(row) == 12 for row in on_gpu.tokens)
+
+
+def test_kv_cached_steps_on_cuda_equal_forwards_without_a_cache():
+    """The logits of each cached decode step equal a fresh forward over the whole text so far."""
+    from slimtune.infer.llama import KVCache, Rotary, lean_forward
+    from slimtune.quant.inference import inference_4bit
+
+    model = _adapted_tiny_llama().to(CUDA)
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    positions = torch.arange(14, device=CUDA)[None]
+
+    def fresh():  # a new cache for each forward: nothing carried over
+        return KVCache.empty(model, 1, 14, torch.float32), Rotary(model, 14, torch.float32)
+
+    with torch.no_grad(), inference_4bit(model):
+        cache, rotary = fresh()
+        lean_forward(model, ids[:, :8], positions[:, :8], cache, rotary, None)
+        for t in range(8, 14):
+            step = lean_forward(model, ids[:, t : t + 1], positions[:, t : t + 1], cache, rotary,
+                                None)  # fmt: skip
+            whole = lean_forward(model, ids[:, : t + 1], positions[:, : t + 1], *fresh(), None)
+            torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_and_eval_commands_run_on_cuda(tmp_path, capsys):
+    """`slimtune generate --device cuda` and `eval --device cuda` give the CPU's text, loss and
+    exact match; auto picks the GPU."""
+    import json
+
+    from helpers import char_tokenizer, sums, write_jsonl
+
+    from slimtune.cli import main
+    from slimtune.lora import save_adapter
+
+    model = make_tiny_llama(
+        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    model.save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "config.yaml").write_text("method: qlora\ndouble_quant: true\n")
+    common = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--json"]
+
+    def run(*args):
+        assert main(list(args)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    gen = ["generate", "1+2=", "--raw", "--max-new-tokens", "8", *common]
+    on_gpu, on_cpu = run(*gen, "--device", "cuda"), run(*gen, "--device", "cpu")
+    assert on_gpu["four_bit"] and on_gpu["engine"] == "lean"
+    assert on_gpu["text"] == on_cpu["text"] and on_gpu["tokens"] == on_cpu["tokens"]
+    assert run(*gen)["engine"] == "lean"  # auto: the GPU
+
+    data = write_jsonl(tmp_path / "test.jsonl", sums(8))
+    evaluate = ["eval", "--data", str(data), "--max-new-tokens", "3", *common]
+    gpu_eval, cpu_eval = run(*evaluate, "--device", "cuda"), run(*evaluate, "--device", "cpu")
+    assert gpu_eval["loss"] == pytest.approx(cpu_eval["loss"], rel=1e-4)
+    assert gpu_eval["exact_match"] == cpu_eval["exact_match"] and gpu_eval["n"] == 8
+
+
 # ------------------------------------------------------------------ LoRA
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from slimtune.choices import AUTO, COMPUTE_DTYPES, INFERENCE_QUANTS
+from slimtune.choices import AUTO, COMPUTE_DTYPES, INFERENCE_DEVICES, INFERENCE_QUANTS
 from slimtune.train.config import QUANT_KEYS, add_config_arguments
 
 if TYPE_CHECKING:  # the command modules import torch only when they run
@@ -33,6 +33,21 @@ def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True)
         choices=(AUTO, *COMPUTE_DTYPES),
         help="dtype of the matmuls (auto: bfloat16 where the hardware multiplies it natively)",
     )
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=INFERENCE_DEVICES,
+        default=AUTO,
+        help="where the model runs (auto: a CUDA GPU when there is one, else the CPU)",
+    )
+
+
+def device(args: argparse.Namespace):
+    from slimtune.devices import resolve_device
+
+    return resolve_device(args.device)
 
 
 def compute_dtype(args: argparse.Namespace):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from slimtune.cli._inference import add_inference_arguments, compute_dtype
+from slimtune.cli._inference import (
+    add_device_argument,
+    add_inference_arguments,
+    compute_dtype,
+    device,
+)
 
 HELP = "loss, perplexity and exact-match accuracy on a data file"
 
@@ -20,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_inference_arguments(parser)
+    add_device_argument(parser)
 
     parser.add_argument(
         "--chat-template",
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = compute_dtype(args)
     model, tokenizer = load_for_inference(
-        args.model, args.adapter, quant=args.quant, compute_dtype=dtype
+        args.model, args.adapter, quant=args.quant, compute_dtype=dtype, device=device(args)
     )
     from slimtune.models.chat_templates import set_chat_template
 

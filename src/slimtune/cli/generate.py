@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from slimtune.cli._inference import add_inference_arguments, compute_dtype
+from slimtune.cli._inference import (
+    add_device_argument,
+    add_inference_arguments,
+    compute_dtype,
+    device,
+)
 from slimtune.errors import SlimtuneError
 
 HELP = "generate text from a prompt (chat template for chat models), streamed"
@@ -25,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object: text, tokens, seconds, tokens/s"
     )
     add_inference_arguments(parser)
+    add_device_argument(parser)
 
     parser.add_argument(
         "--chat-template",
@@ -39,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.infer import generate_result
     from slimtune.train.generation import load_for_inference
 
-    dtype = compute_dtype(args)
+    dtype, where = compute_dtype(args), device(args)
     model, tokenizer = load_for_inference(
-        args.model, args.adapter, quant=args.quant, compute_dtype=dtype
+        args.model, args.adapter, quant=args.quant, compute_dtype=dtype, device=where
     )
     from slimtune.models.chat_templates import set_chat_template
 
@@ -61,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=dtype,
     )
     if args.json:
-        print(json.dumps(result.to_dict() | {"compute_dtype": str(dtype).removeprefix("torch.")}))
+        facts = {"compute_dtype": str(dtype).removeprefix("torch."), "device": where.type}
+        print(json.dumps(result.to_dict() | facts))
     return 0

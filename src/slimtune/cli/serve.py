@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from slimtune.cli._inference import (
+    add_device_argument,
     add_inference_arguments,
     add_quant_arguments,
     base_quant,
     compute_dtype,
+    device,
 )
 from slimtune.errors import SlimtuneError
 
@@ -62,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model's own)",
     )
     add_inference_arguments(parser, quant=False)
+    add_device_argument(parser)
     add_quant_arguments(parser, "with --qlora: how the base is held, as `slimtune train` has it")
 
 
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         qlora=base_quant(args) if args.qlora else False,
         four_bit=args.four_bit,
         compute_dtype=compute_dtype(args),
+        device=device(args),
         adapters=[parse_adapter_flag(value) for value in args.adapter],
         adapter_dir=args.adapter_dir,
         base_name=args.served_model_name,

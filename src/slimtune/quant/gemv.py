@@ -13,6 +13,9 @@ Paths, chosen by how many rows the input has:
   (q/k/v, gate/up) share the table (`TableCache`).
 - several rows (prompts, batches): bands of weight rows are decoded into a small float scratch
   that stays in cache, and each band is one matmul (BLAS).
+- on a GPU with Triton: up to `gpu_matmul.MAX_ROWS` rows take the fused Triton product
+  (`slimtune.quant.gpu_matmul`); more rows decode the layer once into the compute dtype
+  (`gpu_kernels`) for one matmul, a copy of one layer that lives for one call.
 Both equal decode-then-matmul up to float rounding (the order of the sums differs).
 """
 
@@ -23,8 +26,8 @@ from math import gcd
 
 import torch
 
-from slimtune.quant import kernels, native
-from slimtune.quant.blockwise import QuantState, decode_blocks
+from slimtune.quant import gpu_kernels, gpu_matmul, kernels, native
+from slimtune.quant.blockwise import QuantState, decode_blocks, dequantize_4bit
 from slimtune.quant.codebook import codebook, pair_table
 
 # Values decoded per band on a CPU: 256K float32 values (1 MiB, the size of a core's L2 cache).
@@ -267,6 +270,10 @@ def linear_4bit_inference(
         if table is None:
             table = input_table(x2d, state.quant_type)
         y = fused_gemv(table, packed, state, prepared).view(1, out_features).to(dtype)
+    elif gpu_matmul.usable(x2d, packed, state):
+        y = gpu_matmul.matmul(x2d.to(dtype), packed, state)
+    elif gpu_kernels.usable(packed):
+        y = x2d.to(dtype) @ dequantize_4bit(packed, state, dtype).t()
     else:
         y = banded_linear(x2d.to(dtype), packed, state, dtype)
     if bias is not None:

@@ -69,7 +69,7 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 @cache
-def _on(name: str, device: torch.device) -> torch.Tensor:
+def table_on(name: str, device: torch.device) -> torch.Tensor:
     """A constant table on `device`, copied there once."""
     table = dynamic_map() if name == "dynamic" else codebook(name)
     return table.to(device)
@@ -86,8 +86,8 @@ def decode(codes: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
         state.absmax,
         state.nested_absmax if nested else state.absmax,
         state.offset if nested else state.absmax,
-        _on("dynamic", device),
-        _on(state.quant_type, device),
+        table_on("dynamic", device),
+        table_on(state.quant_type, device),
         out,
         n_bytes,
         HALF=state.blocksize // 2,

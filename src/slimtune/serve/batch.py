@@ -163,7 +163,7 @@ class LeanBatch:
         if not rows:
             self.cache, self.mask = None, None
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask.index_select(0, index)
         real = self.mask.any(dim=0).nonzero()
         start = int(real[0]) if len(real) else self.mask.shape[1]

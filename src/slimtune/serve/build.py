@@ -8,6 +8,8 @@ import dataclasses
 import threading
 from pathlib import Path
 
+import torch
+
 from slimtune.errors import SlimtuneError
 from slimtune.infer import decoded_weights, inference_context
 from slimtune.models import load_model
@@ -36,6 +38,7 @@ def build_engine(
     four_bit: bool = True,
     compute_dtype=None,
     chat_template: str | Path | None = None,
+    device: str | torch.device = "cpu",
     start: bool = True,
     **engine_options,
 ) -> tuple[Engine, AdapterRegistry]:
@@ -45,7 +48,8 @@ def build_engine(
     A 4-bit base (`qlora`: True for QLoRA's NF4, or its QuantConfig; or a 4-bit model folder)
     computes from its packed codes for the engine's life (`slimtune.quant.inference`);
     `four_bit=False` decodes float copies instead. `chat_template` (a built-in name or a Jinja
-    file) replaces the model's own for chat requests."""
+    file) replaces the model's own for chat requests. `device`: where the model runs (adapters
+    loaded later join it there)."""
     quant = None
     if qlora:
         quant = qlora if isinstance(qlora, QuantConfig) else QuantConfig()
@@ -53,6 +57,9 @@ def build_engine(
             quant = dataclasses.replace(quant, compute_dtype=compute_dtype)
     network, tokenizer = load_model(model, quant=quant)
     set_chat_template(tokenizer, chat_template)  # before anything starts: a bad file fails here
+    # Loaded on the CPU (4-bit layers as codes); moved before the inference context sets the
+    # 4-bit layers up, so that their kernels read the moved buffers.
+    network.to(device)
     stack = contextlib.ExitStack()
     if four_bit:
         stack.enter_context(inference_context(network, True, compute_dtype))

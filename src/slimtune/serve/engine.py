@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimtune.devices import device_of
 from slimtune.infer import eos_ids
 from slimtune.lora import delete_adapter, load_adapter, lora_layers, per_sample_adapters
 from slimtune.serve.batch import new_batch
@@ -111,6 +112,7 @@ class Engine:
         lean: bool = True,
     ):
         self.model = model.eval()
+        self.device = device_of(model)  # where inputs built from token lists go
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -310,6 +312,8 @@ class Engine:
             n = len(request.prompt_ids)
             ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
+        # Filled on the CPU, then moved in one copy each (nothing moves when the model is there).
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
             logits = self._batch.prefill(ids, mask, [r.adapter for r in requests], self._adapters)
         self._count("prefill")
@@ -320,7 +324,9 @@ class Engine:
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        last = torch.tensor([[row.last_token] for row in self._rows], dtype=torch.long)
+        last = torch.tensor(
+            [[row.last_token] for row in self._rows], dtype=torch.long, device=self.device
+        )
         names = [row.request.adapter for row in self._rows]
         with torch.inference_mode():
             logits = self._batch.decode(last, names, self._adapters)

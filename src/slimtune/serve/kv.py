@@ -64,7 +64,7 @@ def keep_rows(
     cache: DynamicCache, mask: torch.Tensor, rows: list[int]
 ) -> tuple[DynamicCache, torch.Tensor]:
     """Keep only `rows`, then drop the leading columns that are padding in every kept row."""
-    index = torch.tensor(rows, dtype=torch.long)
+    index = torch.tensor(rows, dtype=torch.long, device=mask.device)
     mask = mask.index_select(0, index)
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if len(real) else mask.shape[1]

@@ -11,12 +11,17 @@ def next_tokens(
     top_ps: list[float],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """Greedy for temperature 0, else nucleus sampling from softmax(logits / temperature)."""
+    """Greedy for temperature 0, else nucleus sampling from softmax(logits / temperature).
+    `logits` may be on any device; sampling runs on the CPU."""
     logits = logits.float()
     chosen = logits.argmax(dim=-1).tolist()
-    for i, temperature in enumerate(temperatures):
-        if temperature > 0:
-            chosen[i] = _sample(logits[i] / temperature, top_ps[i], generators[i])
+    sampled = [i for i, temperature in enumerate(temperatures) if temperature > 0]
+    if sampled:
+        # Seeded streams are CPU generators, and multinomial draws with one only from CPU
+        # tensors (no copy when the logits are already there).
+        logits = logits.cpu()
+    for i in sampled:
+        chosen[i] = _sample(logits[i] / temperatures[i], top_ps[i], generators[i])
     return chosen
 
 

@@ -43,8 +43,9 @@ def load_for_inference(
     *,
     quant: str = "auto",
     compute_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ):
-    """(model, tokenizer) with the LoRA adapter folder `adapter` loaded if given.
+    """(model, tokenizer) with the LoRA adapter folder `adapter` loaded if given, on `device`.
 
     quant: "nf4" / "fp4" / "int4" load the base straight into 4 bits (the training config's
     defaults for the rest: blocksize 64, double quantization); "auto" does so when the adapter
@@ -67,5 +68,5 @@ def load_for_inference(
         load_adapter(network, adapter)
         # The template the adapter was trained with (saved beside it) renders its prompts.
         tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
-    network.eval()
+    network.to(device).eval()  # loaded on the CPU, 4-bit layers as codes: moves what it keeps
     return network, tokenizer
