@@ -4,9 +4,11 @@
     python benchmarks/bench_gpu_infer.py [--new-tokens 128] [--streams 16] [--out FILE]
 
 - memory bandwidth: a device-to-device copy of 1 GiB (bytes read + written per second);
-- the 4-bit product of one and of 16 input rows (NF4 + double quant, bfloat16) at SmolLM2's and
-  LLaMA-2-7B's shapes: slimtune's fused Triton product, bitsandbytes' `matmul_4bit` (its GEMV
-  kernel for one row) and decode-then-matmul; microseconds and the codes' GB/s;
+- the 4-bit product of one input row (NF4 + double quant, bfloat16) at SmolLM2's and
+  LLaMA-2-7B's shapes: slimtune's fused Triton product (and its tile shapes), bitsandbytes'
+  `matmul_4bit` (its GEMV kernel) and decode-then-matmul: microseconds a call as Python
+  launches it, and the GPU's own time a call inside a CUDA graph (no launch costs) with the
+  codes' GB/s;
 - decoding of a SmolLM2-135M-shaped LLaMA with random weights (the GGUF model does not travel to
   a GPU machine without a network), NF4 + double quant: one stream of --new-tokens greedy tokens
   after a 32-token prompt, and --streams streams of 32 new tokens, for slimtune's decode loop
@@ -14,6 +16,8 @@
   transformers in bfloat16. Every contestant makes exactly the tokens asked (no end token).
   The memory-bandwidth bound of one stream: the bandwidth over the bytes one token reads (the
   4-bit codes and absmax, the float32 output layer).
+- with --tokenizer (SmolLM2's tokenizer folder): the serving engine on the GPU, 3 adapters,
+  --streams clients, --requests requests of 32 new tokens.
 
 Every contestant runs in this one process, in turn, after a warm-up; times are medians.
 """
@@ -24,13 +28,17 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import torch
 
-from slimtune.hardware import machine_record
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve's adapters and prompts
+from slimtune.hardware import machine_record  # noqa: E402
 
 SHAPES = {"SmolLM2 gate/up": (1536, 576), "7B attention": (4096, 4096), "7B gate/up": (11008, 4096)}
 
@@ -50,6 +58,18 @@ def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_us(fn, calls: int = 20) -> float:
+    """Microseconds of GPU time per fn() call, without the host's launch costs: `calls` calls
+    recorded in one CUDA graph, replayed."""
+    fn()  # compiled and warm before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_ms(graph.replay, repeats=20) * 1000 / calls
+
+
 def bandwidth_gbs() -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -63,13 +83,21 @@ def _decode_then_matmul(x, packed, state):
     return x @ dequantize_4bit(packed, state, x.dtype).t()
 
 
+# The fused product's tiles timed: (outputs per program, packed bytes per step, absmax per
+# block); the first is the default.
+TILES = [(16, 128, False), (16, 128, True), (4, 128, True), (8, 128, True), (32, 128, True),
+         (4, 256, True), (8, 256, True), (16, 256, True), (4, 128, False)]  # fmt: skip
+
+
 def bench_products() -> list[dict]:
+    """One input row (a decode step of one stream), bfloat16."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
     from slimtune.quant import gpu_matmul, quantize_4bit
 
     rows = []
+    default = (gpu_matmul.BLOCK_N, gpu_matmul.BLOCK_K, gpu_matmul.BLOCK_SCALES)
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda") * 0.02
         packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
@@ -77,20 +105,34 @@ def bench_products() -> list[dict]:
             w.bfloat16(), blocksize=64, compress_statistics=True, quant_type="nf4"
         )
         code_bytes = packed.numel() + state.absmax.numel()
-        for m in (1, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            timed = {
-                "slimtune_fused": partial(gpu_matmul.matmul, x, packed, state),
-                "bnb_matmul_4bit": partial(bnb.matmul_4bit, x, ref_packed.t(), ref_state),
-                "decode_then_matmul": partial(_decode_then_matmul, x, packed, state),
-            }
-            row = dict(what=f"4-bit product {name} {n}x{k}, {m} row(s), bf16")
-            for label, fn in timed.items():
-                ms = cuda_ms(fn)
-                row[f"{label}_us"] = round(ms * 1000, 1)
-                row[f"{label}_codes_gbs"] = round(code_bytes / (ms / 1000) / 1e9)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        timed = {
+            "slimtune_fused": partial(gpu_matmul.matmul, x, packed, state),
+            "bnb_matmul_4bit": partial(bnb.matmul_4bit, x, ref_packed.t(), ref_state),
+            "decode_then_matmul": partial(_decode_then_matmul, x, packed, state),
+        }
+        row = dict(what=f"4-bit product {name} {n}x{k}, 1 row, bf16")
+        for label, fn in timed.items():
+            row[f"{label}_us"] = round(cuda_ms(fn) * 1000, 1)
+            try:
+                us = graph_us(fn)
+            except RuntimeError as error:  # a kernel that cannot be captured
+                row[f"{label}_in_graph_error"] = str(error)[:200]
+                continue
+            row[f"{label}_in_graph_us"] = round(us, 1)
+            row[f"{label}_in_graph_codes_gbs"] = round(code_bytes / us / 1e3)
+        tiles = {}
+        for tile in TILES:
+            gpu_matmul.BLOCK_N, gpu_matmul.BLOCK_K, gpu_matmul.BLOCK_SCALES = tile
+            label = "{}x{} {}".format(*tile[:2], "block" if tile[2] else "byte")
+            try:
+                tiles[label] = round(graph_us(timed["slimtune_fused"]), 1)
+            except Exception as error:  # a tile that does not compile is reported, not fatal
+                tiles[label] = f"{type(error).__name__}: {str(error)[-160:]}"
+        gpu_matmul.BLOCK_N, gpu_matmul.BLOCK_K, gpu_matmul.BLOCK_SCALES = default
+        row["slimtune_tiles_in_graph_us"] = tiles
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -162,7 +204,7 @@ def transformers_generator(folder, dtype, quantized):
     return generate, None
 
 
-def timed_tokens(generate, ids, n, repeats=3) -> tuple[float, int]:
+def timed_tokens(generate, ids, n, repeats=2) -> tuple[float, int]:
     """(median seconds, new tokens) of generate(ids, n)."""
     generate(ids, 8)  # warm-up: kernels compiled, caches allocated
     seconds, tokens = [], 0
@@ -218,12 +260,68 @@ def bench_decoding(args, bandwidth: float) -> list[dict]:
     return rows
 
 
+def bench_serving(args, model_fp) -> dict:
+    """`slimtune serve --qlora --device cuda`'s engine (float32 compute, its defaults) over 3
+    adapters: --requests requests of 32 new tokens from --streams clients that each send the
+    next as soon as one is answered; tokens/s in all, latency p50/p99."""
+    from bench_serve import ADAPTERS, make_adapters, prompt
+    from transformers import AutoTokenizer
+
+    from slimtune.serve import GenerationRequest
+    from slimtune.serve.build import build_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        model_fp.save_pretrained(root / "model")
+        tokenizer.save_pretrained(root / "model")
+        adapters = make_adapters(copy.deepcopy(model_fp), root / "adapters")
+        engine, _ = build_engine(
+            str(root / "model"),
+            qlora=True,
+            adapters=list(adapters.items()),
+            device="cuda",
+            max_batch_size=args.streams,
+        )
+        try:
+
+            def one(i: int) -> tuple[float, int]:
+                ids = tokenizer(prompt(i))["input_ids"]
+                request = GenerationRequest(ids, ADAPTERS[i % 3], max_tokens=32, ignore_eos=True)
+                start = time.perf_counter()
+                finish = engine.submit(request).result(600)
+                return time.perf_counter() - start, len(finish.token_ids)
+
+            one(0)  # warm-up
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.streams) as pool:
+                done = list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - start
+        finally:
+            engine.stop()
+    latencies = sorted(seconds for seconds, _ in done)
+    row = dict(
+        what=f"serve engine, 4-bit base, 3 adapters, {args.streams} clients, 32 new tokens",
+        requests=len(done),
+        tokens=sum(n for _, n in done),
+        tokens_per_s=round(sum(n for _, n in done) / wall, 1),
+        p50_s=round(statistics.median(latencies), 3),
+        p99_s=round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+    )
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument(
+        "--tokenizer", default="", help="a tokenizer folder (SmolLM2's): runs the serving part"
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -237,6 +335,8 @@ def main() -> None:
         products=bench_products(),
         decoding=bench_decoding(args, bandwidth),
     )
+    if args.tokenizer:
+        results["serving"] = bench_serving(args, smollm2_shaped())
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -60,6 +60,38 @@ def test_kv_cache_decoding_equals_no_cache_and_transformers(one_thread):
     assert out.tokens[0] == _no_cache_greedy(model, ids, 16) == _hf_greedy(model, ids, 16)
 
 
+def test_steps_into_a_given_cache_column_equal_the_growing_cache(one_thread):
+    """The step a CUDA graph records (`column`: the cache column as a tensor, attention over the
+    whole capacity, masked) gives the logits of the usual step, for left-padded rows too."""
+    model = make_tiny_llama(initializer_range=0.3)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :3] = False
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    capacity = 12
+    caches = [KVCache.empty(model, 2, capacity, torch.float32) for _ in range(2)]
+    rotary = Rotary(model, capacity, torch.float32)
+    for cache in caches:
+        for tensor in (*cache.keys, *cache.values):
+            tensor.fill_(float("nan"))  # what fresh memory may hold
+        lean_forward(model, ids, positions, cache, rotary, attention_mask(valid, 0, 7))
+    caches[1].clear_unwritten()  # else the masked columns' NaN reach every output
+    seen = torch.zeros(2, 1, 1, capacity, dtype=torch.bool)
+    seen[:, 0, 0, :7] = valid
+    position = positions[:, -1:]
+    for step in range(4):
+        new = torch.tensor([[5 + step], [9 + step]])
+        position = position + 1
+        valid = torch.cat([valid, valid.new_ones(2, 1)], dim=1)
+        usual = lean_forward(model, new, position, caches[0], rotary,
+                             attention_mask(valid, caches[0].length, 1))  # fmt: skip
+        column = torch.tensor([7 + step])
+        seen[..., 7 + step] = True
+        static = lean_forward(model, new, position, caches[1], rotary, seen, column)
+        torch.testing.assert_close(static, usual, rtol=1e-5, atol=1e-5)
+    assert caches[1].length == 7  # the caller keeps count when it gives the column
+
+
 def test_left_padded_batch_equals_each_row_alone(one_thread):
     model = make_tiny_llama(seed=4)
     generator = torch.Generator().manual_seed(5)

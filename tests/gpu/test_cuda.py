@@ -168,38 +168,55 @@ def test_linear4bit_forward_and_backward_on_cuda_match_the_cpu():
 # ------------------------------------------------------------------ inference from 4 bits
 
 
+def _one_hot_products_are_the_decoded_weight(quant_type, double_quant, dtype):
+    """x = a row of the identity: every output is one decoded weight, rounded to the dtype as a
+    decoded copy is. Blocks that run across weight rows (96 and 200 columns) and blocks longer
+    than a tile step (256 values) too."""
+    from slimtune.quant import gpu_matmul
+
+    torch.manual_seed(6)
+    for rows, cols, blocksize in [(160, 256, 64), (72, 96, 64), (48, 200, 32), (40, 1024, 256)]:
+        w = (torch.randn(rows, cols) * 0.05).to(CUDA)
+        packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
+        eye = torch.eye(cols, device=CUDA, dtype=dtype)
+        decoded = dequantize_4bit(packed, state, dtype)
+        for j in [*range(0, cols, cols // 10), cols - 1]:
+            x = eye[j : j + 1]
+            assert gpu_matmul.usable(x, packed, state)
+            out = gpu_matmul.matmul(x, packed, state)
+            assert torch.equal(out[0], decoded[:, j]), (rows, cols, j)
+    assert not gpu_matmul.usable(eye[:2], packed, state)  # two rows: decode + cuBLAS
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_product_of_one_hot_rows_is_the_decoded_weight_bit_for_bit(
     quant_type, double_quant, dtype
 ):
-    """x = rows of the identity: every output is one decoded weight, rounded to the dtype as a
-    decoded copy is. Shapes where blocks run across weight rows (96 and 200 columns) too."""
+    _one_hot_products_are_the_decoded_weight(quant_type, double_quant, dtype)
+
+
+@pytest.mark.parametrize(
+    "tiles", [(16, 128, False), (16, 128, True), (4, 256, True), (8, 64, False)]
+)
+def test_fused_product_tiles_and_per_byte_absmax(tiles, monkeypatch):
+    """Other tile shapes, and the absmax read for every byte rather than once per block."""
     from slimtune.quant import gpu_matmul
 
-    torch.manual_seed(6)
-    for rows, cols, blocksize in [(160, 256, 64), (72, 96, 64), (48, 200, 32)]:
-        w = (torch.randn(rows, cols) * 0.05).to(CUDA)
-        packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
-        eye = torch.eye(cols, device=CUDA, dtype=dtype)
-        decoded = dequantize_4bit(packed, state, dtype)
-        for start in range(0, cols, gpu_matmul.MAX_ROWS):
-            x = eye[start : start + gpu_matmul.MAX_ROWS]
-            assert gpu_matmul.usable(x, packed, state)
-            out = gpu_matmul.matmul(x, packed, state)
-            assert torch.equal(out, decoded[:, start : start + x.shape[0]].t()), (rows, start)
+    for name, value in zip(("BLOCK_N", "BLOCK_K", "BLOCK_SCALES"), tiles, strict=True):
+        monkeypatch.setattr(gpu_matmul, name, value)
+    _one_hot_products_are_the_decoded_weight("nf4", True, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_fused_product_equals_decode_then_matmul(dtype, rows):
+def test_fused_product_equals_decode_then_matmul(dtype):
     from slimtune.quant import gpu_matmul
 
     torch.manual_seed(7)
     w = (torch.randn(1536, 576) * 0.02).to(CUDA)
     packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
-    x = torch.randn(rows, 576, device=CUDA).to(dtype)
+    x = torch.randn(1, 576, device=CUDA).to(dtype)
     out = gpu_matmul.matmul(x, packed, state)
     ref = x.float() @ dequantize_4bit(packed, state, dtype).float().t()  # float32 sums
     assert out.dtype == dtype
@@ -212,8 +229,8 @@ def test_fused_product_equals_decode_then_matmul(dtype, rows):
 
 @pytest.mark.parametrize("rows", [1, 16, 40])
 def test_4bit_inference_layers_on_cuda_equal_the_training_forward(rows):
-    """`inference_4bit` on a GPU: up to 16 rows through the fused product, more through one
-    decode and a matmul; both equal the layer's own (training) forward."""
+    """`inference_4bit` on a GPU: one row through the fused product, more through one decode
+    and a matmul; both equal the layer's own (training) forward."""
     from slimtune.quant.inference import inference_4bit
 
     torch.manual_seed(8)
@@ -254,9 +271,42 @@ def test_decoding_on_cuda_from_4_bits_gives_the_cpu_tokens():
     model.to(CUDA)
     on_gpu = decode(model, ids, mask, max_new_tokens=12)
     decoded = decode(model, ids, mask, max_new_tokens=12, four_bit=False)
-    assert on_gpu.engine == "lean"
+    assert on_gpu.engine == "graph"
     assert on_gpu.tokens == on_cpu.tokens == decoded.tokens
     assert all(len(row) == 12 for row in on_gpu.tokens)
+
+
+def test_cuda_graph_steps_equal_eager_steps(monkeypatch):
+    """Decode steps replayed from a CUDA graph give the eager loop's tokens: greedy with a row
+    that stops early (its end token) while the other runs on, and seeded sampling."""
+    from slimtune.infer import cuda_graph
+    from slimtune.infer.loop import decode
+
+    model = _adapted_tiny_llama().to(CUDA)
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+
+    def run(**options):
+        seeded = torch.Generator().manual_seed(11)
+        return decode(model, ids, mask, max_new_tokens=16, generator=seeded, **options)
+
+    graphed = run()
+    monkeypatch.setattr(cuda_graph, "ENABLED", False)
+    eager = run()
+    assert graphed.engine == "graph" and eager.engine == "lean"
+    assert graphed.tokens == eager.tokens
+    # Row 0 ends at a token it makes a few steps in (its first time), while the batch runs on.
+    row = eager.tokens[0]
+    at = next(i for i in range(3, len(row)) if row[i] not in row[:i])
+    eager_stop = run(eos_ids={row[at]})
+    monkeypatch.setattr(cuda_graph, "ENABLED", True)
+    graphed_stop = run(eos_ids={row[at]})
+    assert graphed_stop.tokens == eager_stop.tokens and graphed_stop.finish == eager_stop.finish
+    assert graphed_stop.finish[0] == "stop" and graphed_stop.tokens[0] == row[:at]
+    sampled = [run(temperature=0.9, top_p=0.9).tokens for _ in range(2)]
+    monkeypatch.setattr(cuda_graph, "ENABLED", False)
+    assert sampled[0] == sampled[1] == run(temperature=0.9, top_p=0.9).tokens
 
 
 def test_kv_cached_steps_on_cuda_equal_forwards_without_a_cache():
@@ -311,9 +361,9 @@ def test_generate_and_eval_commands_run_on_cuda(tmp_path, capsys):
 
     gen = ["generate", "1+2=", "--raw", "--max-new-tokens", "8", *common]
     on_gpu, on_cpu = run(*gen, "--device", "cuda"), run(*gen, "--device", "cpu")
-    assert on_gpu["four_bit"] and on_gpu["engine"] == "lean"
+    assert on_gpu["four_bit"] and on_gpu["engine"] == "graph" and on_gpu["device"] == "cuda"
     assert on_gpu["text"] == on_cpu["text"] and on_gpu["tokens"] == on_cpu["tokens"]
-    assert run(*gen)["engine"] == "lean"  # auto: the GPU
+    assert run(*gen)["device"] == "cuda"  # auto: the GPU
 
     data = write_jsonl(tmp_path / "test.jsonl", sums(8))
     evaluate = ["eval", "--data", str(data), "--max-new-tokens", "3", *common]

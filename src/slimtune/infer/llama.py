@@ -61,6 +61,13 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def clear_unwritten(self) -> None:
+        """Zero the columns past `length`. A step that attends over the whole capacity
+        (`lean_forward`'s `column`) weighs them by zero, and zero times a NaN left in fresh
+        memory would still be NaN."""
+        for tensor in (*self.keys, *self.values):
+            tensor[:, :, self.length :].zero_()
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` of the batch (finished rows leave)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
@@ -128,15 +135,21 @@ def lean_forward(
     cache: KVCache,
     rotary: Rotary,
     mask: torch.Tensor | None,
+    column: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of the last position of every row, (batch, vocab) float32; appends the t new
-    columns of keys and values to `cache`."""
+    columns of keys and values to `cache`.
+
+    `column` (a 1-element tensor): one new token per row, written into that column of the cache
+    and attending over the whole capacity as `mask` (batch, 1, 1, capacity) allows; the cache's
+    `length` is the caller's to keep. Nothing then depends on values the host reads, so the
+    step can be captured as a CUDA graph (`cuda_graph.py`)."""
     inner = model.model
     config = model.config
     batch, t = input_ids.shape
     head_dim = _head_dim(config)
     start = cache.length
-    stop = start + t
+    stop = start + t if column is None else cache.capacity
     if stop > cache.capacity:
         raise ValueError(f"the KV cache holds {cache.capacity} positions, {stop} needed")
     cos, sin = rotary.at(positions)
@@ -149,8 +162,12 @@ def lean_forward(
         k = attn.k_proj(x).view(batch, t, -1, head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(batch, t, -1, head_dim).transpose(1, 2)
         q = _rotate(q, cos, sin)
-        cache.keys[i][:, :, start:stop] = _rotate(k, cos, sin)
-        cache.values[i][:, :, start:stop] = v
+        if column is None:
+            cache.keys[i][:, :, start:stop] = _rotate(k, cos, sin)
+            cache.values[i][:, :, start:stop] = v
+        else:
+            cache.keys[i].index_copy_(2, column, _rotate(k, cos, sin))
+            cache.values[i].index_copy_(2, column, v)
         keys, values = cache.keys[i][:, :, :stop], cache.values[i][:, :, :stop]
         out = F.scaled_dot_product_attention(
             q,
@@ -165,6 +182,7 @@ def lean_forward(
         x = _rms_norm(layer.post_attention_layernorm, hidden)
         mlp = layer.mlp
         hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-    cache.length = stop
+    if column is None:
+        cache.length = stop
     last = _rms_norm(inner.norm, hidden[:, -1])
     return model.lm_head(last).float()

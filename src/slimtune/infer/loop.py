@@ -2,9 +2,10 @@
 
 Rows are left-padded to a common length (the attention mask marks padding; positions come from
 it, so a padded row computes what it would alone) and leave the batch when they finish. Decode
-steps run in one C call where it covers the model (`native_step.py`). Models
-the lean forward does not cover run through transformers' `generate` instead. 4-bit layers
-compute from their packed codes (`slimtune.quant.inference`) unless `four_bit=False`.
+steps run in one C call where it covers the model (`native_step.py`), and on a GPU as one CUDA
+graph (`cuda_graph.py`). Models the lean forward does not cover run through transformers'
+`generate` instead. 4-bit layers compute from their packed codes (`slimtune.quant.inference`)
+unless `four_bit=False`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from slimtune.devices import device_of
+from slimtune.infer import cuda_graph
 from slimtune.infer.llama import KVCache, Rotary, attention_mask, lean_forward, supports
 from slimtune.infer.native_step import MAX_ROWS, NativeDecoder, in_c_prefill, usable
 from slimtune.quant.inference import has_4bit_layers, inference_4bit
@@ -30,7 +32,8 @@ class Decoded:
     tokens: list[list[int]]
     seconds: float
     prefill_seconds: float = 0.0
-    # "lean" (our loop), "native" (our loop, its decode steps in C) or "transformers"
+    # "lean" (our loop), "native" (our loop, its decode steps in C), "graph" (our loop, its
+    # decode steps replayed from a CUDA graph) or "transformers"
     engine: str = "lean"
     finish: list[str] = field(default_factory=list)  # "stop" or "length" per row
 
@@ -48,6 +51,8 @@ def next_token(
     """One token per row of float32 logits: argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if generator is not None and generator.device != logits.device:
+        logits = logits.to(generator.device)  # a seeded CPU generator draws from CPU tensors
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -129,14 +134,19 @@ def _lean(
     else:
         mask = attention_mask(valid, 0, width)
         logits = lean_forward(model, input_ids, positions, cache, rotary, mask)
+    graph = None
+    if native is None and cuda_graph.usable(device):
+        graph = cuda_graph.GraphStep(model, cache, rotary, valid, positions[:, -1:])
     prefill = time.perf_counter() - start
     first = valid.int().argmax(-1).tolist()
-    rows = list(range(batch))  # which original row each batch row is
+    rows = list(range(batch))  # which original row each batch row is; None: finished
     position = positions[:, -1:]
     for step in range(max_new_tokens):
         chosen = next_token(logits, temperature, top_p, generator).tolist()
         keep = []
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if row is None:
+                continue
             if token in eos_ids:
                 finish[row] = "stop"
                 continue
@@ -146,6 +156,10 @@ def _lean(
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
+        if graph is not None:  # the graph's batch keeps its rows: finished ones are ignored
+            rows = [row if i in keep else None for i, row in enumerate(rows)]
+            logits = graph(chosen)
+            continue
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
@@ -161,7 +175,7 @@ def _lean(
         ids = torch.tensor(chosen, device=device)[:, None]
         mask_now = attention_mask(valid, cache.length, 1)
         logits = lean_forward(model, ids, position, cache, rotary, mask_now)
-    engine = "lean" if native is None else "native"
+    engine = "native" if native is not None else "graph" if graph is not None else "lean"
     return Decoded(tokens, time.perf_counter() - start, prefill, engine, finish)
 
 

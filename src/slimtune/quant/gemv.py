@@ -13,9 +13,9 @@ Paths, chosen by how many rows the input has:
   (q/k/v, gate/up) share the table (`TableCache`).
 - several rows (prompts, batches): bands of weight rows are decoded into a small float scratch
   that stays in cache, and each band is one matmul (BLAS).
-- on a GPU with Triton: up to `gpu_matmul.MAX_ROWS` rows take the fused Triton product
-  (`slimtune.quant.gpu_matmul`); more rows decode the layer once into the compute dtype
-  (`gpu_kernels`) for one matmul, a copy of one layer that lives for one call.
+- on a GPU with Triton: one row takes the fused Triton product (`slimtune.quant.gpu_matmul`);
+  more rows decode the layer once into the compute dtype (`gpu_kernels`) for one matmul, a copy
+  of one layer that lives for one call.
 Both equal decode-then-matmul up to float rounding (the order of the sums differs).
 """
 
