@@ -134,8 +134,8 @@ def _lean(
     else:
         mask = attention_mask(valid, 0, width)
         logits = lean_forward(model, input_ids, positions, cache, rotary, mask)
-    graph = None
-    if native is None and cuda_graph.usable(device):
+    graph = None  # recorded with the prefill: its time counts there
+    if native is None and max_new_tokens > 1 and cuda_graph.usable(device):
         graph = cuda_graph.GraphStep(model, cache, rotary, valid, positions[:, -1:])
     prefill = time.perf_counter() - start
     first = valid.int().argmax(-1).tolist()
@@ -157,7 +157,8 @@ def _lean(
         if not keep or step == max_new_tokens - 1:
             break
         if graph is not None:  # the graph's batch keeps its rows: finished ones are ignored
-            rows = [row if i in keep else None for i, row in enumerate(rows)]
+            kept = set(keep)
+            rows = [row if i in kept else None for i, row in enumerate(rows)]
             logits = graph(chosen)
             continue
         if len(keep) < len(rows):
