@@ -111,6 +111,46 @@ def test_left_padded_batch_equals_each_row_alone(one_thread):
     assert batch.finish[1] == "stop"
 
 
+@pytest.mark.parametrize("new_tokens", [1, 2, 3, 12])
+def test_graph_style_steps_keep_the_loops_tokens(one_thread, monkeypatch, new_tokens):
+    """The decode loop with the steps a CUDA graph replays (run uncaptured on the CPU): finished
+    rows stay in the batch, so the loop must ignore them and draw tokens for the others only.
+    Greedy and seeded sampling, a row stopping early and every row stopping at once, give the
+    usual loop's tokens and finish reasons."""
+    from slimtune.infer import cuda_graph
+
+    model = make_tiny_llama(initializer_range=0.3)
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+
+    def both(**options):
+        runs = []
+        for graph_style in (False, True):
+            monkeypatch.setattr(cuda_graph, "usable", lambda device, on=graph_style: on)
+            seeded = torch.Generator().manual_seed(5)
+            runs.append(decode(model, ids, mask, max_new_tokens=new_tokens, generator=seeded,
+                               **options))  # fmt: skip
+        usual, graphed = runs
+        assert usual.engine == "lean"
+        assert graphed.engine == ("graph" if new_tokens > 1 else "lean")
+        assert graphed.tokens == usual.tokens and graphed.finish == usual.finish
+        return usual
+
+    greedy = both()
+    sampled = both(temperature=0.9, top_p=0.9)
+    for first in (greedy, sampled):
+        if new_tokens < 3:
+            continue
+        row = first.tokens[0]
+        stop = next((t for i, t in enumerate(row) if i >= 1 and t not in row[:i]), None)
+        options = dict(temperature=0.9, top_p=0.9) if first is sampled else {}
+        early = both(eos_ids={stop}, **options)
+        assert early.finish[0] == "stop"
+        every = {t for r in first.tokens for t in r[:1]}  # each row's first token: all stop
+        assert both(eos_ids=every, **options).tokens == [[] for _ in range(3)]
+
+
 def test_streaming_callback_sees_every_token(one_thread):
     model = make_tiny_llama()
     seen = []

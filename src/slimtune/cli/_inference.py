@@ -31,7 +31,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser, quant: bool = True)
         "--compute-dtype",
         default="float32",
         choices=(AUTO, *COMPUTE_DTYPES),
-        help="dtype of the matmuls (auto: bfloat16 where the hardware multiplies it natively)",
+        help="dtype of the matmuls (auto: bfloat16 where the device multiplies it natively)",
     )
 
 
@@ -51,9 +51,11 @@ def device(args: argparse.Namespace):
 
 
 def compute_dtype(args: argparse.Namespace):
+    """--compute-dtype; `auto` asks the device the model runs on (--device)."""
     from slimtune.hardware import resolve_compute_dtype
 
-    return resolve_compute_dtype(args.compute_dtype)
+    where = device(args) if hasattr(args, "device") else "cpu"
+    return resolve_compute_dtype(args.compute_dtype, where)
 
 
 def add_quant_arguments(parser: argparse.ArgumentParser, title: str) -> None:

@@ -12,6 +12,8 @@ are ignored.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -25,11 +27,28 @@ def usable(device: torch.device) -> bool:
     return ENABLED and device.type == "cuda"
 
 
+def recorded_step(
+    model: nn.Module,
+    cache: KVCache,
+    rotary: Rotary,
+    valid: torch.Tensor,
+    last_position: torch.Tensor,
+) -> GraphStep | None:
+    """A GraphStep after a prefill, or None (with a warning) where the capture fails: the
+    caller then steps eagerly, slower but the same."""
+    try:
+        return GraphStep(model, cache, rotary, valid, last_position)
+    except RuntimeError as error:
+        warnings.warn(f"decode steps run without a CUDA graph: {error}", stacklevel=2)
+        return None
+
+
 class GraphStep:
     """The lean forward of one new token per row, captured after a prefill into `cache`.
 
     `valid` (batch, cache.length) marks the prompt columns each row sees (left padding is not
-    seen); `last_position` (batch, 1) is each row's position of its last prompt token."""
+    seen); `last_position` (batch, 1) is each row's position of its last prompt token. On a
+    CPU (tests) the same step runs from the same buffers, not captured."""
 
     def __init__(
         self,
@@ -47,9 +66,15 @@ class GraphStep:
         self.column = torch.tensor([cache.length], device=device)
         self.seen = torch.zeros(batch, 1, 1, cache.capacity, dtype=torch.bool, device=device)
         self.seen[:, 0, 0, : cache.length] = valid
+        self.graph = None
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                self._record(device)
+
+    def _record(self, device: torch.device) -> None:
         # A first step off the graph compiles kernels and makes the allocations the capture
-        # needs; it writes the same cache column as the first real step will, which overwrites
-        # it. The counters it advanced are put back.
+        # needs. It writes the cache column the first real step will overwrite and marks that
+        # column seen, as the real step does too; the counters it advanced are put back.
         before = self.position.clone(), self.column.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -77,6 +102,9 @@ class GraphStep:
         if cache.length >= cache.capacity:
             raise ValueError(f"the KV cache holds {cache.capacity} positions, one more needed")
         self.ids.copy_(torch.tensor(tokens)[:, None])
-        self.graph.replay()
+        if self.graph is None:
+            self.logits = self._step()
+        else:
+            self.graph.replay()
         cache.length += 1
         return self.logits

@@ -136,17 +136,23 @@ def _lean(
         logits = lean_forward(model, input_ids, positions, cache, rotary, mask)
     graph = None  # recorded with the prefill: its time counts there
     if native is None and max_new_tokens > 1 and cuda_graph.usable(device):
-        graph = cuda_graph.GraphStep(model, cache, rotary, valid, positions[:, -1:])
+        graph = cuda_graph.recorded_step(model, cache, rotary, valid, positions[:, -1:])
     prefill = time.perf_counter() - start
     first = valid.int().argmax(-1).tolist()
     rows = list(range(batch))  # which original row each batch row is; None: finished
     position = positions[:, -1:]
     for step in range(max_new_tokens):
-        chosen = next_token(logits, temperature, top_p, generator).tolist()
+        # A graph's batch keeps its finished rows: only the others draw a token, so a seeded
+        # generator draws the same numbers as without a graph.
+        live = [i for i, row in enumerate(rows) if row is not None]
+        scores = logits if len(live) == len(rows) else logits[live]
+        chosen = [0] * len(rows)  # a finished row's token is fed to the graph, then ignored
+        drawn = next_token(scores, temperature, top_p, generator).tolist()
+        for i, token in zip(live, drawn, strict=True):
+            chosen[i] = token
         keep = []
-        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
-            if row is None:
-                continue
+        for i in live:
+            row, token = rows[i], chosen[i]
             if token in eos_ids:
                 finish[row] = "stop"
                 continue

@@ -11,6 +11,7 @@ are bitsandbytes'. Without Triton, callers use the torch ops.
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
@@ -44,7 +45,8 @@ def kernel():
         NESTED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.program_id(0).to(tl.int64) * BLOCK  # 64 bits: layers of 2**31 values too
+        offsets = start + tl.arange(0, BLOCK)
         inside = offsets < n_bytes
         byte = tl.load(codes_ptr + offsets, mask=inside, other=0).to(tl.int32)
         block = offsets // HALF
@@ -57,10 +59,17 @@ def kernel():
         high = tl.load(table_ptr + (byte >> 4)) * scale
         low = tl.load(table_ptr + (byte & 15)) * scale
         values = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
-        pairs = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        pairs = 2 * start + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + pairs, values, mask=pairs < 2 * n_bytes)
 
     return decode
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it `tensor`'s (a model on cuda:1)."""
+    if not tensor.is_cuda or tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def usable(tensor: torch.Tensor) -> bool:
@@ -81,19 +90,20 @@ def decode(codes: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
     n_bytes, device = codes.numel(), codes.device
     nested = state.double_quant
     grid = ((n_bytes + BLOCK_BYTES - 1) // BLOCK_BYTES,)
-    kernel()[grid](
-        codes,
-        state.absmax,
-        state.nested_absmax if nested else state.absmax,
-        state.offset if nested else state.absmax,
-        table_on("dynamic", device),
-        table_on(state.quant_type, device),
-        out,
-        n_bytes,
-        HALF=state.blocksize // 2,
-        GROUP=state.nested_blocksize,
-        NESTED=nested,
-        BLOCK=BLOCK_BYTES,
-        enable_fp_fusion=False,
-    )
+    with on_device(codes):
+        kernel()[grid](
+            codes,
+            state.absmax,
+            state.nested_absmax if nested else state.absmax,
+            state.offset if nested else state.absmax,
+            table_on("dynamic", device),
+            table_on(state.quant_type, device),
+            out,
+            n_bytes,
+            HALF=state.blocksize // 2,
+            GROUP=state.nested_blocksize,
+            NESTED=nested,
+            BLOCK=BLOCK_BYTES,
+            enable_fp_fusion=False,
+        )
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from slimtune.quant.blockwise import QuantState
-from slimtune.quant.gpu_kernels import table_on
+from slimtune.quant.gpu_kernels import on_device, table_on
 
 # Tiles timed on an H200 (benchmarks/bench_gpu_infer.py, one bfloat16 row): 16 outputs a
 # program, 256 bytes (512 weights) a step and one absmax read per block ran LLaMA-2-7B's
@@ -108,23 +108,24 @@ def matmul(x2d: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.
     nested = state.double_quant
     half = state.blocksize // 2
     aligned = BLOCK_SCALES and (in_features // 2) % half == 0 and BLOCK_K % half == 0
-    kernel()[((out_features + BLOCK_N - 1) // BLOCK_N,)](
-        x2d,
-        packed.view(-1),
-        state.absmax,
-        state.nested_absmax if nested else state.absmax,
-        state.offset if nested else state.absmax,
-        table_on("dynamic", x2d.device),
-        table_on(state.quant_type, x2d.device),
-        out,
-        out_features,
-        in_features // 2,
-        HALF=half,
-        GROUP=state.nested_blocksize,
-        NESTED=nested,
-        ALIGNED=aligned,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        enable_fp_fusion=False,
-    )
+    with on_device(x2d):
+        kernel()[((out_features + BLOCK_N - 1) // BLOCK_N,)](
+            x2d,
+            packed.view(-1),
+            state.absmax,
+            state.nested_absmax if nested else state.absmax,
+            state.offset if nested else state.absmax,
+            table_on("dynamic", x2d.device),
+            table_on(state.quant_type, x2d.device),
+            out,
+            out_features,
+            in_features // 2,
+            HALF=half,
+            GROUP=state.nested_blocksize,
+            NESTED=nested,
+            ALIGNED=aligned,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            enable_fp_fusion=False,
+        )
     return out
