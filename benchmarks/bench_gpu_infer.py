@@ -37,25 +37,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve's adapters and prompts
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gpu's and bench_serve's parts
+import bench_gpu  # noqa: E402
+
 from slimtune.hardware import machine_record  # noqa: E402
 
 SHAPES = {"SmolLM2 gate/up": (1536, 576), "7B attention": (4096, 4096), "7B gate/up": (11008, 4096)}
 
 
 def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
-    """Median milliseconds of fn() on the GPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of fn() on the GPU (bench_gpu's timer, more repeats by default)."""
+    return bench_gpu.cuda_ms(fn, repeats, warmup)
 
 
 def graph_us(fn, calls: int = 20) -> float:
@@ -136,25 +128,6 @@ def bench_products() -> list[dict]:
     return rows
 
 
-def smollm2_shaped():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 def slimtune_generator(model_fp, dtype):
     from slimtune.infer.loop import decode
     from slimtune.quant import Linear4bit, QuantConfig, quantize_model
@@ -218,7 +191,7 @@ def timed_tokens(generate, ids, n, repeats=2) -> tuple[float, int]:
 
 
 def bench_decoding(args, bandwidth: float) -> list[dict]:
-    model_fp = smollm2_shaped()
+    model_fp = bench_gpu.smollm2_shaped(torch.float32)
     vocab = model_fp.config.vocab_size
     one = torch.randint(3, vocab, (1, 32), device="cuda")
     many = torch.randint(3, vocab, (args.streams, 32), device="cuda")
@@ -336,7 +309,7 @@ def main() -> None:
         decoding=bench_decoding(args, bandwidth),
     )
     if args.tokenizer:
-        results["serving"] = bench_serving(args, smollm2_shaped())
+        results["serving"] = bench_serving(args, bench_gpu.smollm2_shaped(torch.float32))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

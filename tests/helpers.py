@@ -332,6 +332,26 @@ def save_char_model(folder: Path, chars: str = SUM_CHARS, **overrides) -> Path:
     return folder
 
 
+def save_qlora_run(root: Path, trained: str) -> tuple[Path, Path]:
+    """(model folder, adapter folder): a tiny 64-token LLaMA with large weights and the char
+    tokenizer, and a LoRA adapter on all its linear layers (random B) whose config.yaml holds
+    `trained`, as `slimtune train` writes it beside an adapter."""
+    from slimtune.lora import save_adapter
+
+    settings = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = make_tiny_llama(initializer_range=0.3, **settings)
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_adapter(model, root / "adapter")
+    (root / "adapter" / "config.yaml").write_text(trained)
+    return root / "model", root / "adapter"
+
+
 def save_tiny_folder(folder: Path, model: nn.Module | None = None) -> Path:
     """A tiny LLaMA + `make_tiny_tokenizer()` saved as an HF folder; returns the folder."""
     model = model if model is not None else make_tiny_llama()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import char_tokenizer, make_tiny_llama, sums, write_jsonl
+from helpers import save_qlora_run, sums, write_jsonl
 
 from slimtune.cli import main
 
@@ -13,24 +13,8 @@ from slimtune.cli import main
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     """A tiny model folder and an adapter folder marked as trained with QLoRA (config.yaml)."""
-    from slimtune.lora import LoraConfig, inject_adapter, save_adapter
-
     root = tmp_path_factory.mktemp("qlora-run")
-    model = make_tiny_llama(
-        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
-    )
-    model.save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
-    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    save_adapter(model, root / "adapter")
-    (root / "adapter" / "config.yaml").write_text(
-        "method: qlora\nquant_type: fp4\ndouble_quant: true\n"
-    )
-    return root / "model", root / "adapter"
+    return save_qlora_run(root, "method: qlora\nquant_type: fp4\ndouble_quant: true\n")
 
 
 def _json(capsys) -> dict:

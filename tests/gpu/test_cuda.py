@@ -336,24 +336,12 @@ def test_generate_and_eval_commands_run_on_cuda(tmp_path, capsys):
     exact match; auto picks the GPU."""
     import json
 
-    from helpers import char_tokenizer, sums, write_jsonl
+    from helpers import save_qlora_run, sums, write_jsonl
 
     from slimtune.cli import main
-    from slimtune.lora import save_adapter
 
-    model = make_tiny_llama(
-        vocab_size=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0
-    )
-    model.save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
-    inject_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    save_adapter(model, tmp_path / "adapter")
-    (tmp_path / "adapter" / "config.yaml").write_text("method: qlora\ndouble_quant: true\n")
-    common = ["--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--json"]
+    model, adapter = save_qlora_run(tmp_path, "method: qlora\ndouble_quant: true\n")
+    common = ["--model", str(model), "--adapter", str(adapter), "--json"]
 
     def run(*args):
         assert main(list(args)) == 0
